@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch lies on this kind of machine's disk; users with GPUs install their own torch first.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo demo-quick test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/spatia demo --out runs/demo
+
+demo-quick: setup
+	$(VENV)/bin/spatia demo --quick --out runs/demo-quick
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	HF_HUB_OFFLINE=1 HF_EVALUATE_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -m slow -q
+
+clean:
+	rm -rf runs build dist src/*.egg-info .pytest_cache

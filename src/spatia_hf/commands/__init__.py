@@ -1,0 +1,1 @@
+"""Sub-commands of the ``spatia`` CLI; each module has ``register(subparsers)``."""
