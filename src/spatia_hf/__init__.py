@@ -5,3 +5,64 @@ Importing the package registers the SPATIA classes with transformers' Auto class
 """
 
 __version__ = "0.1.0"
+
+# --- models (issue 3): exports and Auto-class registration -------------------------------
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining  # noqa: E402
+
+from .configuration_spatia import (  # noqa: E402
+    SpatiaCellConfig,
+    SpatiaConfig,
+    SpatiaNicheConfig,
+    SpatiaTissueConfig,
+)
+from .modeling_cell import SpatiaCellModel, SpatiaExpressionEncoder, expression_encoder_state  # noqa: E402
+from .modeling_heads import (  # noqa: E402
+    SpatiaForCellClassification,
+    SpatiaForExpressionPrediction,
+    SpatiaForGeneImputation,
+    SpatiaForPretraining,
+    SpatiaForTissueClassification,
+)
+from .modeling_niche import SpatiaNicheModel  # noqa: E402
+from .modeling_spatia import SpatiaModel  # noqa: E402
+from .modeling_tissue import SpatiaTissueModel  # noqa: E402
+from .processing_spatia import SpatiaProcessor  # noqa: E402
+
+
+def _register_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModel``/``AutoModelForPreTraining`` know the SPATIA model types.
+
+    ``exist_ok=True`` keeps re-imports (and reloads in notebooks) harmless.
+    """
+    for config_cls, model_cls in (
+        (SpatiaCellConfig, SpatiaCellModel),
+        (SpatiaNicheConfig, SpatiaNicheModel),
+        (SpatiaTissueConfig, SpatiaTissueModel),
+        (SpatiaConfig, SpatiaModel),
+    ):
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
+    AutoModelForPreTraining.register(SpatiaConfig, SpatiaForPretraining, exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "__version__",
+    "SpatiaCellConfig",
+    "SpatiaNicheConfig",
+    "SpatiaTissueConfig",
+    "SpatiaConfig",
+    "SpatiaCellModel",
+    "SpatiaExpressionEncoder",
+    "SpatiaNicheModel",
+    "SpatiaTissueModel",
+    "SpatiaModel",
+    "SpatiaForPretraining",
+    "SpatiaForCellClassification",
+    "SpatiaForGeneImputation",
+    "SpatiaForExpressionPrediction",
+    "SpatiaForTissueClassification",
+    "SpatiaProcessor",
+    "expression_encoder_state",
+]

@@ -1,0 +1,285 @@
+"""Speed and memory of the SPATIA models, as ratios against baselines run in the same process.
+
+(a) ``encoder``: the expression encoder (cells/s) against a transformers ``BertModel`` of the same
+    width and depth (Geneformer-sized by default: d=256, 6 layers, 4 heads, MLP 512), on the same
+    cells of a ``--panel``-gene panel:
+      - ``same cells``: BERT reads every panel gene of each cell (a dense encoder), the SPATIA
+        encoder reads the expressed genes plus ``--zero-ratio`` x as many sampled zeros (what
+        SpatiaProcessor feeds it);
+      - ``same tokens``: both read exactly the same number of tokens (isolates the
+        implementation: SDPA, fused QKV projection, no token-type/position embeddings).
+(b) ``flops``: achieved GFLOP/s of the full cell model (image + expression + fusion) at batch 64
+    (FLOPs counted by ``torch.utils.flop_counter``), against a plain fp32 matmul in this process.
+(c) ``tissue``: the tissue model at 1k/4k/16k niche tokens with and without token merging:
+    forward time (ratio, in this process) and peak memory of the forward (CPU: peak RSS growth in a
+    fresh child process per variant; CUDA: ``max_memory_allocated``).
+
+Every variant runs round-robin on the same inputs; each is timed by its fastest repeat (the one
+least disturbed by other work on a shared machine).
+
+    python benchmarks/bench_models.py                      # all parts
+    python benchmarks/bench_models.py --part tissue --sizes 1000 4000 16000
+    python benchmarks/bench_models.py --json results.json --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+# ------------------------------------------------------------------------------------ timing
+def race(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Fastest wall time (s) of each function, run round-robin after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    sync()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+# ------------------------------------------------------------------------------------ (a) encoder
+def sparse_cells(n: int, panel: int, expressed: int, zero_ratio: float, seed: int):
+    """Gene ids (vocab ids) and log1p values of ``n`` cells expressing ``expressed`` genes each."""
+    from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS
+
+    g = torch.Generator().manual_seed(seed)
+    n_tok = expressed + int(round(zero_ratio * expressed))
+    ids = torch.stack([torch.randperm(panel, generator=g)[:n_tok] for _ in range(n)]) + NUM_SPECIAL_TOKENS
+    values = torch.log1p(torch.rand(n, n_tok, generator=g) * 20)
+    values[:, expressed:] = 0.0
+    return ids, values
+
+
+def bench_encoder(args, device) -> dict:
+    from transformers import BertConfig, BertModel
+
+    from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS, SpatiaCellConfig
+    from spatia_hf.modeling_cell import SpatiaExpressionEncoder
+
+    d, layers, heads, inter = args.width, args.depth, args.heads, args.intermediate
+    genes = [f"G{i}" for i in range(args.panel)]
+    cfg = SpatiaCellConfig(gene_vocab=genes, hidden_size=d, num_attention_heads=heads, intermediate_size=inter,
+                           num_expression_layers=layers)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    ours = SpatiaExpressionEncoder(cfg).to(device).eval()
+    bert = BertModel(BertConfig(vocab_size=cfg.vocab_size, hidden_size=d, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=inter,
+                                max_position_embeddings=max(args.panel, 512) + 8),
+                     add_pooling_layer=False).to(device).eval()
+    b = args.batch
+    ids, values = sparse_cells(b, args.panel, args.expressed, args.zero_ratio, args.seed)
+    ids, values = ids.to(device), values.to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    dense_ids = (torch.arange(args.panel, device=device) + NUM_SPECIAL_TOKENS).expand(b, -1).contiguous()
+    dense_mask = torch.ones_like(dense_ids)
+    same_ids = dense_ids[:, : ids.shape[1]].contiguous()
+    sync = _sync(device)
+    with torch.inference_mode():
+        t = race({
+            "spatia_sparse": lambda: ours(ids, values, mask),
+            "bert_full_panel": lambda: bert(input_ids=dense_ids, attention_mask=dense_mask),
+            "bert_same_tokens": lambda: bert(input_ids=same_ids, attention_mask=torch.ones_like(same_ids)),
+        }, args.repeats, sync)
+    cps = {k: b / v for k, v in t.items()}
+    return {
+        "model": f"d={d}, layers={layers}, heads={heads}, mlp={inter}, batch={b}",
+        "panel_genes": args.panel,
+        "spatia_tokens_per_cell": int(ids.shape[1]),
+        "cells_per_s": {k: round(v, 1) for k, v in cps.items()},
+        "speedup_same_cells": round(cps["spatia_sparse"] / cps["bert_full_panel"], 2),
+        "speedup_same_tokens": round(cps["spatia_sparse"] / cps["bert_same_tokens"], 2),
+    }
+
+
+# ------------------------------------------------------------------------------------ (b) flops
+def matmul_gflops(n: int, device, repeats: int) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t = race({"mm": lambda: a @ b}, repeats, _sync(device))["mm"]
+    return 2 * n**3 / t / 1e9
+
+
+def bench_flops(args, device) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spatia_hf import SpatiaConfig, SpatiaModel
+
+    out = {"matmul_gflops": None, "presets": {}}
+    rows = {}
+    for preset in args.presets:
+        cfg = SpatiaConfig.from_preset(preset, gene_vocab=[f"G{i}" for i in range(1000)])
+        cell_cfg = cfg.cell_config
+        torch.manual_seed(args.seed)
+        model = SpatiaModel(cfg).cell.to(device).eval()
+        b = args.flops_batch
+        n_tok = cell_cfg.max_genes
+        ids, values = sparse_cells(b, 1000, int(round(n_tok / (1 + args.zero_ratio))), args.zero_ratio, args.seed)
+        px = torch.randn(b, cell_cfg.num_channels, cell_cfg.image_size, cell_cfg.image_size, device=device)
+        inputs = dict(pixel_values=px, gene_ids=ids.to(device), gene_values=values.to(device))
+        with torch.inference_mode():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(**inputs)
+            flops = counter.get_total_flops()
+        rows[preset] = (model, inputs, flops, cell_cfg)
+    mm = {}
+    fns = {}
+    for preset, (model, inputs, _, _) in rows.items():
+        fns[preset] = (lambda m=model, x=inputs: m(**x))
+    a = torch.randn(args.matmul_size, args.matmul_size, device=device)
+    bm = torch.randn(args.matmul_size, args.matmul_size, device=device)
+    fns["matmul"] = lambda: a @ bm
+    with torch.inference_mode():
+        t = race(fns, args.repeats, _sync(device))
+    mm = 2 * args.matmul_size**3 / t["matmul"] / 1e9
+    out["matmul_gflops"] = round(mm, 1)
+    for preset, (_, _, flops, cell_cfg) in rows.items():
+        g = flops / t[preset] / 1e9
+        out["presets"][preset] = {
+            "cell_model": f"d={cell_cfg.hidden_size}, {cell_cfg.image_size}px, {cell_cfg.max_genes} gene tokens, "
+                          f"batch {args.flops_batch}",
+            "gflop_per_forward": round(flops / 1e9, 2),
+            "seconds": round(t[preset], 4),
+            "gflops": round(g, 1),
+            "fraction_of_matmul": round(g / mm, 3),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------ (c) tissue
+def _tissue_model(args, ratio_total: float):
+    from spatia_hf import SpatiaTissueConfig, SpatiaTissueModel
+
+    cfg = SpatiaTissueConfig.from_preset(args.tissue_preset, merge_total_ratio=ratio_total if ratio_total > 0 else None,
+                                         merge_ratio=0.0)
+    torch.manual_seed(args.seed)
+    return SpatiaTissueModel(cfg).eval()
+
+
+def _tissue_inputs(m: int, dim: int, seed: int, device):
+    g = torch.Generator().manual_seed(seed)
+    side = (m ** 0.5) * 50.0  # niches ~50 µm apart
+    return (torch.randn(1, m, dim, generator=g).to(device), (torch.rand(1, m, 2, generator=g) * side).to(device))
+
+
+def _peak_child(args_dict: dict, m: int, ratio: float, device_name: str, queue) -> None:
+    args = argparse.Namespace(**args_dict)
+    torch.set_num_threads(args.threads)
+    device = torch.device(device_name)
+    model = _tissue_model(args, ratio).to(device)
+    emb, pos = _tissue_inputs(m, model.config.niche_embed_dim, args.seed, device)
+    with torch.inference_mode():
+        model(emb[:, :64], pos[:, :64])  # import/warm-up allocations happen before the baseline
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            model(emb, pos)
+            torch.cuda.synchronize()
+            queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
+            return
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model(emb, pos)
+        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)  # KiB -> MiB
+
+
+def peak_mib(args, m: int, ratio: float, device) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peak_child, args=(vars(args), m, ratio, str(device), q))
+    p.start()
+    value = q.get(timeout=1800)
+    p.join()
+    return float(value)
+
+
+def bench_tissue(args, device) -> dict:
+    results = {}
+    merged = _tissue_model(args, args.merge_total).to(device)
+    plain = _tissue_model(args, 0.0).to(device)
+    plain.load_state_dict(merged.state_dict())
+    for m in args.sizes:
+        emb, pos = _tissue_inputs(m, merged.config.niche_embed_dim, args.seed, device)
+        with torch.inference_mode():
+            tokens = merged(emb, pos).num_tokens
+            t = race({"unmerged": lambda: plain(emb, pos), "merged": lambda: merged(emb, pos)},
+                     args.tissue_repeats, _sync(device))
+        mem_plain = peak_mib(args, m, 0.0, device)
+        mem_merged = peak_mib(args, m, args.merge_total, device)
+        results[str(m)] = {
+            "tokens_per_layer_merged": list(tokens),
+            "seconds": {"unmerged": round(t["unmerged"], 4), "merged": round(t["merged"], 4)},
+            "speedup": round(t["unmerged"] / t["merged"], 2),
+            "peak_mib": {"unmerged": round(mem_plain, 1), "merged": round(mem_merged, 1)},
+            "memory_ratio": round(mem_plain / max(mem_merged, 1e-3), 2),
+        }
+    cfg = merged.config
+    return {"model": f"{args.tissue_preset} tissue: d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, "
+                     f"merge_total_ratio={args.merge_total}, merge_k={cfg.merge_k}",
+            "sizes": results}
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("all", "encoder", "flops", "tissue"), default="all")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5)
+    # (a)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--panel", type=int, default=1000, help="genes of the panel (BERT reads all of them)")
+    p.add_argument("--expressed", type=int, default=150, help="expressed genes per cell")
+    p.add_argument("--zero-ratio", type=float, default=0.5, help="sampled zeros per expressed gene")
+    p.add_argument("--batch", type=int, default=16)
+    # (b)
+    p.add_argument("--presets", nargs="+", default=["small"])
+    p.add_argument("--flops-batch", type=int, default=64)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    # (c)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    p.add_argument("--tissue-preset", default="small")
+    p.add_argument("--merge-total", type=float, default=0.9, help="fraction of tokens merged away by the last layer")
+    p.add_argument("--tissue-repeats", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = {"device": str(device), "threads": args.threads, "torch": torch.__version__}
+    parts = ("encoder", "flops", "tissue") if args.part == "all" else (args.part,)
+    for part in parts:
+        fn = {"encoder": bench_encoder, "flops": bench_flops, "tissue": bench_tissue}[part]
+        results[part] = fn(args, device)
+        print(json.dumps({part: results[part]}, indent=2), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

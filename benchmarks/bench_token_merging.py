@@ -1,0 +1,237 @@
+"""Benchmark spatially guided token merging: (1) in a small diffusers UNet against no merging and
+tomesd, (2) the matching step alone at growing token counts against a dense (tomesd-style) matching.
+
+Ratios, not seconds, are the result: every variant runs in this process on the same inputs,
+round-robin, and each is timed by its fastest repeat (the least disturbed by other work on a
+shared machine). Output change is the relative L2 distance to the unmerged UNet's output.
+
+    python benchmarks/bench_token_merging.py                 # both parts, batch 8, 64 px
+    python benchmarks/bench_token_merging.py --part matching --sizes 1000 4000 16000 64000
+    python benchmarks/bench_token_merging.py --json out.json
+
+Part 1 needs ``tomesd`` (``pip install tomesd==0.1.3``, in the dev extra); without it that column
+is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+from spatia_hf.denoiser_merging import apply_token_merging, remove_token_merging
+from spatia_hf.token_merging import grid_destination_mask, grid_positions, spatial_bipartite_matching
+
+
+def build_unet(size: int, cross_dim: int, heads: int, seed: int):
+    """The benchmark denoiser: 3 levels (32/64/128 channels), attention at the two finest levels,
+    ``heads`` attention heads per block (diffusers' ``attention_head_dim``, default 8)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    channels = (32, 64, 128)
+    return UNet2DConditionModel(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim,
+        attention_head_dim=heads,  # diffusers' name; it is the number of heads
+        norm_num_groups=8,
+    ).eval()
+
+
+def _rel_l2(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm())
+
+
+def bench_denoiser(args) -> dict:
+    unet = build_unet(args.size, args.cross_dim, args.heads, args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    sample = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    timestep = torch.full((args.batch,), 500, dtype=torch.long)
+    cond = torch.randn(args.batch, 8, args.cross_dim, generator=g)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return unet(sample, timestep, encoder_hidden_states=cond).sample
+
+    def plain():
+        return None
+
+    def ours(**kw) -> Callable[[], Callable[[], None]]:
+        def setup():
+            handle = apply_token_merging(unet, args.ratio, **kw)
+            return handle.remove
+
+        return setup
+
+    variants: dict[str, Callable] = {
+        "none": plain,
+        "spatia": ours(),
+        "spatia_kv_only": ours(merge_queries=False),
+        "spatia_ds2": ours(max_downsample=2),
+    }
+    try:
+        import tomesd
+
+        def tome_setup():
+            torch.manual_seed(args.seed)  # tomesd draws its random dst choice from the global RNG
+            tomesd.apply_patch(unet, ratio=args.ratio)
+            return lambda: tomesd.remove_patch(unet)
+
+        variants["tomesd"] = tome_setup
+    except ImportError:
+        print("tomesd not installed: skipping its column", file=sys.stderr)
+
+    outputs: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(args.repeats + 1):  # first round warms up (and caches neighbour lists)
+        for name, setup in variants.items():
+            undo = setup()
+            start = time.perf_counter()
+            y = forward()
+            elapsed = time.perf_counter() - start
+            if undo is not None:
+                undo()
+            if rep == 0:
+                outputs[name] = y
+            else:
+                times[name].append(elapsed)
+    base = min(times["none"])
+    result = {}
+    for name in variants:
+        best = min(times[name])
+        result[name] = {
+            "best_s": round(best, 4),
+            "speedup": round(base / best, 3),
+            "rel_l2_change": round(_rel_l2(outputs[name], outputs["none"]), 5),
+        }
+    # determinism: our merged output is identical when run again
+    with apply_token_merging(unet, args.ratio):
+        again = forward()
+    result["spatia"]["deterministic"] = bool(torch.equal(again, outputs["spatia"]))
+    return result
+
+
+def _dense_matching(metric: torch.Tensor, r: int) -> torch.Tensor:
+    """tomesd/ToMe-style matching: every source against every destination (quadratic)."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = m[:, ::2], m[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    node_max, node_idx = scores.max(dim=-1)
+    return node_max.argsort(dim=-1, descending=True)[:, :r]
+
+
+def _matching_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    g = torch.Generator().manual_seed(seed)
+    side = math.sqrt(n) * 15.0  # ~15 µm between neighbouring niches
+    pos = torch.rand(1, n, 2, generator=g) * side
+    metric = torch.randn(1, n, 64, generator=g)
+    return pos, metric, n // 2 - 1
+
+
+def _matching_fn(name: str, n: int, seed: int) -> Callable[[], object]:
+    pos, metric, r = _matching_inputs(n, seed)
+    if name == "spatia":
+        return lambda: spatial_bipartite_matching(metric, pos, r, k=8)
+    return lambda: _dense_matching(metric, r)
+
+
+def _measure_peak_in_child(name: str, n: int, seed: int) -> None:
+    """Child-process entry: print the peak RSS growth (bytes) while one matching runs."""
+    import resource
+
+    import psutil
+
+    fn = _matching_fn(name, n, seed)
+    before = psutil.Process().memory_info().rss
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(max(0, peak - before))
+
+
+def _peak_bytes(name: str, n: int, seed: int) -> int:
+    """Peak extra resident memory of one matching, measured in a fresh process (so earlier runs
+    and the allocator's cache cannot hide it)."""
+    import subprocess
+
+    code = (
+        "import sys; sys.argv = sys.argv[:1]; import runpy; "
+        f"mod = runpy.run_path({os.path.abspath(__file__)!r}); "
+        f"mod['_measure_peak_in_child']({name!r}, {n}, {seed})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def bench_matching(args) -> list[dict]:
+    rows = []
+    for n in args.sizes:
+        row = {"tokens": n}
+        for name, limit in (("spatia", None), ("dense", args.dense_max)):
+            if limit is not None and n > limit:
+                row[f"{name}_s"] = None
+                row[f"{name}_score_matrix_mb"] = round((n // 2) * (n - n // 2) * 4 / 2**20, 1)
+                continue
+            fn = _matching_fn(name, n, args.seed)
+            fn()
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            row[f"{name}_s"] = round(min(times), 4)
+            row[f"{name}_peak_mb"] = round(_peak_bytes(name, n, args.seed) / 2**20, 1)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["all", "denoiser", "matching"], default="all")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--cross-dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=8, help="attention heads per block (diffusers' default 8)")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000, 64000])
+    p.add_argument("--dense-max", type=int, default=16000, help="largest N for the dense matching")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}
+    if args.part in ("all", "denoiser"):
+        result["denoiser"] = bench_denoiser(args)
+        print(f"denoiser: batch {args.batch}, {args.size} px, ratio {args.ratio}")
+        for name, row in result["denoiser"].items():
+            print(f"  {name:15s} {row['best_s']:8.3f} s  speed-up {row['speedup']:5.2f}x  change {100 * row['rel_l2_change']:.2f}%")
+    if args.part in ("all", "matching"):
+        result["matching"] = bench_matching(args)
+        print("matching (k = 8, r = N/2 - 1, 64-d metric):")
+        for row in result["matching"]:
+            print(f"  {row}")
+    if args.json:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.json)) or ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh, indent=2)
+        os.replace(tmp, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""``spatia convert <format> ... --out DIR``: any reader's Sections -> a multi-scale dataset.
+
+One sub-command per entry of ``spatia_hf.data.readers.READERS``; this module adds the output and
+builder flags shared by all of them, so a new format only brings its own input flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from spatia_hf.data.defaults import (
+    DEFAULT_CROP_PX,
+    DEFAULT_CROP_UM,
+    DEFAULT_NICHE_PX,
+    DEFAULT_NICHE_UM,
+    DEFAULT_THUMB_PX,
+)
+from spatia_hf.data.readers import READERS
+
+
+def _keys(value: str | None) -> list[str] | None:
+    return None if value is None else [k.strip() for k in value.split(",") if k.strip()]
+
+
+def add_builder_arguments(parser: argparse.ArgumentParser) -> None:
+    """Output and multi-scale builder flags (µm / px)."""
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--out", required=True, help="dataset folder to create (Parquet shards + README.md card)")
+    g.add_argument("--crop-um", type=float, default=DEFAULT_CROP_UM, help=f"cell crop side, µm (default {DEFAULT_CROP_UM:g})")
+    g.add_argument("--crop-px", type=int, default=DEFAULT_CROP_PX, help=f"stored cell crop side, px (default {DEFAULT_CROP_PX})")
+    g.add_argument("--niche-um", type=float, default=DEFAULT_NICHE_UM, help=f"niche grid tile, µm (default {DEFAULT_NICHE_UM:g})")
+    g.add_argument("--niche-px", type=int, default=DEFAULT_NICHE_PX, help=f"stored niche image side, px (default {DEFAULT_NICHE_PX})")
+    g.add_argument("--thumb-px", type=int, default=DEFAULT_THUMB_PX, help=f"section thumbnail side, px (default {DEFAULT_THUMB_PX})")
+    g.add_argument("--label-keys", help="comma-separated obs columns carried as cell labels (default: the reader's)")
+    g.add_argument("--value-keys", help="comma-separated numeric obs columns carried as per-cell values "
+                                        "(default: all numeric obs columns)")
+    g.add_argument("--gene-panel", choices=("first", "union"), default="first",
+                   help="dataset genes: the first section's panel (default) or the union of all sections")
+    g.add_argument("--outside", choices=("error", "drop"), default="error",
+                   help="cells whose centroid is off the image: error (default) or drop and count them")
+    g.add_argument("--resume", action="store_true", help="reuse finished sections of an interrupted build")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert instrument output / AnnData / synthetic sections into a multi-scale dataset",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    formats = parser.add_subparsers(dest="format", metavar="FORMAT")
+    for name, entry in READERS.items():
+        sub = formats.add_parser(name, help=entry.help, description=entry.help)
+        entry.add_cli_arguments(sub)
+        add_builder_arguments(sub)
+        sub.set_defaults(func=run, reader=name)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from spatia_hf.data.builder import build_multiscale_dataset, load_sections_info
+
+    entry = READERS[args.reader]
+    start = time.perf_counter()
+    try:
+        out = build_multiscale_dataset(
+            entry.sections(args), args.out, crop_um=args.crop_um, crop_px=args.crop_px, niche_um=args.niche_um,
+            niche_px=args.niche_px, thumb_px=args.thumb_px, label_keys=_keys(args.label_keys),
+            value_keys=_keys(args.value_keys), gene_panel=args.gene_panel, outside=args.outside,
+            resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None
+    info = load_sections_info(out)
+    secs = info["sections"]
+    n_cells = sum(s["n_cells"] for s in secs)
+    took = time.perf_counter() - start
+    print(f"wrote {out}: {len(secs)} section(s), {n_cells} cells, {sum(s['n_niches'] for s in secs)} niches, "
+          f"{info['build']['n_genes']} genes in {took:.1f} s ({n_cells / max(took, 1e-9):.0f} cells/s)")
+    for s in secs:
+        dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "none"
+        print(f"  {s['sample_id']}: {s['n_cells']} cells, {s['n_niches']} niches, {s['n_crops_padded']} crops "
+              f"padded at the border, dropped: {dropped}")
+    print(f'load with: datasets.load_dataset("{out}", "cells")  (configs: cells, niches, tissues)')
+    return 0

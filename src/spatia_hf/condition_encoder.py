@@ -1,0 +1,227 @@
+"""The generator's condition encoder: a cell's expression -> cross-attention tokens for the denoiser.
+
+:class:`SpatiaConditionEncoder` wraps SPATIA's expression branch
+(:class:`~spatia_hf.modeling_cell.SpatiaExpressionEncoder`: gene-identity embedding + value
+encoding + self-attention) and adds what a diffusion denoiser needs from it:
+
+* a fixed number of condition tokens (``num_condition_tokens`` learned queries attend over the
+  variable-length gene tokens), projected to the denoiser's ``cross_attention_dim``, so the UNet
+  sees the same sequence length for every panel size and for the null condition;
+* a learned *null condition* (the same shape) for classifier-free guidance: training replaces the
+  condition of a random fraction of cells by it, sampling mixes the two predictions;
+* the gene vocabulary (``genes``), so a saved pipeline knows which genes its inputs must be.
+
+Inputs are raw counts on the encoder's gene panel (``[B, n_genes]``, the dataset's
+``gene_counts``), normalised here (library size -> ``normalize_total``, then log1p), so the
+pipeline, the training loop and the dataset agree on one convention. Genes are turned into
+tokens deterministically: every panel gene when the panel has at most ``max_gene_tokens`` genes
+(zeros are informative: a missing marker), otherwise the ``max_gene_tokens`` most expressed ones.
+
+The module is a diffusers ``ModelMixin, ConfigMixin``: ``save_pretrained`` writes
+``config.json`` + ``diffusion_pytorch_model.safetensors`` and the pipeline saves it as one of its
+components. :meth:`SpatiaConditionEncoder.from_spatia_model` copies the expression branch of a
+pretrained SPATIA model, so the generator starts from the pretrained gene representation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID, SpatiaCellConfig
+from .modeling_cell import SpatiaExpressionEncoder, expression_encoder_state
+
+# The fields of SpatiaCellConfig the expression branch depends on (image fields are left out).
+EXPRESSION_CONFIG_KEYS = (
+    "gene_vocab", "gene_ensembl_ids", "hidden_size", "num_attention_heads", "intermediate_size",
+    "num_expression_layers", "hidden_act", "layer_norm_eps", "hidden_dropout_prob", "attention_dropout",
+    "initializer_range", "max_genes",
+)
+DEFAULT_NORMALIZE_TOTAL = 1e4
+
+
+def expression_config_from(cell_config: SpatiaCellConfig | dict) -> dict[str, Any]:
+    """The expression-branch subset of a cell config, as a JSON-safe dict."""
+    d = cell_config.to_dict() if isinstance(cell_config, SpatiaCellConfig) else dict(cell_config)
+    return {k: d[k] for k in EXPRESSION_CONFIG_KEYS if k in d}
+
+
+def log1p_normalize(counts: torch.Tensor, normalize_total: float | None) -> torch.Tensor:
+    """``[B, G]`` raw counts -> ``log1p(counts / size_factor)`` with ``size_factor = max(library, 1) /
+    normalize_total`` (exactly :class:`~spatia_hf.processing_spatia.SpatiaProcessor`'s values, so a
+    pretrained expression branch sees what it was trained on); raw log1p when ``normalize_total`` is None."""
+    x = counts.float()
+    if normalize_total is not None:
+        library = x.sum(dim=-1, keepdim=True).clamp(min=1.0)
+        x = x * (normalize_total / library)
+    return torch.log1p(x)
+
+
+class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
+    """Expression (raw counts on ``genes``) -> ``[B, num_condition_tokens, cross_attention_dim]``.
+
+    Args:
+        expression_config: the expression-branch fields of a :class:`SpatiaCellConfig`
+            (``gene_vocab`` is the gene panel; ``hidden_size``, layers, heads ...). Build it with
+            :meth:`from_genes` or :meth:`from_spatia_model`.
+        cross_attention_dim: width of the tokens the denoiser cross-attends to.
+        num_condition_tokens: number of condition tokens (learned pooling queries).
+        normalize_total: counts per cell after library-size scaling, before log1p (None: no scaling).
+        max_gene_tokens: at most this many gene tokens per cell (all panel genes when the panel is
+            smaller; otherwise the most expressed genes).
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        expression_config: dict | None = None,
+        cross_attention_dim: int = 64,
+        num_condition_tokens: int = 8,
+        normalize_total: float | None = DEFAULT_NORMALIZE_TOTAL,
+        max_gene_tokens: int = 512,
+    ):
+        super().__init__()
+        if not expression_config or not expression_config.get("gene_vocab"):
+            raise ValueError(
+                "expression_config['gene_vocab'] is empty: the condition encoder needs the gene panel. Fix: build it "
+                "with SpatiaConditionEncoder.from_genes(genes, ...) or .from_spatia_model(model_or_path)")
+        for name, value in (("cross_attention_dim", cross_attention_dim), ("num_condition_tokens", num_condition_tokens),
+                            ("max_gene_tokens", max_gene_tokens)):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if normalize_total is not None and not normalize_total > 0:
+            raise ValueError(f"normalize_total={normalize_total!r}: expected a positive number of counts or None")
+        cell_config = SpatiaCellConfig(**expression_config)
+        d = cell_config.hidden_size
+        self.expression_encoder = SpatiaExpressionEncoder(cell_config)
+        heads = cell_config.num_attention_heads
+        self.pool_queries = nn.Parameter(torch.empty(num_condition_tokens, d))
+        self.pool_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.pool_norm = nn.LayerNorm(d, eps=cell_config.layer_norm_eps)
+        self.proj = nn.Linear(d, cross_attention_dim)
+        self.null_tokens = nn.Parameter(torch.empty(num_condition_tokens, cross_attention_dim))
+        self._reset_parameters(cell_config.initializer_range)
+
+    @torch.no_grad()
+    def _reset_parameters(self, std: float) -> None:
+        """Initialise everything here (a diffusers model is not run through transformers' ``_init_weights``)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.pool_attention._reset_parameters()
+        mask_embedding = self.expression_encoder.value_encoder.mask_embedding
+        nn.init.normal_(mask_embedding, std=std)
+        nn.init.normal_(self.pool_queries, std=1.0 / math.sqrt(self.pool_queries.shape[-1]))
+        nn.init.normal_(self.null_tokens, std=std)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_genes(
+        cls,
+        genes: list[str],
+        hidden_size: int = 64,
+        num_attention_heads: int = 4,
+        num_expression_layers: int = 2,
+        intermediate_size: int | None = None,
+        gene_ensembl_ids: list[str | None] | None = None,
+        **kwargs,
+    ) -> "SpatiaConditionEncoder":
+        """A randomly initialised encoder for the panel ``genes`` (gene symbols, dataset order)."""
+        cell_config = SpatiaCellConfig(
+            gene_vocab=list(genes), gene_ensembl_ids=gene_ensembl_ids, hidden_size=hidden_size,
+            num_attention_heads=num_attention_heads, num_expression_layers=num_expression_layers,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+        )
+        return cls(expression_config=expression_config_from(cell_config), **kwargs)
+
+    @classmethod
+    def from_spatia_model(cls, model_or_path, **kwargs) -> "SpatiaConditionEncoder":
+        """An encoder whose expression branch is copied from a SPATIA model or checkpoint.
+
+        ``model_or_path``: a ``SpatiaCellModel``, ``SpatiaModel``, SPATIA head, or a local path /
+        hub id of one. The pooling, projection and null tokens start fresh (trained with the
+        denoiser). ``kwargs``: ``cross_attention_dim``, ``num_condition_tokens``, ...
+        """
+        cell_config, state = expression_encoder_state(model_or_path)
+        encoder = cls(expression_config=expression_config_from(cell_config), **kwargs)
+        missing, unexpected = encoder.expression_encoder.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"from_spatia_model: expression branch weights do not fit (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}). Fix: pass a checkpoint of the same spatia-hf version")
+        return encoder
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def genes(self) -> list[str]:
+        """The gene panel: column ``j`` of the expected counts is ``genes[j]``."""
+        return list(self.config.expression_config["gene_vocab"])
+
+    @property
+    def gene_ensembl_ids(self) -> list[str | None] | None:
+        return self.config.expression_config.get("gene_ensembl_ids")
+
+    @property
+    def num_genes(self) -> int:
+        return len(self.config.expression_config["gene_vocab"])
+
+    # ------------------------------------------------------------------ forward
+    def gene_tokens_from_counts(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, G]`` raw counts -> ``gene_ids`` / ``gene_values`` (log1p-normalised) / mask, ``[B, L]``."""
+        if counts.dim() != 2 or counts.shape[1] != self.num_genes:
+            raise ValueError(f"counts: expected shape [batch, {self.num_genes}] (one column per panel gene), got "
+                             f"{tuple(counts.shape)}. Fix: map the expression onto encoder.genes first "
+                             "(SpatiaGenerationPipeline does this from gene_names)")
+        values = log1p_normalize(counts, self.config.normalize_total)
+        b, g = values.shape
+        ids = torch.arange(NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + g, device=values.device)
+        if g <= self.config.max_gene_tokens:
+            gene_ids = ids.expand(b, g)
+            mask = torch.ones(b, g, dtype=torch.bool, device=values.device)
+            return gene_ids, values, mask
+        top = torch.topk(values, self.config.max_gene_tokens, dim=1, sorted=True)  # most expressed genes
+        gene_ids = ids[top.indices]
+        mask = top.values > 0
+        mask[:, 0] = True  # a cell with no counts still has one (zero) token to attend to
+        gene_ids = torch.where(mask, gene_ids, torch.full_like(gene_ids, PAD_TOKEN_ID))
+        return gene_ids, top.values * mask, mask
+
+    def forward(self, counts: torch.Tensor, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Condition tokens ``[B, num_condition_tokens, cross_attention_dim]``.
+
+        Args:
+            counts: ``[B, n_genes]`` raw counts on :attr:`genes`.
+            drop_condition: optional ``[B]`` bool; True rows get the null condition (CFG training).
+        """
+        gene_ids, values, mask = self.gene_tokens_from_counts(counts)
+        tokens, mask = self.expression_encoder(gene_ids, values.to(self.dtype), mask)
+        queries = self.pool_queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        pooled, _ = self.pool_attention(queries, tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        out = self.proj(self.pool_norm(pooled + queries))
+        if drop_condition is not None:
+            null = self.null_tokens.to(out.dtype).expand_as(out)
+            out = torch.where(drop_condition.to(out.device).view(-1, 1, 1), null, out)
+        return out
+
+    def null_condition(self, batch_size: int) -> torch.Tensor:
+        """The learned null condition, ``[batch_size, num_condition_tokens, cross_attention_dim]``."""
+        return self.null_tokens.expand(batch_size, -1, -1)
+
+
+__all__ = ["SpatiaConditionEncoder", "log1p_normalize", "expression_config_from"]

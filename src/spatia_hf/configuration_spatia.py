@@ -1,0 +1,444 @@
+"""Configurations of the SPATIA models: one per scale (cell, niche, tissue) and the composite.
+
+Every hyperparameter lives here with a documented default; the models read nothing from globals.
+The gene vocabulary (symbols, optional Ensembl ids) is part of :class:`SpatiaCellConfig`, so a
+checkpoint always carries the genes its embedding rows belong to. Vocabulary ids 0-3 are reserved
+(pad, mask, cls, unk); gene ``i`` of ``gene_vocab`` has id ``NUM_SPECIAL_TOKENS + i``.
+
+Size presets (``tiny`` for tests, ``small`` for the CPU demo, ``base``/``large`` at paper scale)
+are plain dicts of overrides: ``SpatiaConfig.from_preset("tiny", gene_vocab=[...])``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import PretrainedConfig
+
+PAD_TOKEN_ID = 0
+MASK_TOKEN_ID = 1
+CLS_TOKEN_ID = 2
+UNK_TOKEN_ID = 3
+SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<unk>")
+NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
+
+FUSION_MODES = ("cross_attention", "concat")
+EXPRESSION_LIKELIHOODS = ("mse", "nb", "zinb")
+PRESETS = ("tiny", "small", "base", "large")
+
+
+def _check(cond: bool, field: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}={value!r} is invalid. Fix: {fix}")
+
+
+def _check_heads(prefix: str, hidden_size: int, num_heads: int) -> None:
+    _check(hidden_size > 0 and num_heads > 0 and hidden_size % num_heads == 0, f"{prefix}hidden_size", hidden_size,
+           f"use a positive hidden_size divisible by num_attention_heads={num_heads}")
+
+
+class SpatiaCellConfig(PretrainedConfig):
+    """Configuration of :class:`~spatia_hf.modeling_cell.SpatiaCellModel` (image + expression of one cell).
+
+    Args:
+        gene_vocab: gene symbols of the vocabulary, in id order after the 4 special ids. Grows with
+            ``model.resize_gene_vocab(new_genes)``.
+        gene_ensembl_ids: optional Ensembl ids aligned with ``gene_vocab`` (used to map panels by id).
+        hidden_size: width ``D`` of every token and of the cell embedding.
+        num_attention_heads: heads of every attention layer (``hidden_size`` must be divisible by it).
+        intermediate_size: hidden width of the MLP in every block.
+        num_expression_layers: self-attention blocks of the expression branch.
+        num_image_layers: self-attention blocks of the built-in ViT image branch (ignored with a backbone).
+        num_fusion_layers: fusion blocks after the two branches.
+        fusion: ``"cross_attention"`` (image tokens attend to gene tokens and vice versa in every fusion
+            block) or ``"concat"`` (the same blocks without cross-attention; the cell embedding is then
+            a projection of the two concatenated pooled tokens: the baseline of the evaluation).
+        image_size: side of the square cell crop in pixels.
+        patch_size: side of a ViT patch in pixels (``image_size`` must be divisible by it).
+        num_channels: stain channels of the crop (e.g. 2 for DAPI + boundary).
+        vision_backbone: optional name or local path of any transformers vision model (loaded with
+            ``AutoModel``) used instead of the built-in ViT. Its config is copied into
+            ``vision_backbone_config`` so a saved checkpoint rebuilds it without the original path.
+        vision_backbone_config: the backbone's config dict (filled in from ``vision_backbone``).
+        max_genes: default number of gene tokens per cell the processor keeps (expressed genes plus
+            sampled zeros).
+        hidden_act: activation of the MLPs.
+        layer_norm_eps: epsilon of every LayerNorm.
+        hidden_dropout_prob: dropout after attention and MLP outputs.
+        attention_dropout: dropout on attention probabilities.
+        initializer_range: std of the normal initialisation of weights.
+    """
+
+    model_type = "spatia_cell"
+    base_config_key = "cell_config"
+
+    gene_vocab: list[str] | None = None
+    gene_ensembl_ids: list[str | None] | None = None
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    num_expression_layers: int = 2
+    num_image_layers: int = 2
+    num_fusion_layers: int = 2
+    fusion: str = "cross_attention"
+    image_size: int = 64
+    patch_size: int = 8
+    num_channels: int = 2
+    vision_backbone: str | None = None
+    vision_backbone_config: dict | None = None
+    max_genes: int = 256
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        self.gene_vocab = [str(g) for g in (self.gene_vocab or [])]
+        if len(set(self.gene_vocab)) != len(self.gene_vocab):
+            seen: set[str] = set()
+            dups = [g for g in self.gene_vocab if g in seen or seen.add(g)]
+            raise ValueError(f"gene_vocab has duplicate symbols {dups[:5]}. Fix: pass each gene once")
+        clash = [g for g in self.gene_vocab if g in SPECIAL_TOKENS]
+        _check(not clash, "gene_vocab", clash, f"gene symbols may not be special tokens {SPECIAL_TOKENS}")
+        if self.gene_ensembl_ids is not None:
+            self.gene_ensembl_ids = [None if g is None else str(g) for g in self.gene_ensembl_ids]
+            _check(len(self.gene_ensembl_ids) == len(self.gene_vocab), "gene_ensembl_ids",
+                   f"<{len(self.gene_ensembl_ids)} ids>", f"give one id per gene ({len(self.gene_vocab)}) or None")
+        _check_heads("", self.hidden_size, self.num_attention_heads)
+        _check(self.fusion in FUSION_MODES, "fusion", self.fusion, f"use one of {FUSION_MODES}")
+        _check(self.image_size > 0 and self.patch_size > 0 and self.image_size % self.patch_size == 0,
+               "image_size", self.image_size, f"use an image_size divisible by patch_size={self.patch_size}")
+        _check(self.num_channels > 0, "num_channels", self.num_channels, "use at least one channel")
+        for name in ("num_expression_layers", "num_image_layers", "num_fusion_layers"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "use a non-negative number of layers")
+        _check(self.max_genes > 0, "max_genes", self.max_genes, "use a positive number of gene tokens")
+        if self.vision_backbone and self.vision_backbone_config is None:
+            from transformers import AutoConfig
+
+            self.vision_backbone_config = AutoConfig.from_pretrained(self.vision_backbone).to_dict()
+        super().__post_init__(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the gene embedding: the special ids plus one per gene."""
+        return NUM_SPECIAL_TOKENS + len(self.gene_vocab)
+
+    def gene_to_id(self) -> dict[str, int]:
+        """Vocabulary id of every gene symbol."""
+        return {g: NUM_SPECIAL_TOKENS + i for i, g in enumerate(self.gene_vocab)}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SpatiaCellConfig":
+        return cls(**{**_preset(name)["cell_config"], **overrides})
+
+
+class SpatiaNicheConfig(PretrainedConfig):
+    """Configuration of :class:`~spatia_hf.modeling_niche.SpatiaNicheModel` (the cells of a neighbourhood).
+
+    Args:
+        cell_embed_dim: width of the incoming cell embeddings (the cell model's ``hidden_size``).
+        hidden_size: width of the niche tokens and of the niche embedding.
+        num_attention_heads: attention heads.
+        intermediate_size: MLP hidden width.
+        num_hidden_layers: transformer blocks.
+        position_min_wavelength_um: shortest wavelength (µm) of the 2-D Fourier encoding of cell positions.
+        position_max_wavelength_um: longest wavelength (µm); positions are relative to the niche centre.
+        num_position_frequencies: frequencies per axis (geometric between the two wavelengths).
+        use_niche_image: whether a niche image crop adds patch tokens.
+        niche_image_size: side of the niche crop (pixels) when ``use_niche_image``.
+        niche_patch_size: patch side (pixels) of the niche image tokens.
+        num_channels: stain channels of the niche crop.
+        hidden_act, layer_norm_eps, hidden_dropout_prob, attention_dropout, initializer_range: as in
+            :class:`SpatiaCellConfig`.
+    """
+
+    model_type = "spatia_niche"
+    base_config_key = "niche_config"
+
+    cell_embed_dim: int = 128
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    position_min_wavelength_um: float = 2.0
+    position_max_wavelength_um: float = 400.0
+    num_position_frequencies: int = 16
+    use_niche_image: bool = False
+    niche_image_size: int = 128
+    niche_patch_size: int = 16
+    num_channels: int = 2
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        _check_heads("", self.hidden_size, self.num_attention_heads)
+        _check(self.cell_embed_dim > 0, "cell_embed_dim", self.cell_embed_dim, "use the cell model's hidden_size")
+        _check(0 < self.position_min_wavelength_um < self.position_max_wavelength_um, "position_min_wavelength_um",
+               self.position_min_wavelength_um, "use 0 < position_min_wavelength_um < position_max_wavelength_um")
+        _check(self.num_position_frequencies > 0, "num_position_frequencies", self.num_position_frequencies,
+               "use at least one frequency")
+        _check(self.niche_image_size % self.niche_patch_size == 0, "niche_image_size", self.niche_image_size,
+               f"use a size divisible by niche_patch_size={self.niche_patch_size}")
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SpatiaNicheConfig":
+        return cls(**{**_preset(name)["niche_config"], **overrides})
+
+
+class SpatiaTissueConfig(PretrainedConfig):
+    """Configuration of :class:`~spatia_hf.modeling_tissue.SpatiaTissueModel` (the niches of a section).
+
+    Args:
+        niche_embed_dim: width of the incoming niche embeddings (the niche model's ``hidden_size``).
+        hidden_size, num_attention_heads, intermediate_size, num_hidden_layers: transformer sizes.
+        position_min_wavelength_um / position_max_wavelength_um / num_position_frequencies: 2-D
+            Fourier encoding of the niche positions (µm, section coordinates).
+        merge_ratio: spatially guided token merging: fraction of the current tokens merged away at
+            the start of each layer (a float for every layer, or a list with one value per layer).
+            ``0`` is exactly the model without merging.
+        merge_total_ratio: if set, overrides ``merge_ratio`` with the per-layer fraction that removes
+            this total fraction of tokens by the last layer: ``1 - (1 - total) ** (1 / layers)``.
+        merge_k: a token may merge only into one of its ``merge_k`` nearest spatial neighbours.
+        merge_radius_um: optional maximum distance (µm) between merged tokens.
+        proportional_attention: add ``log(size)`` of merged tokens to the attention logits (ToMe).
+        hidden_act, layer_norm_eps, hidden_dropout_prob, attention_dropout, initializer_range: as in
+            :class:`SpatiaCellConfig`.
+    """
+
+    model_type = "spatia_tissue"
+    base_config_key = "tissue_config"
+
+    niche_embed_dim: int = 128
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    position_min_wavelength_um: float = 20.0
+    position_max_wavelength_um: float = 20000.0
+    num_position_frequencies: int = 16
+    merge_ratio: float | list[float] = 0.0
+    merge_total_ratio: float | None = None
+    merge_k: int = 8
+    merge_radius_um: float | None = None
+    proportional_attention: bool = True
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        _check_heads("", self.hidden_size, self.num_attention_heads)
+        _check(0 < self.position_min_wavelength_um < self.position_max_wavelength_um, "position_min_wavelength_um",
+               self.position_min_wavelength_um, "use 0 < position_min_wavelength_um < position_max_wavelength_um")
+        if isinstance(self.merge_ratio, (list, tuple)):
+            self.merge_ratio = [float(r) for r in self.merge_ratio]
+            _check(len(self.merge_ratio) == self.num_hidden_layers, "merge_ratio", self.merge_ratio,
+                   f"give one ratio per layer ({self.num_hidden_layers}) or a single float")
+            ratios = self.merge_ratio
+        else:
+            self.merge_ratio = float(self.merge_ratio)
+            ratios = [self.merge_ratio]
+        _check(all(0.0 <= r <= 0.5 for r in ratios), "merge_ratio", self.merge_ratio,
+               "use fractions in [0, 0.5] (bipartite matching merges at most half the tokens per layer)")
+        if self.merge_total_ratio is not None:
+            _check(0.0 <= self.merge_total_ratio < 1.0, "merge_total_ratio", self.merge_total_ratio,
+                   "use a fraction in [0, 1)")
+        _check(self.merge_k > 0, "merge_k", self.merge_k, "use at least one neighbour")
+        super().__post_init__(**kwargs)
+
+    def layer_merge_ratios(self) -> list[float]:
+        """Fraction of tokens merged away at the start of each layer."""
+        n = self.num_hidden_layers
+        if self.merge_total_ratio is not None:
+            per = 1.0 - (1.0 - self.merge_total_ratio) ** (1.0 / max(n, 1))
+            return [min(per, 0.5)] * n
+        if isinstance(self.merge_ratio, list):
+            return list(self.merge_ratio)
+        return [self.merge_ratio] * n
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SpatiaTissueConfig":
+        return cls(**{**_preset(name)["tissue_config"], **overrides})
+
+
+class SpatiaConfig(PretrainedConfig):
+    """Composite configuration of :class:`~spatia_hf.modeling_spatia.SpatiaModel` and its heads.
+
+    Holds the three scale configs (like ``CLIPConfig`` holds text and vision) plus the settings of
+    the pretraining objectives and heads.
+
+    Args:
+        cell_config / niche_config / tissue_config: dicts or config objects of the three scales.
+        expression_likelihood: masked gene modelling loss: ``"mse"`` on log1p-normalised values,
+            ``"nb"`` (negative binomial) or ``"zinb"`` (zero-inflated NB) on raw counts (needs
+            ``gene_counts`` and ``size_factors`` in the batch, which the processor provides).
+        mgm_mask_ratio: fraction of real gene tokens whose value is hidden in masked gene modelling.
+        mim_mask_ratio: fraction of image patches hidden in masked image modelling (MAE).
+        niche_mask_ratio: fraction of a niche's cells hidden in niche masked-cell prediction.
+        mgm_weight / mim_weight / contrastive_weight / niche_weight: weights of the four pretraining
+            losses in ``loss`` (0 switches an objective off).
+        mim_decoder_hidden_size / mim_decoder_num_layers / mim_decoder_num_heads: the MAE pixel decoder.
+        norm_pix_loss: reconstruct per-patch normalised pixels (MAE's default).
+        contrastive_dim: width of the image/expression projections of the InfoNCE objective.
+        logit_scale_init_value: initial log inverse temperature of InfoNCE (CLIP's ln(1/0.07)).
+        classifier_dropout: dropout before classification heads.
+        initializer_range: std of the normal initialisation of head weights.
+    """
+
+    model_type = "spatia"
+    sub_configs_defaults = {
+        "cell_config": SpatiaCellConfig,
+        "niche_config": SpatiaNicheConfig,
+        "tissue_config": SpatiaTissueConfig,
+    }
+
+    cell_config: dict | SpatiaCellConfig | None = None
+    niche_config: dict | SpatiaNicheConfig | None = None
+    tissue_config: dict | SpatiaTissueConfig | None = None
+    expression_likelihood: str = "mse"
+    mgm_mask_ratio: float = 0.25
+    mim_mask_ratio: float = 0.75
+    niche_mask_ratio: float = 0.25
+    mgm_weight: float = 1.0
+    mim_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    niche_weight: float = 1.0
+    mim_decoder_hidden_size: int = 64
+    mim_decoder_num_layers: int = 1
+    mim_decoder_num_heads: int = 4
+    norm_pix_loss: bool = True
+    contrastive_dim: int = 128
+    logit_scale_init_value: float = 2.6592
+    classifier_dropout: float = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        cell, niche, tissue = self.cell_config, self.niche_config, self.tissue_config
+        _check(niche.cell_embed_dim == cell.hidden_size, "niche_config.cell_embed_dim", niche.cell_embed_dim,
+               f"set it to cell_config.hidden_size={cell.hidden_size}")
+        _check(tissue.niche_embed_dim == niche.hidden_size, "tissue_config.niche_embed_dim", tissue.niche_embed_dim,
+               f"set it to niche_config.hidden_size={niche.hidden_size}")
+        _check(self.expression_likelihood in EXPRESSION_LIKELIHOODS, "expression_likelihood",
+               self.expression_likelihood, f"use one of {EXPRESSION_LIKELIHOODS}")
+        for name in ("mgm_mask_ratio", "mim_mask_ratio", "niche_mask_ratio"):
+            _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "use a fraction in [0, 1)")
+        for name in ("mgm_weight", "mim_weight", "contrastive_weight", "niche_weight"):
+            _check(getattr(self, name) >= 0.0, name, getattr(self, name), "use a non-negative weight")
+        _check_heads("mim_decoder_", self.mim_decoder_hidden_size, self.mim_decoder_num_heads)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        gene_vocab: list[str] | None = None,
+        gene_ensembl_ids: list[str | None] | None = None,
+        *,
+        image_size: int | None = None,
+        num_channels: int | None = None,
+        cell_config: dict | None = None,
+        niche_config: dict | None = None,
+        tissue_config: dict | None = None,
+        **kwargs,
+    ) -> "SpatiaConfig":
+        """A size preset (``tiny``/``small``/``base``/``large``) with the given gene vocabulary.
+
+        ``image_size``/``num_channels`` override the crop geometry; ``cell_config`` etc. are dicts of
+        further overrides per scale; other keyword arguments set composite fields (``num_labels``,
+        ``expression_likelihood``, loss weights, ...).
+        """
+        preset = _preset(name)
+        cell = {**preset["cell_config"], **(cell_config or {})}
+        if gene_vocab is not None:
+            cell["gene_vocab"] = list(gene_vocab)
+        if gene_ensembl_ids is not None:
+            cell["gene_ensembl_ids"] = list(gene_ensembl_ids)
+        if image_size is not None:
+            cell["image_size"] = image_size
+        if num_channels is not None:
+            cell["num_channels"] = num_channels
+        niche = {**preset["niche_config"], **(niche_config or {})}
+        if num_channels is not None:
+            niche["num_channels"] = num_channels
+        tissue = {**preset["tissue_config"], **(tissue_config or {})}
+        top = {**preset["composite"], **kwargs}
+        return cls(cell_config=cell, niche_config=niche, tissue_config=tissue, **top)
+
+
+def _scale(d: int, heads: int, layers: dict, **extra) -> dict:
+    return {"hidden_size": d, "num_attention_heads": heads, "intermediate_size": 4 * d, **layers, **extra}
+
+
+_PRESETS: dict[str, dict[str, dict]] = {
+    # tests: seconds on a CPU
+    "tiny": {
+        "cell_config": _scale(32, 2, {"num_expression_layers": 1, "num_image_layers": 1, "num_fusion_layers": 1},
+                              image_size=32, patch_size=8, max_genes=64),
+        "niche_config": _scale(32, 2, {"num_hidden_layers": 1}, cell_embed_dim=32, niche_image_size=32,
+                               niche_patch_size=8, num_position_frequencies=8),
+        "tissue_config": _scale(32, 2, {"num_hidden_layers": 2}, niche_embed_dim=32, num_position_frequencies=8,
+                                merge_ratio=0.25, merge_k=4),
+        "composite": {"mim_decoder_hidden_size": 32, "mim_decoder_num_layers": 1, "mim_decoder_num_heads": 2,
+                      "contrastive_dim": 32},
+    },
+    # the CPU demo: minutes
+    "small": {
+        "cell_config": _scale(128, 4, {"num_expression_layers": 2, "num_image_layers": 3, "num_fusion_layers": 2},
+                              image_size=64, patch_size=8, max_genes=256),
+        "niche_config": _scale(128, 4, {"num_hidden_layers": 2}, cell_embed_dim=128, niche_image_size=128,
+                               niche_patch_size=16),
+        "tissue_config": _scale(128, 4, {"num_hidden_layers": 4}, niche_embed_dim=128, merge_total_ratio=0.9,
+                                merge_k=8),
+        "composite": {"mim_decoder_hidden_size": 64, "mim_decoder_num_layers": 1, "mim_decoder_num_heads": 4,
+                      "contrastive_dim": 128},
+    },
+    # paper scale (GPUs)
+    "base": {
+        "cell_config": _scale(512, 8, {"num_expression_layers": 6, "num_image_layers": 8, "num_fusion_layers": 4},
+                              image_size=224, patch_size=16, max_genes=1024),
+        "niche_config": _scale(512, 8, {"num_hidden_layers": 6}, cell_embed_dim=512, niche_image_size=256,
+                               niche_patch_size=16),
+        "tissue_config": _scale(512, 8, {"num_hidden_layers": 8}, niche_embed_dim=512, merge_total_ratio=0.95,
+                                merge_k=8),
+        "composite": {"mim_decoder_hidden_size": 256, "mim_decoder_num_layers": 4, "mim_decoder_num_heads": 8,
+                      "contrastive_dim": 256},
+    },
+    "large": {
+        "cell_config": _scale(768, 12, {"num_expression_layers": 12, "num_image_layers": 12, "num_fusion_layers": 4},
+                              image_size=256, patch_size=16, max_genes=1024),
+        "niche_config": _scale(768, 12, {"num_hidden_layers": 8}, cell_embed_dim=768, niche_image_size=256,
+                               niche_patch_size=16),
+        "tissue_config": _scale(768, 12, {"num_hidden_layers": 12}, niche_embed_dim=768, merge_total_ratio=0.95,
+                                merge_k=8),
+        "composite": {"mim_decoder_hidden_size": 512, "mim_decoder_num_layers": 8, "mim_decoder_num_heads": 16,
+                      "contrastive_dim": 512},
+    },
+}
+
+
+def _preset(name: str) -> dict[str, dict]:
+    if name not in _PRESETS:
+        raise ValueError(f"preset={name!r} is unknown. Fix: use one of {PRESETS}")
+    return copy.deepcopy(_PRESETS[name])
+
+
+__all__ = [
+    "SpatiaCellConfig",
+    "SpatiaNicheConfig",
+    "SpatiaTissueConfig",
+    "SpatiaConfig",
+    "PAD_TOKEN_ID",
+    "MASK_TOKEN_ID",
+    "CLS_TOKEN_ID",
+    "UNK_TOKEN_ID",
+    "NUM_SPECIAL_TOKENS",
+    "SPECIAL_TOKENS",
+    "PRESETS",
+]

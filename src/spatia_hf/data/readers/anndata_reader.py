@@ -1,0 +1,337 @@
+"""AnnData (``.h5ad``) plus a morphology image -> ``Section``.
+
+Expected input (what ``spatia synth`` writes, and what most pipelines can export):
+raw integer counts in ``X`` (or a layer / ``adata.raw``), gene symbols as ``var_names``,
+centroids in ``obsm["spatial"]`` (pixels of the image by default; ``spatial_units="um"`` for µm),
+the pixel size in µm either given or in ``uns["spatial_pixel_size_um"]`` (or the OME-TIFF
+metadata), and a ``(C, Y, X)`` image opened lazily (tiled TIFF through ``tifffile`` + zarr, or a
+``.npy`` memory map), so whole-slide images are never loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..section import Section
+
+PIXEL_SIZE_KEY = "spatial_pixel_size_um"
+GROUND_TRUTH_KEY = "synthetic_ground_truth"
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "Å": 1e-4}
+MAX_LABEL_CATEGORIES = 1000
+
+
+class ChannelFirstImage:
+    """A lazy ``(C, H, W)`` view of an array stored as YX, YXC/YXS or (1, C, Y, X)-like.
+
+    Supports what the builder uses: ``shape``, ``dtype``, ``ndim`` and slicing with up to three
+    slices/ints in (C, H, W) order; only the requested window is read from the store.
+    """
+
+    def __init__(self, array, axes: str):
+        self.array, self.axes = array, axes
+        self._c = axes.index("C") if "C" in axes else (axes.index("S") if "S" in axes else None)
+        self._y, self._x = axes.index("Y"), axes.index("X")
+        self._other = [i for i, a in enumerate(axes) if i not in (self._c, self._y, self._x)]
+        c = array.shape[self._c] if self._c is not None else 1
+        self.shape = (int(c), int(array.shape[self._y]), int(array.shape[self._x]))
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        scalar = [isinstance(k, (int, np.integer)) for k in key]
+        ck, yk, xk = (slice(int(k), int(k) + 1) if s else k for k, s in zip(key, scalar))
+        index: list[Any] = [0] * len(self.axes)  # singleton extra axes (Z, T) -> their only plane
+        if self._c is not None:
+            index[self._c] = ck
+        index[self._y], index[self._x] = yk, xk
+        out = np.asarray(self.array[tuple(index)])
+        kept = [a for i, a in enumerate(self.axes) if i not in self._other]
+        out = np.transpose(out, [kept.index(a) for a in ("C", "S", "Y", "X") if a in kept])
+        if self._c is None:
+            out = out[None][ck]
+        return out[tuple(0 if s else slice(None) for s in scalar)]
+
+
+def _ome_pixel_size_and_channels(tf) -> tuple[float | None, list[str] | None]:
+    if not tf.is_ome or not tf.ome_metadata:
+        return None, None
+    try:
+        root = ET.fromstring(tf.ome_metadata)
+    except ET.ParseError:
+        return None, None
+    pixels = next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return None, None
+    size = pixels.get("PhysicalSizeX")
+    unit = pixels.get("PhysicalSizeXUnit", "µm")
+    px = float(size) * _UNIT_TO_UM.get(unit, 1.0) if size else None
+    names = [c.get("Name") for c in pixels if c.tag.endswith("Channel")]
+    return px, (names if names and all(names) else None)
+
+
+def open_image(path: str | Path) -> tuple[Any, float | None, list[str] | None]:
+    """Open a morphology image lazily as ``(C, H, W)``; also return its OME pixel size (µm) and
+    channel names when the file records them. TIFF/OME-TIFF (level 0 of pyramids) or ``.npy``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image {path} does not exist. Fix: pass the morphology image (--image)")
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        axes = {2: "YX", 3: "CYX"}.get(arr.ndim)
+        if axes is None:
+            raise ValueError(f"image {path}: {arr.ndim}-D array. Fix: save (C, H, W) or (H, W)")
+        return (arr if axes == "CYX" else ChannelFirstImage(arr, axes)), None, None
+    if path.suffix.lower() not in (".tif", ".tiff", ".btf"):
+        raise ValueError(f"image {path}: unsupported extension {path.suffix!r}. Fix: pass a .tif/.ome.tif or .npy")
+    import tifffile
+    import zarr
+
+    with tifffile.TiffFile(path) as tf:
+        series = tf.series[0]
+        axes = series.axes.upper()
+        px, names = _ome_pixel_size_and_channels(tf)
+    store = tifffile.imread(path, aszarr=True, series=0, level=0)
+    arr = zarr.open(store, mode="r")
+    extra = [a for a in axes if a not in "CSYX"]
+    if not {"Y", "X"} <= set(axes) or any(arr.shape[axes.index(a)] != 1 for a in extra) or \
+            ("C" in axes and "S" in axes):
+        raise ValueError(f"image {path}: axes {axes!r} with shape {tuple(arr.shape)} are not a 2-D multichannel "
+                         "image. Fix: export one Z plane / time point as (C, Y, X)")
+    image = arr if axes == "CYX" else ChannelFirstImage(arr, axes)
+    return image, px, names
+
+
+def _counts_matrix(adata, layer: str | None):
+    if layer is None:
+        return adata.X, list(map(str, adata.var_names)), adata.var
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("layer='raw' but adata.raw is None. Fix: pass the layer holding raw counts")
+        return adata.raw.X, list(map(str, adata.raw.var_names)), adata.raw.var
+    if layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} not in adata.layers (have {list(adata.layers)}). Fix: pass one of "
+                         "them, 'raw' for adata.raw, or nothing for X")
+    return adata.layers[layer], list(map(str, adata.var_names)), adata.var
+
+
+def _check_integer_counts(x, source: str) -> None:
+    import scipy.sparse as sp
+
+    data = x.data if sp.issparse(x) else np.asarray(x).ravel()
+    sample = np.asarray(data[: 200_000])
+    if sample.size and np.issubdtype(sample.dtype, np.floating):
+        finite = sample[np.isfinite(sample)]
+        frac = finite[np.abs(finite - np.round(finite)) > 1e-6]
+        if frac.size:
+            raise ValueError(f"{source} holds non-integer values (e.g. {frac[0]:.4g}); it looks normalised. Fix: "
+                             "pass raw counts (--layer counts or --layer raw), or allow_non_integer=True "
+                             "(--allow-non-integer) if these really are counts")
+
+
+def _default_label_keys(obs) -> list[str]:
+    import pandas as pd
+
+    keys = []
+    for c in obs.columns:
+        col = obs[c]
+        if isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(col) or col.dtype == object:
+            if col.nunique(dropna=True) <= MAX_LABEL_CATEGORIES:
+                keys.append(str(c))
+    return keys
+
+
+def _safe_sample_id(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "section"
+
+
+def read_anndata(
+    adata_or_path,
+    image,
+    pixel_size_um: float | None = None,
+    *,
+    sample_id: str | None = None,
+    spatial_key: str = "spatial",
+    spatial_units: str = "px",
+    layer: str | None = None,
+    label_keys: Sequence[str] | None = None,
+    section_labels: dict[str, str] | None = None,
+    channel_names: Sequence[str] | None = None,
+    um_to_px: np.ndarray | None = None,
+    allow_non_integer: bool = False,
+) -> Section:
+    """An AnnData and its morphology image as a ``Section``.
+
+    Args:
+        adata_or_path: an ``AnnData`` or a path to ``.h5ad``.
+        image: path to the image (``.tif``/``.ome.tif``/``.npy``) or a ``(C, H, W)`` array-like.
+        pixel_size_um: µm per image pixel; default ``uns["spatial_pixel_size_um"]``, then the OME
+            metadata. A value that disagrees with either is an error.
+        spatial_key: ``obsm`` key of the centroids (x, y).
+        spatial_units: ``"px"`` (image pixels, the squidpy/Visium convention) or ``"um"``.
+        layer: where raw counts are: None for ``X``, a ``layers`` key, or ``"raw"``.
+        label_keys: ``obs`` columns carried as labels (default ``uns["label_keys"]``, else the
+            categorical / string columns with at most 1000 categories).
+        section_labels: section-level labels added to ``uns["section_labels"]``.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    source = "AnnData"
+    if isinstance(adata_or_path, (str, Path)):
+        path = Path(adata_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist. Fix: pass an existing .h5ad (--adata)")
+        source = str(path)
+        adata = ad.read_h5ad(path)
+    else:
+        adata = adata_or_path
+    if spatial_units not in ("px", "um"):
+        raise ValueError(f"spatial_units={spatial_units!r}: expected 'px' or 'um'")
+
+    meta_px, meta_names = None, None
+    if isinstance(image, (str, Path)):
+        image, meta_px, meta_names = open_image(image)
+    uns_px = adata.uns.get(PIXEL_SIZE_KEY)
+    candidates = {"argument": pixel_size_um, f"uns[{PIXEL_SIZE_KEY!r}]": uns_px, "OME metadata": meta_px}
+    given = {k: float(v) for k, v in candidates.items() if v is not None}
+    if not given:
+        raise ValueError(f"{source}: pixel size unknown (no argument, no uns[{PIXEL_SIZE_KEY!r}], no OME "
+                         "PhysicalSizeX). Fix: pass pixel_size_um (--pixel-size UM)")
+    px = next(iter(given.values()))
+    for name, v in given.items():
+        if not np.isclose(v, px, rtol=0.01):
+            raise ValueError(f"{source}: pixel sizes disagree: {given}. Fix: pass the right value with "
+                             "--pixel-size, or correct the file")
+
+    if spatial_key not in adata.obsm:
+        raise ValueError(f"{source}: obsm[{spatial_key!r}] is missing (obsm has {list(adata.obsm)}). Fix: store "
+                         "cell centroids (x, y) there, or name the key with --spatial-key")
+    xy = adata.obsm[spatial_key]
+    xy = xy.to_numpy() if hasattr(xy, "to_numpy") else np.asarray(xy)
+    if xy.ndim != 2 or xy.shape[1] < 2:
+        raise ValueError(f"{source}: obsm[{spatial_key!r}] has shape {xy.shape}. Fix: store an (n_cells, 2) "
+                         "array of x, y")
+    try:
+        xy = np.asarray(xy[:, :2], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: obsm[{spatial_key!r}] is not numeric (dtype {xy.dtype}). Fix: store float "
+                         "x, y centroids") from None
+    centroids_um = xy * px if spatial_units == "px" else xy
+
+    counts, genes, var = _counts_matrix(adata, layer)
+    if not allow_non_integer:
+        _check_integer_counts(counts, f"{source} {'X' if layer is None else layer}")
+    gene_ids = [str(v) for v in var["gene_ids"]] if "gene_ids" in var.columns else None
+
+    obs = adata.obs.copy()
+    obs.index = obs.index.astype(str)
+    if label_keys is None:
+        stored = adata.uns.get("label_keys")
+        label_keys = [str(k) for k in stored] if stored is not None else _default_label_keys(obs)
+    labels = {str(k): str(v) for k, v in dict(adata.uns.get("section_labels", {}) or {}).items()}
+    labels.update({str(k): str(v) for k, v in (section_labels or {}).items()})
+    names = channel_names or (list(map(str, adata.uns["channel_names"])) if "channel_names" in adata.uns else None) \
+        or meta_names
+    if names is not None and len(names) != image.shape[0]:
+        names = None
+    sid = sample_id or (str(adata.uns["sample_id"]) if "sample_id" in adata.uns else None) or \
+        (_safe_sample_id(Path(source).name.split(".")[0]) if source != "AnnData" else "section")
+    uns: dict[str, Any] = {"source": source}
+    if GROUND_TRUTH_KEY in adata.uns:
+        gt = adata.uns[GROUND_TRUTH_KEY]
+        uns[GROUND_TRUTH_KEY] = json.loads(gt) if isinstance(gt, str) else gt
+    technology = str(adata.uns.get("technology", "anndata"))
+    return Section(
+        sample_id=sid, counts=counts, genes=genes, cell_ids=list(obs.index), centroids_um=centroids_um,
+        image=image, pixel_size_um=px, um_to_px=um_to_px, channel_names=names, gene_ids=gene_ids,
+        obs=pd.DataFrame(obs), label_keys=list(label_keys), section_labels=labels, technology=technology, uns=uns,
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _split_keys(value: str | None) -> list[str] | None:
+    return None if value is None else [k.strip() for k in value.split(",") if k.strip()]
+
+
+def parse_section_labels(items: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--section-label {item!r}: expected KEY=VALUE, e.g. condition=disease")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adata", nargs="+", required=True, metavar="H5AD", help="one .h5ad per section")
+    parser.add_argument("--image", nargs="+", required=True, metavar="IMG",
+                        help="morphology image per section (.tif/.ome.tif, read lazily; or .npy), same order")
+    parser.add_argument("--pixel-size", type=float, nargs="+", metavar="UM",
+                        help="µm per image pixel (one value for all, or one per section); default: "
+                             "uns['spatial_pixel_size_um'] or the OME metadata")
+    parser.add_argument("--sample-id", nargs="+", help="sample id per section (default: uns['sample_id'] or file name)")
+    parser.add_argument("--spatial-key", default="spatial", help="obsm key of the centroids (default spatial)")
+    parser.add_argument("--spatial-units", choices=("px", "um"), default="px",
+                        help="units of obsm[spatial-key]: image pixels (default) or µm")
+    parser.add_argument("--layer", help="raw counts layer ('raw' for adata.raw; default X)")
+    parser.add_argument("--allow-non-integer", action="store_true", help="accept non-integer counts")
+    parser.add_argument("--section-label", action="append", metavar="KEY=VALUE",
+                        help="section-level label for every section (repeatable), e.g. condition=disease")
+
+
+def _per_section(values, n: int, flag: str) -> list:
+    if values is None:
+        return [None] * n
+    if len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        raise ValueError(f"{flag}: {len(values)} values for {n} sections. Fix: give one value, or one per --adata")
+    return list(values)
+
+
+def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
+    """Sections of ``spatia convert anndata`` (one AnnData in memory at a time)."""
+    n = len(args.adata)
+    if len(args.image) != n:
+        raise ValueError(f"--image: {len(args.image)} images for {n} --adata files. Fix: one image per section")
+    pxs = _per_section(args.pixel_size, n, "--pixel-size")
+    sids = args.sample_id or [None] * n
+    if len(sids) != n:
+        raise ValueError(f"--sample-id: {len(sids)} ids for {n} sections. Fix: one id per --adata")
+    labels = parse_section_labels(args.section_label)
+    keys = _split_keys(getattr(args, "label_keys", None))
+    for path, img, px, sid in zip(args.adata, args.image, pxs, sids):
+        yield read_anndata(path, img, px, sample_id=sid, spatial_key=args.spatial_key,
+                           spatial_units=args.spatial_units, layer=args.layer, label_keys=keys,
+                           section_labels=labels, allow_non_integer=args.allow_non_integer)
+
+
+def add_synthetic_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("synth_dir", metavar="SYNTH_DIR", help="folder written by `spatia synth`")
+
+
+def read_synthetic_dir(synth_dir: str | Path) -> Iterator[Section]:
+    """Sections of a ``spatia synth`` folder, through the AnnData reader (as a user's files would be)."""
+    root = Path(synth_dir)
+    manifest = root / "synthetic.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} does not exist. Fix: pass a folder written by `spatia synth`")
+    for entry in json.loads(manifest.read_text())["sections"]:
+        yield read_anndata(root / entry["h5ad"], root / entry["image"], entry["pixel_size_um"],
+                           sample_id=entry["sample_id"])
+
+
+def synthetic_sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
+    return read_synthetic_dir(args.synth_dir)

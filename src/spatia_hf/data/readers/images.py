@@ -1,0 +1,459 @@
+"""Lazy ``(C, H, W)`` access to whole-slide morphology images: a window read never loads the slide.
+
+Instrument images are tens of thousands of pixels square (a 50k x 50k uint16 stain is 5 GB), so
+readers hand the builder objects that only support what it needs: ``shape``, ``dtype``, ``ndim``
+and ``image[c, r0:r1, c0:c1]`` (steps allowed, for thumbnails). Each reads only the window asked for:
+
+- uncompressed, contiguous TIFF -> ``np.memmap`` (MERSCOPE mosaics; zero decoding);
+- tiled / compressed / pyramidal (OME-)TIFF -> tifffile ``aszarr=True`` + zarr, level 0 by default
+  (Xenium morphology; only the tiles touched are decoded; JPEG 2000 needs ``imagecodecs``);
+- ``.npy`` -> ``np.load(mmap_mode="r")``;
+- several single-channel files -> :class:`ChannelStack` (Xenium >= 2.0 ``morphology_focus_000N``);
+- one small image per field of view -> :class:`FovMosaic`, a virtual mosaic (CosMx).
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf2", ".tf8")
+RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "Å": 1e-4, "pm": 1e-6}
+_CHANNEL_AXES = ("C", "S")
+_GENERIC_AXES = ("Q", "I")  # tifffile's names for an unlabelled stack of pages; read as channels
+
+
+@dataclass
+class ImageInfo:
+    """What was opened and how (recorded in ``Section.uns`` for provenance)."""
+
+    path: str
+    axes: str
+    shape: tuple[int, int, int]
+    dtype: str
+    access: str  # "memmap" | "zarr" | "npy" | "stack" | "mosaic" | "memory"
+    pixel_size_um: float | None = None
+    channel_names: list[str] | None = None
+    n_levels: int = 1
+    compression: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "axes": self.axes, "shape": list(self.shape), "dtype": self.dtype,
+                "access": self.access, "pixel_size_um": self.pixel_size_um, "channel_names": self.channel_names,
+                "n_levels": self.n_levels, "compression": self.compression, **self.extra}
+
+
+def _as_slice(k, size: int, axis: str) -> tuple[slice, bool]:
+    """A key on one axis as a positive-step slice clipped to ``size``, and whether it was an int."""
+    if isinstance(k, (int, np.integer)):
+        i = int(k) + size if k < 0 else int(k)
+        if not 0 <= i < size:
+            raise IndexError(f"index {k} out of range for {axis} axis of size {size}")
+        return slice(i, i + 1, 1), True
+    if not isinstance(k, slice):
+        raise TypeError(f"lazy images take ints and slices only, got {type(k).__name__} on the {axis} axis")
+    start, stop, step = k.indices(size)
+    if step <= 0:
+        raise ValueError(f"negative slice steps are not supported on the {axis} axis")
+    return slice(start, max(stop, start), step), False
+
+
+def normalise_key(key, shape: Sequence[int]) -> tuple[tuple[slice, slice, slice], tuple[bool, bool, bool]]:
+    """``image[...]`` key -> three positive-step slices over (C, H, W) and which axes were ints."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
+    if len(key) > 3:
+        raise IndexError(f"too many indices ({len(key)}) for a (C, H, W) image")
+    key = key + (slice(None),) * (3 - len(key))
+    pairs = [_as_slice(k, int(n), a) for k, n, a in zip(key, shape, "CHW")]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)  # type: ignore[return-value]
+
+
+def _squeeze(out: np.ndarray, scalar: Sequence[bool]) -> np.ndarray:
+    return out[tuple(0 if s else slice(None) for s in scalar)]
+
+
+def _slice_len(s: slice) -> int:
+    return max(0, math.ceil((s.stop - s.start) / s.step))
+
+
+class LazyImage:
+    """Base of the lazy ``(C, H, W)`` images: subclasses implement ``_read(c, rows, cols)``."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    ndim = 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        (cs, rs, ws), scalar = normalise_key(key, self.shape)
+        return _squeeze(self._read(cs, rs, ws), scalar)
+
+    def _read(self, c: slice, rows: slice, cols: slice) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None):
+        """Materialise the whole image (only for small images; the builder never calls this)."""
+        out = self[:, :, :]
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
+
+
+class AxesView(LazyImage):
+    """A ``(C, H, W)`` view of an array stored with other axes (YX, YXS, ZCYX, TCZYX, ...).
+
+    Axes other than channel / Y / X must have size 1, be fixed with ``fixed={"Z": 3}``, or be
+    max-projected with ``project="Z"`` (a lazy maximum-intensity projection: each window reads
+    every plane of that window only).
+    """
+
+    def __init__(self, array, axes: str, *, fixed: dict[str, int] | None = None, project: str | None = None,
+                 source: str = "image"):
+        axes = axes.upper()
+        if len(axes) != len(array.shape):
+            raise ValueError(f"{source}: axes {axes!r} do not match the array shape {tuple(array.shape)}")
+        if "Y" not in axes or "X" not in axes:
+            raise ValueError(f"{source}: axes {axes!r} have no Y and X. Fix: pass a 2-D image (optionally with "
+                             "channels)")
+        fixed = {k.upper(): int(v) for k, v in (fixed or {}).items()}
+        self.array, self.axes, self.source = array, axes, source
+        chans = [i for i, a in enumerate(axes) if a in _CHANNEL_AXES]
+        if not chans:
+            chans = [i for i, a in enumerate(axes) if a in _GENERIC_AXES][:1]
+        if len(chans) > 1:  # C and S both present: keep the one that is not a singleton
+            big = [i for i in chans if array.shape[i] > 1]
+            if len(big) > 1:
+                raise ValueError(f"{source}: both channel axes {axes!r} {tuple(array.shape)} have several planes. "
+                                 "Fix: export the stains as (C, Y, X)")
+            chans = big or chans[:1]
+        self._c = chans[0] if chans else None
+        self._y, self._x = axes.index("Y"), axes.index("X")
+        self._index: dict[int, Any] = {}
+        self._project: int | None = None
+        for i, a in enumerate(axes):
+            if i in (self._c, self._y, self._x):
+                continue
+            n = int(array.shape[i])
+            if a in fixed:
+                if not 0 <= fixed[a] < n:
+                    raise ValueError(f"{source}: {a}={fixed[a]} is out of range (axis {a} has {n} planes). "
+                                     f"Fix: choose {a} in 0..{n - 1}")
+                self._index[i] = fixed[a]
+            elif project is not None and a == project.upper():
+                self._project = i
+            elif n == 1:
+                self._index[i] = 0
+            else:
+                raise ValueError(f"{source}: axis {a!r} has {n} planes (axes {axes!r}, shape {tuple(array.shape)}). "
+                                 f"Fix: pick one plane ({a.lower()}=N) or a max projection (project={a!r})")
+        c = int(array.shape[self._c]) if self._c is not None else 1
+        self.shape = (c, int(array.shape[self._y]), int(array.shape[self._x]))
+        self.dtype = np.dtype(array.dtype)
+
+    def _read(self, c: slice, rows: slice, cols: slice) -> np.ndarray:
+        index: list[Any] = [slice(None)] * len(self.axes)
+        for i, v in self._index.items():
+            index[i] = v
+        if self._c is not None:
+            index[self._c] = c
+        index[self._y], index[self._x] = rows, cols
+        out = np.asarray(self.array[tuple(index)])
+        kept = [i for i in range(len(self.axes)) if i not in self._index]  # axes still present in ``out``
+        if self._project is not None:
+            out = out.max(axis=kept.index(self._project))
+            kept.remove(self._project)
+        order = [kept.index(i) for i in (self._c, self._y, self._x) if i is not None]
+        out = np.transpose(out, order)
+        if self._c is None:
+            out = out[None][c]
+        return out
+
+
+class ChannelStack(LazyImage):
+    """Several ``(C_i, H, W)`` lazy images of one section, stacked along channels (one file per stain)."""
+
+    def __init__(self, images: Sequence[Any], sources: Sequence[str] | None = None):
+        if not images:
+            raise ValueError("ChannelStack: no images given")
+        sources = list(sources) if sources is not None else [f"image {i}" for i in range(len(images))]
+        h, w = (int(v) for v in images[0].shape[1:])
+        dtype = np.dtype(images[0].dtype)
+        for img, src in zip(images, sources):
+            if tuple(int(v) for v in img.shape[1:]) != (h, w):
+                raise ValueError(f"{src}: shape {tuple(img.shape)} differs from {sources[0]} ({h} x {w} px). "
+                                 "Fix: stack only stains registered to the same pixel grid")
+            if np.dtype(img.dtype) != dtype:
+                raise ValueError(f"{src}: dtype {img.dtype} differs from {sources[0]} ({dtype}). Fix: convert the "
+                                 "stains to one dtype")
+        self.images, self.sources = list(images), sources
+        self._first = np.cumsum([0] + [int(img.shape[0]) for img in images])
+        self.shape = (int(self._first[-1]), h, w)
+        self.dtype = dtype
+
+    def _read(self, c: slice, rows: slice, cols: slice) -> np.ndarray:
+        parts = []
+        for ch in range(c.start, c.stop, c.step):
+            k = int(np.searchsorted(self._first, ch, side="right") - 1)
+            j = ch - int(self._first[k])
+            parts.append(np.asarray(self.images[k][j : j + 1, rows, cols]))
+        if not parts:
+            return np.zeros((0, _slice_len(rows), _slice_len(cols)), dtype=self.dtype)
+        return np.concatenate(parts, axis=0)
+
+
+class ChannelSelect(LazyImage):
+    """Some channels of a lazy image, in the given order (reads only those channels)."""
+
+    def __init__(self, image, channels: Sequence[int]):
+        n = int(image.shape[0])
+        bad = [c for c in channels if not 0 <= int(c) < n]
+        if bad or not len(channels):
+            raise ValueError(f"channels {list(channels)}: expected indices in 0..{n - 1}")
+        self.image, self.channels = image, [int(c) for c in channels]
+        self.shape = (len(self.channels), int(image.shape[1]), int(image.shape[2]))
+        self.dtype = np.dtype(image.dtype)
+
+    def _read(self, c: slice, rows: slice, cols: slice) -> np.ndarray:
+        picked = self.channels[c]
+        if not picked:
+            return np.zeros((0, _slice_len(rows), _slice_len(cols)), dtype=self.dtype)
+        return np.concatenate([np.asarray(self.image[k : k + 1, rows, cols]) for k in picked], axis=0)
+
+
+# ----------------------------------------------------------------------------- opening files
+
+
+def _ome_pixels(tf) -> tuple[float | None, list[str] | None]:
+    """OME ``PhysicalSizeX`` (µm) and channel names of the first image, when recorded."""
+    if not tf.is_ome or not tf.ome_metadata:
+        return None, None
+    try:
+        root = ET.fromstring(tf.ome_metadata)
+    except ET.ParseError:
+        return None, None
+    pixels = next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return None, None
+    size = pixels.get("PhysicalSizeX")
+    unit = pixels.get("PhysicalSizeXUnit", "µm")
+    px = float(size) * _UNIT_TO_UM.get(unit, 1.0) if size else None
+    names = [c.get("Name") for c in pixels if c.tag.endswith("Channel")]
+    return px, (names if names and all(names) else None)
+
+
+def _check_codec(path: Path, compression) -> None:
+    import tifffile
+
+    code = int(compression)
+    if code == 1:
+        return
+    try:
+        tifffile.TIFF.DECOMPRESSORS[code]
+    except (KeyError, ValueError, ImportError) as err:
+        raise ValueError(f"image {path}: compression {getattr(compression, 'name', code)} cannot be decoded here "
+                         f"({err}). Fix: pip install imagecodecs (Xenium stains are JPEG 2000 compressed)") from None
+
+
+def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[str, int] | None = None,
+              project: str | None = None, memmap: bool = True) -> tuple[Any, ImageInfo]:
+    """Open a (OME-)TIFF lazily as ``(C, H, W)``; level 0 of a pyramid unless ``level`` is given.
+
+    Uncompressed contiguous data becomes an ``np.memmap``; anything else a zarr array over
+    tifffile's store, so only the tiles/strips a window touches are read and decoded.
+
+    Args:
+        path: the TIFF file.
+        series, level: tifffile series and pyramid level (0 = full resolution).
+        fixed: planes to pick on extra axes, e.g. ``{"Z": 3}``.
+        project: an extra axis to max-project lazily (``"Z"`` for a z-stack such as Xenium's
+            ``morphology.ome.tif``).
+        memmap: allow the memory-map fast path (set False to force zarr, e.g. to test it).
+    """
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist. Fix: check the path (and the instrument bundle layout)")
+    try:
+        tf = tifffile.TiffFile(path)
+    except Exception as err:  # tifffile raises TiffFileError, struct.error, ValueError on broken files
+        raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
+                         "re-copy the file") from None
+    with tf:
+        if not 0 <= series < len(tf.series):
+            raise ValueError(f"image {path}: series={series} but the file has {len(tf.series)} series")
+        s = tf.series[series]
+        if not 0 <= level < len(s.levels):
+            raise ValueError(f"image {path}: level={level} but the pyramid has {len(s.levels)} levels")
+        lv = s.levels[level]
+        axes, shape, n_levels = lv.axes.upper(), tuple(int(v) for v in lv.shape), len(s.levels)
+        downsample = float(s.levels[0].shape[axes.index("X")]) / shape[axes.index("X")] if "X" in axes else 1.0
+        page = lv.keyframe
+        compression = page.compression
+        offset = lv.dataoffset if memmap and int(compression) == 1 else None
+        dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
+        px, names = _ome_pixels(tf)
+    _check_codec(path, compression)
+    if offset is not None:
+        array, access = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape), "memmap"
+    else:
+        import zarr
+
+        store = tifffile.imread(path, aszarr=True, series=series, level=level)
+        array, access = zarr.open(store, mode="r"), "zarr"
+    image = AxesView(array, axes, fixed=fixed, project=project, source=f"image {path}")
+    if names is not None and len(names) != image.shape[0]:
+        names = None
+    info = ImageInfo(str(path), axes, image.shape, str(image.dtype), access, px, names, n_levels,
+                     getattr(compression, "name", str(compression)), {"level": level, "downsample": downsample})
+    return image, info
+
+
+def open_image(path: str | Path, **kwargs) -> tuple[Any, ImageInfo]:
+    """Open any supported morphology image lazily: TIFF/OME-TIFF, ``.npy`` (memory-mapped), or a
+    small JPEG/PNG (decoded in memory; fine for CosMx FOV composites, not for whole slides)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return open_tiff(path, **kwargs)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist. Fix: check the path")
+    if suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        axes = {2: "YX", 3: "CYX"}.get(arr.ndim)
+        if axes is None:
+            raise ValueError(f"image {path}: {arr.ndim}-D array. Fix: save (C, H, W) or (H, W)")
+        image = AxesView(arr, axes, source=f"image {path}")
+        return image, ImageInfo(str(path), axes, image.shape, str(image.dtype), "npy")
+    if suffix in RASTER_SUFFIXES:
+        arr = read_raster(path)
+        return arr, ImageInfo(str(path), "CYX", tuple(arr.shape), str(arr.dtype), "memory")
+    raise ValueError(f"image {path}: unsupported extension {path.suffix!r}. Fix: pass a .tif/.ome.tif, .npy, "
+                     ".jpg or .png image")
+
+
+def read_raster(path: str | Path) -> np.ndarray:
+    """A JPEG/PNG decoded to ``(C, H, W)`` (RGB -> 3 channels, grey -> 1)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except Exception as err:
+        raise ValueError(f"image {path}: cannot be decoded ({type(err).__name__}: {err}). Fix: re-copy the file") \
+            from None
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+
+
+# ----------------------------------------------------------------------------- virtual mosaic
+
+
+@dataclass(frozen=True)
+class FovTile:
+    """Where one field-of-view image sits in the mosaic.
+
+    Attributes:
+        fov: the FOV number.
+        path: its image file (TIFF opened lazily; JPEG/PNG decoded on first use and cached).
+        row0, col0: mosaic pixel of the tile's top-left corner (may be negative before shifting).
+        height, width: tile size in pixels.
+        flip_y: the file's rows run opposite to the mosaic's (row ``i`` of the file lands on
+            mosaic row ``row0 + height - 1 - i``).
+    """
+
+    fov: int
+    path: str
+    row0: int
+    col0: int
+    height: int
+    width: int
+    flip_y: bool = False
+
+
+class FovMosaic(LazyImage):
+    """A virtual ``(C, H, W)`` mosaic served from per-FOV image files (CosMx ``CellComposite``).
+
+    Nothing is stitched on disk: a window read finds the tiles it overlaps, reads only their part
+    of the window (flipped in y where the tile says so) and pastes it; pixels no tile covers are 0,
+    and where tiles overlap the later FOV in ``tiles`` wins. Decoded JPEG/PNG tiles are kept in an
+    LRU cache of at most ``cache_bytes``; TIFF tiles are read lazily (memmap/zarr) without caching.
+    """
+
+    def __init__(self, tiles: Sequence[FovTile], n_channels: int, dtype, *, cache_bytes: int = 512 * 2**20,
+                 opener: Callable[[str], Any] | None = None):
+        if not tiles:
+            raise ValueError("FovMosaic: no FOV tiles given")
+        self.tiles = list(tiles)
+        r0 = min(t.row0 for t in self.tiles)
+        c0 = min(t.col0 for t in self.tiles)
+        if (r0, c0) != (0, 0):
+            raise ValueError(f"FovMosaic: tiles must start at row/col 0 (min row0={r0}, col0={c0}); shift them")
+        h = max(t.row0 + t.height for t in self.tiles)
+        w = max(t.col0 + t.width for t in self.tiles)
+        self.shape = (int(n_channels), int(h), int(w))
+        self.dtype = np.dtype(dtype)
+        self._rows = np.array([[t.row0, t.row0 + t.height] for t in self.tiles], dtype=np.int64)
+        self._cols = np.array([[t.col0, t.col0 + t.width] for t in self.tiles], dtype=np.int64)
+        self._opener = opener or (lambda p: open_image(p)[0])
+        self._lazy: dict[str, Any] = {}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_bytes = int(cache_bytes)
+        self.n_file_reads = 0  # how many times a tile file was opened or decoded (for tests / benchmarks)
+
+    def _source(self, tile: FovTile):
+        key = tile.path
+        if key in self._lazy:
+            return self._lazy[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        self.n_file_reads += 1
+        src = self._opener(key)
+        shape = tuple(int(v) for v in src.shape)
+        if shape != (self.shape[0], tile.height, tile.width):
+            raise ValueError(f"FOV {tile.fov} image {key}: shape {shape}, expected ({self.shape[0]}, {tile.height}, "
+                             f"{tile.width}) like the other FOVs. Fix: use one image folder (same stains, same size)")
+        if isinstance(src, np.ndarray) and not isinstance(src, np.memmap):
+            self._cache[key] = src
+            total = sum(a.nbytes for a in self._cache.values())
+            while total > self._cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                total -= old.nbytes
+        else:
+            self._lazy[key] = src
+        return src
+
+    def _read(self, c: slice, rows: slice, cols: slice) -> np.ndarray:
+        rr = np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+        cc = np.arange(cols.start, cols.stop, cols.step, dtype=np.int64)
+        out = np.zeros((_slice_len(c), len(rr), len(cc)), dtype=self.dtype)
+        if not len(rr) or not len(cc) or not out.shape[0]:
+            return out
+        hit = np.flatnonzero((self._rows[:, 0] <= rr[-1]) & (self._rows[:, 1] > rr[0])
+                             & (self._cols[:, 0] <= cc[-1]) & (self._cols[:, 1] > cc[0]))
+        for i in hit:
+            t = self.tiles[i]
+            ri = np.flatnonzero((rr >= t.row0) & (rr < t.row0 + t.height))
+            ci = np.flatnonzero((cc >= t.col0) & (cc < t.col0 + t.width))
+            if not len(ri) or not len(ci):
+                continue
+            local_r = rr[ri] - t.row0
+            file_r = (t.height - 1 - local_r) if t.flip_y else local_r
+            file_c = cc[ci] - t.col0
+            lo_r, hi_r = int(file_r.min()), int(file_r.max()) + 1
+            lo_c, hi_c = int(file_c.min()), int(file_c.max()) + 1
+            box = np.asarray(self._source(t)[c, lo_r:hi_r, lo_c:hi_c])
+            out[np.ix_(np.arange(out.shape[0]), ri, ci)] = box[np.ix_(np.arange(box.shape[0]), file_r - lo_r,
+                                                                       file_c - lo_c)]
+        return out

@@ -1,0 +1,191 @@
+"""The evaluation report: ``report.md`` (score tables and pictures), ``results.json`` (every score,
+round-trippable) and ``huggingface_hub.EvalResult`` entries for a model card's ``model-index``.
+
+Layout of ``REPORT_DIR``::
+
+    report.md        summary (per task: SPATIA vs the best baseline) and one section per task
+    results.json     {"format", "version", "spatia_hf_version", "meta", "tasks": [...], "figures": {...}}
+    figures/*.png    pictures referenced by report.md
+
+Both files are written to temporary names and renamed, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .tasks import TASKS, TaskResult, higher_is_better
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+FORMAT = "spatia-hf-evaluation"
+VERSION = 1
+MAX_EXTRA_COLUMNS = 2  # per-task table: the task's metrics plus at most this many others
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
+
+
+def results_to_json(results: Sequence[TaskResult], meta: Mapping[str, Any] | None = None,
+                    figures: Mapping[str, str] | None = None) -> dict:
+    """The content of ``results.json``."""
+    from spatia_hf import __version__
+
+    numbers = [r.task for r in results]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"results hold task numbers {numbers}: each task may appear once")
+    return {"format": FORMAT, "version": VERSION, "spatia_hf_version": __version__, "meta": dict(meta or {}),
+            "tasks": [r.to_dict() for r in sorted(results, key=lambda r: r.task)], "figures": dict(figures or {})}
+
+
+def load_results(path: str | Path) -> tuple[list[TaskResult], dict]:
+    """``(task results, whole JSON)`` of a ``results.json`` file or a report directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist. Fix: run the evaluation (write_report) first")
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path}: format={data.get('format')!r}, expected {FORMAT!r} (not a spatia-hf results file)")
+    if data.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: version {data['version']} is newer than this spatia-hf reads ({VERSION}). "
+                         "Fix: upgrade spatia-hf")
+    return [TaskResult.from_dict(t) for t in data["tasks"]], data
+
+
+def _summary_table(results: Mapping[int, TaskResult]) -> list[str]:
+    lines = ["| # | task | metric | SPATIA | best baseline | baseline method |",
+             "|---|---|---|---|---|---|"]
+    for number, spec in TASKS.items():
+        r = results.get(number)
+        if r is None:
+            lines.append(f"| {number} | {spec.title} | {spec.primary} | not run | not run | |")
+            continue
+        arrow = "↑" if higher_is_better(r.primary_metric) else "↓"
+        spatia_name, spatia = r.best("spatia")
+        base_name, base = r.best("baseline")
+        spatia_cell = _fmt(spatia) + (f" ({spatia_name})" if spatia_name and spatia_name != "SPATIA" else "")
+        lines.append(f"| {number} | {r.title} | {r.primary_metric} {arrow} | {spatia_cell if spatia_name else '–'} | "
+                     f"{_fmt(base)} | {base_name or '–'} |")
+    return lines
+
+
+def _task_section(r: TaskResult, figures: Mapping[str, str]) -> list[str]:
+    metrics = list(r.metrics)
+    extras = []
+    for scores in r.scores.values():  # extra metrics some methods report (e.g. pearson_median); all in JSON
+        extras += [m for m in scores if m not in metrics and m not in extras]
+    metrics += extras[:MAX_EXTRA_COLUMNS]
+    arrows = ["↑" if higher_is_better(m) else "↓" for m in metrics]
+    lines = [f"### {r.task}. {r.title}", "",
+             "| method | kind | " + " | ".join(f"{m} {a}" for m, a in zip(metrics, arrows)) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    sign = 1.0 if higher_is_better(r.primary_metric) else -1.0
+    order = sorted(r.scores, key=lambda m: (r.method_kinds.get(m) != "spatia",
+                                            -sign * _nan_last(r.scores[m].get(r.primary_metric))))
+    for m in order:
+        cells = " | ".join(_fmt(r.scores[m].get(k)) for k in metrics)
+        lines.append(f"| {m} | {r.method_kinds.get(m, '')} | {cells} |")
+    split = ", ".join(f"{k}={v}" for k, v in r.split.items() if v not in (None, [], ""))
+    lines += ["", f"Scored on: {split or 'see notes'}."]
+    lines += [f"- {n}" for n in r.notes]
+    for name, rel in figures.items():
+        if name.startswith(f"task{r.task:02d}"):
+            lines += ["", f"![{name}]({rel})"]
+    return lines + [""]
+
+
+def _nan_last(v: float | None) -> float:
+    return -math.inf if v is None or math.isnan(v) else v
+
+
+def render_markdown(results: Sequence[TaskResult], meta: Mapping[str, Any] | None = None,
+                    figures: Mapping[str, str] | None = None) -> str:
+    """The text of ``report.md``."""
+    from spatia_hf import __version__
+
+    by_number = {r.task: r for r in results}
+    figures = dict(figures or {})
+    lines = ["# SPATIA evaluation report", "", f"spatia-hf {__version__}."]
+    for k, v in (meta or {}).items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "## Summary", "",
+              "Headline metric per task (↑ higher is better, ↓ lower is better): the best SPATIA variant and "
+              "the best baseline, scored on the same cells with the same seeds. References (oracles, nulls) "
+              "bound the scale and are not baselines.", ""]
+    lines += _summary_table(by_number)
+    general = [(n, rel) for n, rel in figures.items() if not n.startswith("task")]
+    if general:
+        lines += ["", "## Pictures", ""] + [f"![{n}]({rel})" for n, rel in general]
+    lines += ["", "## Tasks", ""]
+    for number in sorted(by_number):
+        lines += _task_section(by_number[number], figures)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(results: Sequence[TaskResult], report_dir: str | Path, meta: Mapping[str, Any] | None = None,
+                 figures: Mapping[str, str | Path] | None = None) -> Path:
+    """Write ``report.md`` and ``results.json`` into ``report_dir`` (pictures are expected under
+    ``report_dir/figures``, e.g. drawn by :mod:`spatia_hf.evaluation.plots`); returns the report path.
+
+    ``figures`` maps a name to a PNG path; names starting with ``taskNN`` are shown in that task's
+    section, the others under "Pictures".
+    """
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rel = {}
+    for name, p in (figures or {}).items():
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"figure {name!r}: {p} does not exist")
+        try:
+            rel[name] = p.resolve().relative_to(report_dir.resolve()).as_posix()
+        except ValueError as err:
+            raise ValueError(f"figure {name!r}: {p} is outside {report_dir}. Fix: draw it under "
+                             f"{report_dir / FIGURES_DIR}") from err
+    data = results_to_json(results, meta, rel)
+    _write_atomic(report_dir / RESULTS_FILE, json.dumps(data, indent=1, allow_nan=False) + "\n")
+    _write_atomic(report_dir / REPORT_FILE, render_markdown(results, meta, rel))
+    return report_dir / REPORT_FILE
+
+
+def results_to_eval_results(results: Sequence[TaskResult] | str | Path, dataset_name: str,
+                            dataset_type: str | None = None, methods: Sequence[str] | None = None,
+                            dataset_config: str | None = "cells", dataset_split: str | None = "test",
+                            source_name: str = "spatia-hf evaluation") -> list:
+    """``huggingface_hub.EvalResult`` entries (for ``ModelCardData(eval_results=...)``) of the given
+    methods (default: every SPATIA variant), one per task and reported metric; undefined (NaN)
+    scores are left out. ``results`` may be task results or a results.json / report directory."""
+    from huggingface_hub import EvalResult
+
+    if isinstance(results, (str, Path)):
+        results = load_results(results)[0]
+    entries = []
+    for r in sorted(results, key=lambda r: r.task):
+        chosen = [m for m in r.scores if (m in methods if methods is not None else r.method_kinds.get(m) == "spatia")]
+        for m in chosen:
+            for metric in r.metrics:
+                value = r.scores[m].get(metric)
+                if value is None or math.isnan(value):
+                    continue
+                entries.append(EvalResult(
+                    task_type=r.key, task_name=r.title, dataset_type=dataset_type or dataset_name,
+                    dataset_name=dataset_name, dataset_config=dataset_config, dataset_split=dataset_split,
+                    metric_type=metric, metric_value=round(float(value), 6),
+                    metric_name=metric if m == "SPATIA" else f"{metric} ({m})", source_name=source_name))
+    return entries

@@ -1,0 +1,199 @@
+"""``SpatiaPreTrainedModel``: what every SPATIA model shares.
+
+All weight initialisation (transformers 5 builds models on the meta device, so nothing may be
+initialised in ``__init__``), the attention/checkpointing capabilities, the checkpoint-kind check
+of ``from_pretrained`` and the growth of the gene vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+
+from .configuration_spatia import SpatiaCellConfig, SpatiaConfig
+from .hub import SpatiaModelHubMixin  # model card on save_pretrained / push_to_hub (hub.py owner)
+from .modeling_layers import init_module_parameters
+
+# which checkpoint kinds (config model_type) each model kind may be loaded from
+_COMPATIBLE = {
+    "spatia_cell": ("spatia_cell", "spatia"),
+    "spatia_niche": ("spatia_niche", "spatia"),
+    "spatia_tissue": ("spatia_tissue", "spatia"),
+    "spatia": ("spatia",),
+}
+_KIND_NAMES = {
+    "spatia_cell": "SpatiaCellModel",
+    "spatia_niche": "SpatiaNicheModel",
+    "spatia_tissue": "SpatiaTissueModel",
+    "spatia": "SpatiaModel (or a SPATIA head)",
+}
+
+
+class GeneTable(nn.Embedding):
+    """An embedding with one row per vocabulary id; grows with ``resize_gene_vocab``.
+
+    ``new_rows`` says how added rows start: ``"normal"`` (gene identities) or ``"zeros"`` (per-gene
+    biases and dispersions).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 new_rows: str = "normal"):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.new_rows = new_rows
+
+    def _spatia_init(self, std: float) -> None:
+        if self.new_rows == "zeros":
+            init.zeros_(self.weight)
+
+
+class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
+    """Base class of the SPATIA models (cell, niche, tissue, composite, heads)."""
+
+    config_class = PretrainedConfig
+    base_model_prefix = "spatia"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _no_split_modules = ["SpatiaBlock", "SpatiaFusionLayer", "SpatiaTissueLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Transformers' defaults for Linear/Conv/Embedding/LayerNorm, then SPATIA's own parameters."""
+        super()._init_weights(module)
+        std = getattr(self.config, "initializer_range", 0.02)
+        init_module_parameters(module, std)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` with a clear error when the checkpoint is another kind
+        of SPATIA model (e.g. a cell checkpoint loaded as a tissue model)."""
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            _check_checkpoint_kind(cls, pretrained_model_name_or_path, kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except RuntimeError as err:
+            if "mismatched" not in str(err):
+                raise
+            diff = _config_differences(pretrained_model_name_or_path, kwargs)
+            raise ValueError(
+                f"checkpoint {os.fspath(pretrained_model_name_or_path)!r} does not fit {cls.__name__}: weight shapes "
+                f"differ. Config fields that differ (checkpoint -> requested): {diff or 'see the load report'}. "
+                "Fix: load without overriding the config, or pass ignore_mismatched_sizes=True to re-initialise "
+                "the mismatched weights (e.g. after growing the vocabulary use model.resize_gene_vocab instead)"
+            ) from err
+
+    # ---------------------------------------------------------------- gene vocabulary
+    @property
+    def cell_config(self) -> SpatiaCellConfig:
+        return self.config if isinstance(self.config, SpatiaCellConfig) else self.config.cell_config
+
+    def resize_gene_vocab(self, new_genes: list[str], new_ensembl_ids: list[str | None] | None = None) -> list[str]:
+        """Append the genes of ``new_genes`` not yet in the vocabulary; old rows are kept unchanged.
+
+        Every per-gene table (gene embeddings, per-gene biases, NB dispersions) grows; new identity
+        rows start normal(0, initializer_range), new bias rows at zero. Returns the added genes.
+        """
+        cfg = self.cell_config
+        known = set(cfg.gene_vocab)
+        added, added_ids = [], []
+        for i, g in enumerate(new_genes):
+            g = str(g)
+            if g not in known:
+                known.add(g)
+                added.append(g)
+                added_ids.append(None if new_ensembl_ids is None else new_ensembl_ids[i])
+        if not added:
+            return []
+        old_size = cfg.vocab_size
+        new_size = old_size + len(added)
+        std = cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, GeneTable) and module.num_embeddings == old_size:
+                _grow_table(module, new_size, std)
+        if cfg.gene_ensembl_ids is not None or new_ensembl_ids is not None:
+            old_ids = cfg.gene_ensembl_ids or [None] * len(cfg.gene_vocab)
+            cfg.gene_ensembl_ids = list(old_ids) + added_ids
+        cfg.gene_vocab = list(cfg.gene_vocab) + added
+        if isinstance(self.config, SpatiaConfig):
+            self.config.cell_config = cfg
+        return added
+
+
+@torch.no_grad()
+def _grow_table(table: GeneTable, new_size: int, std: float) -> None:
+    old = table.weight.data
+    weight = torch.empty(new_size, old.shape[1], dtype=old.dtype, device=old.device)
+    weight[: old.shape[0]] = old
+    if table.new_rows == "zeros":
+        weight[old.shape[0] :].zero_()
+    else:
+        weight[old.shape[0] :].normal_(0.0, std)
+    table.weight = nn.Parameter(weight, requires_grad=table.weight.requires_grad)
+    table.num_embeddings = new_size
+
+
+_IGNORED_FIELDS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "id2label",
+                   "label2id", "return_dict", "output_hidden_states", "output_attentions"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if k in _IGNORED_FIELDS:
+            continue
+        if isinstance(v, dict) and k.endswith("_config") and k != "vision_backbone_config":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and len(v) > 8:
+            out[f"{prefix}{k} (length)"] = len(v)
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_differences(path, kwargs: dict) -> str:
+    requested = kwargs.get("config")
+    if requested is None or not hasattr(requested, "to_dict"):
+        return ""
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                  if k in kwargs}
+    try:
+        saved, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
+    except OSError:
+        return ""
+    try:
+        saved = type(requested).from_dict(saved).to_dict()
+    except Exception:  # a checkpoint of another kind: compare what was written
+        pass
+    a, b = _flatten(saved), _flatten(requested.to_dict())
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:8]) + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "")
+
+
+def _check_checkpoint_kind(cls, path, kwargs: dict) -> None:
+    expected = getattr(cls.config_class, "model_type", "")
+    if expected not in _COMPATIBLE:
+        return
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                  if k in kwargs}
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
+    except OSError:
+        return  # let transformers raise its own "not found" error
+    found = config_dict.get("model_type")
+    if found is None or found in _COMPATIBLE[expected]:
+        return
+    what = _KIND_NAMES.get(found, f"a {found!r} model")
+    raise ValueError(
+        f"checkpoint {os.fspath(path)!r} holds model_type={found!r} ({what}), which cannot be loaded as "
+        f"{cls.__name__} (model_type={expected!r}). Fix: load it with the matching class, "
+        "e.g. transformers.AutoModel.from_pretrained(path) after `import spatia_hf`"
+    )
+
+
+__all__ = ["SpatiaPreTrainedModel", "GeneTable"]

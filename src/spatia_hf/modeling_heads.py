@@ -1,0 +1,498 @@
+"""Task heads on the composite SPATIA model; each computes its loss when labels are given.
+
+- :class:`SpatiaForPretraining`: masked gene modelling (MSE on log1p, or NB/ZINB on counts),
+  MAE masked image modelling, image-expression InfoNCE and niche masked-cell prediction. Each
+  objective's loss is returned on its own next to the weighted ``loss``.
+- :class:`SpatiaForCellClassification`: cell-type annotation (cell or niche-aware).
+- :class:`SpatiaForGeneImputation`: values of held-out genes from the measured ones (cell or niche-aware).
+- :class:`SpatiaForExpressionPrediction`: expression from the image alone.
+- :class:`SpatiaForTissueClassification`: section-level labels from niche embeddings.
+
+All heads wrap ``self.spatia`` (a :class:`~spatia_hf.modeling_spatia.SpatiaModel`), so a pretraining
+checkpoint loads into any of them with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from .configuration_spatia import NUM_SPECIAL_TOKENS, SpatiaConfig
+from .modeling_base import GeneTable, SpatiaPreTrainedModel
+from .modeling_layers import (
+    SpatiaBlock,
+    SpatiaMLP,
+    patchify,
+    random_patch_mask,
+    random_token_mask,
+    sincos_2d,
+)
+from .modeling_losses import info_nce, masked_mean, masked_mse, nb_log_likelihood, zinb_log_likelihood
+from .modeling_outputs import SpatiaClassifierOutput, SpatiaGeneRegressionOutput, SpatiaPretrainingOutput
+from .modeling_spatia import SpatiaModel
+
+
+# ---------------------------------------------------------------------- building blocks of heads
+class SpatiaGeneQueryDecoder(nn.Module):
+    """Predicts a value for any vocabulary gene from a cell-level vector: ``MLP(h) . E[gene] + b[gene]``.
+
+    ``E`` is the expression encoder's gene embedding (passed at call time, so it is shared, not
+    copied), so one head covers every gene of the vocabulary, whatever the panel.
+    """
+
+    def __init__(self, in_size: int, hidden_size: int, vocab_size: int, act: str = "gelu"):
+        super().__init__()
+        self.mlp = SpatiaMLP(in_size, hidden_size, act)
+        self.out = nn.Linear(in_size, hidden_size)
+        self.bias = GeneTable(vocab_size, 1, new_rows="zeros")
+
+    def forward(self, h: torch.Tensor, gene_ids: torch.Tensor, gene_table: nn.Embedding) -> torch.Tensor:
+        """``h`` [..., in_size], ``gene_ids`` [..., K] -> ``[..., K]``."""
+        q = self.out(h + self.mlp(h))
+        genes = gene_table(gene_ids)
+        return (genes * q[..., None, :]).sum(-1) + self.bias(gene_ids).squeeze(-1)
+
+
+class SpatiaMaskedGeneHead(nn.Module):
+    """Per-token prediction of a hidden value: log1p value (MSE), or NB/ZINB parameters of the count."""
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__()
+        cell = config.cell_config
+        self.likelihood = config.expression_likelihood
+        n_out = 2 if self.likelihood == "zinb" else 1
+        self.mlp = SpatiaMLP(cell.hidden_size, cell.intermediate_size, cell.hidden_act)
+        self.norm = nn.LayerNorm(cell.hidden_size, eps=cell.layer_norm_eps)
+        self.out = nn.Linear(cell.hidden_size, n_out)
+        # per-gene log inverse dispersion of the NB/ZINB likelihoods
+        self.log_theta = GeneTable(cell.vocab_size, 1, new_rows="zeros")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(tokens + self.mlp(tokens)))
+
+    def loss(self, pred, gene_ids, gene_values, mask, gene_counts=None, size_factors=None) -> torch.Tensor:
+        if self.likelihood == "mse":
+            return masked_mse(pred[..., 0], gene_values, mask)
+        if gene_counts is None or size_factors is None:
+            raise ValueError(f"expression_likelihood={self.likelihood!r} needs gene_counts [B, L] (raw counts) and "
+                             "size_factors [B] (library size / target_sum) in the batch. Fix: use SpatiaProcessor "
+                             "outputs, or set expression_likelihood='mse'")
+        mu = torch.exp(pred[..., 0].clamp(max=15.0)) * size_factors.to(pred.dtype)[:, None]
+        theta = torch.exp(self.log_theta(gene_ids).squeeze(-1))
+        counts = gene_counts.to(pred.dtype)
+        if self.likelihood == "nb":
+            ll = nb_log_likelihood(counts, mu, theta)
+        else:
+            ll = zinb_log_likelihood(counts, mu, theta, pred[..., 1])
+        return -masked_mean(ll, mask)
+
+
+class SpatiaMaeDecoder(nn.Module):
+    """MAE pixel decoder: visible tokens + mask tokens at the hidden patches -> pixels of every patch."""
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__()
+        cell = config.cell_config
+        d = config.mim_decoder_hidden_size
+        self.embed = nn.Linear(cell.hidden_size, d)
+        self.mask_token = nn.Parameter(torch.empty(1, 1, d))
+        self.layers = nn.ModuleList([
+            SpatiaBlock(cell, hidden_size=d, num_heads=config.mim_decoder_num_heads, intermediate_size=4 * d)
+            for _ in range(config.mim_decoder_num_layers)
+        ])
+        self.norm = nn.LayerNorm(d, eps=cell.layer_norm_eps)
+        self.pred = nn.Linear(d, cell.patch_size * cell.patch_size * cell.num_channels)
+
+    def _spatia_init(self, std: float) -> None:
+        init.normal_(self.mask_token, std=std)
+
+    def forward(self, visible: torch.Tensor, keep_index: torch.Tensor, num_patches: int) -> torch.Tensor:
+        b, v, _ = visible.shape
+        x = self.embed(visible)
+        full = self.mask_token.to(x.dtype).expand(b, num_patches, -1).clone()
+        full = full.scatter(1, keep_index[..., None].expand(-1, -1, x.shape[-1]), x)
+        grid = int(round(num_patches**0.5))
+        full = full + sincos_2d(grid, full.shape[-1], full.device, full.dtype)[None]
+        for layer in self.layers:
+            full = layer(full, None)
+        return self.pred(self.norm(full))
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    if num_labels == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return F.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1).long(), ignore_index=-100)
+
+
+class SpatiaHeadModel(SpatiaPreTrainedModel):
+    """Base of the heads: holds ``self.spatia`` and never takes ``**kwargs`` (DDP loss scaling)."""
+
+    config_class = SpatiaConfig
+    config: SpatiaConfig
+    base_model_prefix = "spatia"
+    accepts_loss_kwargs = False
+
+
+# ---------------------------------------------------------------------- pretraining
+class SpatiaForPretraining(SpatiaHeadModel):
+    """All pretraining objectives in one forward; works on cell batches and on niche batches.
+
+    Masked gene modelling predicts the hidden values from the fused gene tokens (the configured
+    likelihood) and from the pooled cell embedding (MSE on log1p, scGPT's GEPC), so the embedding
+    used downstream is trained by every batch; ``mgm_loss`` is the sum of the two.
+
+    Cell batch: ``pixel_values [B, C, H, W]``, ``gene_ids/gene_values/gene_attention_mask [B, L]``
+    (+ ``gene_counts [B, L]``, ``size_factors [B]`` for NB/ZINB). Niche batch: the same with a
+    leading cell dimension (``[B, N, ...]``) plus ``cell_positions [B, N, 2]`` (µm) and
+    ``cell_attention_mask [B, N]``; it adds niche masked-cell prediction (the niche model sees a
+    mask token instead of the hidden cells and predicts their gene values from the context).
+    """
+
+    main_input_name = "gene_ids"
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__(config)
+        cell = config.cell_config
+        self.spatia = SpatiaModel(config)
+        self.mgm_head = SpatiaMaskedGeneHead(config)
+        self.mae_decoder = SpatiaMaeDecoder(config)
+        self.image_projection = nn.Linear(cell.hidden_size, config.contrastive_dim, bias=False)
+        self.expression_projection = nn.Linear(cell.hidden_size, config.contrastive_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.niche_decoder = SpatiaGeneQueryDecoder(config.niche_config.hidden_size, cell.hidden_size,
+                                                    cell.vocab_size, cell.hidden_act)
+        self.cell_decoder = SpatiaGeneQueryDecoder(cell.hidden_size, cell.hidden_size, cell.vocab_size, cell.hidden_act)
+        self.post_init()
+
+    def _spatia_init(self, std: float) -> None:
+        init.constant_(self.logit_scale, self.config.logit_scale_init_value)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        gene_ids: torch.Tensor | None = None,
+        gene_values: torch.Tensor | None = None,
+        gene_attention_mask: torch.Tensor | None = None,
+        gene_counts: torch.Tensor | None = None,
+        size_factors: torch.Tensor | None = None,
+        cell_positions: torch.Tensor | None = None,
+        cell_attention_mask: torch.Tensor | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+    ) -> SpatiaPretrainingOutput | tuple:
+        cfg = self.config
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        niche = cell_positions is not None
+        index = None
+        if niche:
+            pixel_values, gene_ids, gene_values, gene_attention_mask, gene_counts, size_factors, index, shape = (
+                self._flatten_niche(cell_attention_mask, pixel_values, gene_ids, gene_values, gene_attention_mask,
+                                    gene_counts, size_factors)
+            )
+        if gene_ids is not None and gene_attention_mask is None:
+            gene_attention_mask = gene_ids != 0
+        value_mask = patch_mask = None
+        if gene_ids is not None and cfg.mgm_weight > 0:
+            value_mask = random_token_mask(gene_attention_mask, cfg.mgm_mask_ratio)
+        if pixel_values is not None and cfg.mim_weight > 0:
+            patch_mask = random_patch_mask(pixel_values.shape[0], self.spatia.cell.num_patches, cfg.mim_mask_ratio,
+                                           device=pixel_values.device)
+        out = self.spatia.cell(pixel_values, gene_ids, gene_values, gene_attention_mask,
+                               gene_value_mask=value_mask, image_patch_mask=patch_mask, return_dict=True)
+        losses: dict[str, torch.Tensor] = {}
+        gene_pred = pixel_pred = logits = None
+
+        if value_mask is not None:
+            gene_pred = self.mgm_head(out.gene_tokens)
+            token_loss = self.mgm_head.loss(gene_pred, gene_ids, gene_values, value_mask, gene_counts, size_factors)
+            # the pooled cell embedding must carry the expression too (scGPT's GEPC): predict the
+            # hidden values from it alone, MSE on log1p
+            table = self.spatia.cell.expression_encoder.gene_embeddings
+            cell_pred = self.cell_decoder(out.cell_embeds, gene_ids, table)
+            losses["mgm"] = token_loss + masked_mse(cell_pred, gene_values, value_mask)
+            gene_pred = gene_pred[..., 0]
+        if patch_mask is not None:
+            pixel_pred = self.mae_decoder(out.image_tokens, out.image_keep_index, patch_mask.shape[1])
+            losses["mim"] = self._mim_loss(pixel_values, pixel_pred, patch_mask)
+        if out.image_embeds is not None and out.expression_embeds is not None and cfg.contrastive_weight > 0:
+            zi = F.normalize(self.image_projection(out.image_embeds), dim=-1)
+            ze = F.normalize(self.expression_projection(out.expression_embeds), dim=-1)
+            logits = self.logit_scale.clamp(max=4.6052).exp() * zi @ ze.t()
+            if logits.shape[0] > 1:
+                losses["contrastive"] = info_nce(logits)
+        cell_embeds = out.cell_embeds
+        if niche:
+            cell_embeds, niche_loss = self._niche_objective(out, index, shape, cell_positions, cell_attention_mask,
+                                                            gene_ids, gene_values, gene_attention_mask)
+            if niche_loss is not None:
+                losses["niche"] = niche_loss
+
+        weights = {"mgm": cfg.mgm_weight, "mim": cfg.mim_weight, "contrastive": cfg.contrastive_weight,
+                   "niche": cfg.niche_weight}
+        loss = sum(weights[k] * v for k, v in losses.items()) if (losses and return_loss) else None
+        result = SpatiaPretrainingOutput(
+            loss=loss,
+            mgm_loss=losses.get("mgm"),
+            mim_loss=losses.get("mim"),
+            contrastive_loss=losses.get("contrastive"),
+            niche_loss=losses.get("niche"),
+            gene_predictions=gene_pred,
+            gene_value_mask=value_mask,
+            pixel_predictions=pixel_pred,
+            image_patch_mask=patch_mask,
+            contrastive_logits=logits,
+            cell_embeds=cell_embeds,
+        )
+        return result if return_dict else result.to_tuple()
+
+    def _flatten_niche(self, cell_attention_mask, *tensors):
+        ref = next(t for t in tensors if t is not None and t.dim() >= 2)
+        b, n = ref.shape[:2]
+        mask = (torch.ones(b, n, dtype=torch.bool, device=ref.device) if cell_attention_mask is None
+                else cell_attention_mask.bool())
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        picked = [None if t is None else t.reshape(b * n, *t.shape[2:]).index_select(0, index) for t in tensors]
+        return (*picked, index, (b, n))
+
+    def _mim_loss(self, pixel_values, pred, patch_mask) -> torch.Tensor:
+        g = int(round(patch_mask.shape[1] ** 0.5))
+        target = patchify(pixel_values.to(pred.dtype), pixel_values.shape[-1] // g)
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        per_patch = ((pred - target) ** 2).mean(dim=-1)
+        return masked_mean(per_patch, patch_mask)
+
+    def _niche_objective(self, out, index, shape, cell_positions, cell_attention_mask, gene_ids, gene_values,
+                         gene_attention_mask):
+        b, n = shape
+        d = out.cell_embeds.shape[-1]
+        emb = out.cell_embeds.new_zeros(b * n, d).index_copy(0, index, out.cell_embeds).view(b, n, d)
+        real = (torch.ones(b, n, dtype=torch.bool, device=emb.device) if cell_attention_mask is None
+                else cell_attention_mask.bool())
+        hide = random_token_mask(real, self.config.niche_mask_ratio) if self.config.niche_weight > 0 else None
+        nout = self.spatia.niche(emb, cell_positions, real, cell_mask=hide, return_dict=True)
+        if hide is None or gene_ids is None or not bool(hide.any()):
+            return nout.cell_embeds, None
+        hidden_flat = hide.reshape(-1).index_select(0, index)  # per real cell
+        ctx = nout.cell_embeds.reshape(b * n, -1).index_select(0, index)[hidden_flat]
+        ids = gene_ids[hidden_flat]
+        pred = self.niche_decoder(ctx, ids, self.spatia.cell.expression_encoder.gene_embeddings)
+        loss = masked_mse(pred, gene_values[hidden_flat], gene_attention_mask[hidden_flat].bool())
+        return nout.cell_embeds, loss
+
+
+# ---------------------------------------------------------------------- fine-tuning heads
+class SpatiaForCellClassification(SpatiaHeadModel):
+    """Cell-type annotation from the fused cell embedding (``[B, num_labels]``), or from niche-aware
+    cell embeddings when niche inputs (``cell_positions``) are given (``[B, N, num_labels]``,
+    labels ``-100`` on padding)."""
+
+    main_input_name = "gene_ids"
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.spatia = SpatiaModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        width = config.niche_config.hidden_size
+        self.cell_classifier = nn.Linear(config.cell_config.hidden_size, config.num_labels)
+        self.niche_classifier = nn.Linear(width, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        gene_ids: torch.Tensor | None = None,
+        gene_values: torch.Tensor | None = None,
+        gene_attention_mask: torch.Tensor | None = None,
+        cell_embeddings: torch.Tensor | None = None,
+        cell_positions: torch.Tensor | None = None,
+        cell_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpatiaClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.spatia(pixel_values, gene_ids, gene_values, gene_attention_mask, cell_embeddings=cell_embeddings,
+                          cell_positions=cell_positions, cell_attention_mask=cell_attention_mask, return_dict=True)
+        classifier = self.niche_classifier if cell_positions is not None else self.cell_classifier
+        logits = classifier(self.dropout(out.cell_embeds))
+        loss = None
+        if labels is not None:
+            if cell_positions is not None and cell_attention_mask is not None:
+                labels = labels.masked_fill(~cell_attention_mask.bool(), -100)
+            loss = _classification_loss(logits, labels, self.num_labels)
+        result = SpatiaClassifierOutput(loss=loss, logits=logits, embeds=out.cell_embeds)
+        return result if return_dict else result.to_tuple()
+
+
+class SpatiaForGeneImputation(SpatiaHeadModel):
+    """Values (log1p-normalised) of genes *not* in the input, from the measured ones.
+
+    The target genes enter as extra gene tokens whose value is the mask token, so the fused model
+    attends to them like any gene; each target token plus the cell's context vector (the fused cell
+    embedding, or the niche-aware cell embedding for niche inputs) gives the prediction. Remove the
+    target genes from ``gene_ids`` first (the evaluation holds them out).
+
+    Inputs: cell ``gene_ids/gene_values/gene_attention_mask [B, L]`` (optional ``pixel_values``),
+    ``target_gene_ids [B, K]``, ``target_attention_mask [B, K]``, ``labels [B, K]``; or niche inputs
+    with a leading cell dimension plus ``cell_positions``/``cell_attention_mask``.
+    """
+
+    main_input_name = "gene_ids"
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__(config)
+        cell = config.cell_config
+        self.spatia = SpatiaModel(config)
+        self.context_proj = nn.Linear(config.niche_config.hidden_size, cell.hidden_size)
+        self.head = SpatiaMLP(2 * cell.hidden_size, cell.intermediate_size, cell.hidden_act)
+        self.out = nn.Linear(2 * cell.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        gene_values: torch.Tensor,
+        target_gene_ids: torch.Tensor,
+        gene_attention_mask: torch.Tensor | None = None,
+        target_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        cell_positions: torch.Tensor | None = None,
+        cell_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpatiaGeneRegressionOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if gene_attention_mask is None:
+            gene_attention_mask = gene_ids != 0
+        if target_attention_mask is None:
+            target_attention_mask = target_gene_ids != 0
+        k = target_gene_ids.shape[-1]
+        ids = torch.cat([gene_ids, target_gene_ids], dim=-1)
+        vals = torch.cat([gene_values, torch.zeros_like(target_gene_ids, dtype=gene_values.dtype)], dim=-1)
+        att = torch.cat([gene_attention_mask.bool(), target_attention_mask.bool()], dim=-1)
+        vmask = torch.cat([torch.zeros_like(gene_attention_mask, dtype=torch.bool),
+                           torch.ones_like(target_attention_mask, dtype=torch.bool)], dim=-1)
+        if cell_positions is None:
+            out = self.spatia.cell(pixel_values, ids, vals, att, gene_value_mask=vmask, return_dict=True)
+            context = out.cell_embeds
+            target_tokens = out.gene_tokens[:, -k:]
+        else:
+            cell_out, emb, index = self.spatia.encode_niche_cells(
+                cell_attention_mask, pixel_values, ids, vals, att,
+                gene_value_mask=_pick_cells(vmask, cell_attention_mask),
+            )
+            nout = self.spatia.niche(emb, cell_positions, cell_attention_mask, return_dict=True)
+            b, n = emb.shape[:2]
+            context = self.context_proj(nout.cell_embeds)
+            tok = cell_out.gene_tokens[:, -k:]
+            target_tokens = tok.new_zeros(b * n, k, tok.shape[-1]).index_copy(0, index, tok).view(b, n, k, -1)
+        h = torch.cat([target_tokens, context[..., None, :].expand_as(target_tokens)], dim=-1)
+        logits = self.out(h + self.head(h)).squeeze(-1)
+        loss = None
+        if labels is not None:
+            valid = target_attention_mask.bool() & torch.isfinite(labels)
+            if cell_positions is not None and cell_attention_mask is not None:
+                valid = valid & cell_attention_mask.bool()[..., None]
+            loss = masked_mse(logits, labels, valid)
+        result = SpatiaGeneRegressionOutput(loss=loss, logits=logits, target_gene_ids=target_gene_ids, embeds=context)
+        return result if return_dict else result.to_tuple()
+
+
+def _pick_cells(t: torch.Tensor, cell_attention_mask: torch.Tensor | None) -> torch.Tensor:
+    b, n = t.shape[:2]
+    if cell_attention_mask is None:
+        return t.reshape(b * n, *t.shape[2:])
+    index = cell_attention_mask.bool().reshape(-1).nonzero().squeeze(1)
+    return t.reshape(b * n, *t.shape[2:]).index_select(0, index)
+
+
+class SpatiaForExpressionPrediction(SpatiaHeadModel):
+    """Expression (log1p-normalised) from the cell image alone.
+
+    ``target_gene_ids [B, K]`` chooses the genes to predict (default: the whole vocabulary, in id
+    order); ``labels [B, K]`` are their true log1p values (NaN or ``target_attention_mask=0`` skips one).
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__(config)
+        cell = config.cell_config
+        self.spatia = SpatiaModel(config)
+        self.decoder = SpatiaGeneQueryDecoder(cell.hidden_size, cell.hidden_size, cell.vocab_size, cell.hidden_act)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        target_gene_ids: torch.Tensor | None = None,
+        target_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpatiaGeneRegressionOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.spatia.cell(pixel_values=pixel_values, return_dict=True)
+        b = pixel_values.shape[0]
+        if target_gene_ids is None:
+            vocab = self.spatia.cell.expression_encoder.gene_embeddings.num_embeddings
+            target_gene_ids = torch.arange(NUM_SPECIAL_TOKENS, vocab, device=pixel_values.device).expand(b, -1)
+        table = self.spatia.cell.expression_encoder.gene_embeddings
+        logits = self.decoder(out.cell_embeds, target_gene_ids, table)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape:
+                raise ValueError(f"labels: shape {tuple(labels.shape)} differs from the predictions "
+                                 f"{tuple(logits.shape)}. Fix: give one label per target gene")
+            valid = torch.isfinite(labels)
+            if target_attention_mask is not None:
+                valid = valid & target_attention_mask.bool()
+            loss = masked_mse(logits, labels, valid)
+        result = SpatiaGeneRegressionOutput(loss=loss, logits=logits, target_gene_ids=target_gene_ids,
+                                            embeds=out.cell_embeds)
+        return result if return_dict else result.to_tuple()
+
+
+class SpatiaForTissueClassification(SpatiaHeadModel):
+    """Section-level labels (tissue, condition, donor) from the tissue embedding."""
+
+    main_input_name = "niche_embeddings"
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.spatia = SpatiaModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.tissue_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        niche_embeddings: torch.Tensor,
+        niche_positions: torch.Tensor,
+        niche_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpatiaClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.spatia.tissue(niche_embeddings, niche_positions, niche_attention_mask, return_dict=True)
+        logits = self.classifier(self.dropout(out.tissue_embeds))
+        loss = _classification_loss(logits, labels, self.num_labels) if labels is not None else None
+        result = SpatiaClassifierOutput(loss=loss, logits=logits, embeds=out.tissue_embeds)
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = [
+    "SpatiaForPretraining",
+    "SpatiaForCellClassification",
+    "SpatiaForGeneImputation",
+    "SpatiaForExpressionPrediction",
+    "SpatiaForTissueClassification",
+    "SpatiaGeneQueryDecoder",
+    "SpatiaMaskedGeneHead",
+    "SpatiaMaeDecoder",
+]

@@ -1,0 +1,136 @@
+"""The niche scale: the cells of a neighbourhood (~50 µm) as one set of tokens.
+
+Each member cell is a token: its cell embedding plus a 2-D Fourier encoding of its position (µm,
+relative to the niche centre). There is no 1-D index, so the niche embedding does not depend on
+the order the cells are listed in, and per-cell outputs permute with the cells. An optional niche
+image adds patch tokens. A cls token pools the niche; the member tokens come out as
+context-aware cell embeddings. Masked cells (niche masked-cell prediction) keep their position but
+lose their embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+
+from .configuration_spatia import SpatiaNicheConfig
+from .modeling_base import SpatiaPreTrainedModel
+from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask, sincos_2d
+from .modeling_outputs import SpatiaNicheOutput
+
+
+class SpatiaNicheEmbeddings(nn.Module):
+    """Cell tokens (embedding + position), optional niche-image tokens, and the cls token."""
+
+    def __init__(self, config: SpatiaNicheConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.cell_proj = nn.Linear(config.cell_embed_dim, d)
+        self.position_encoder = SpatiaPositionEncoder(
+            d, config.position_min_wavelength_um, config.position_max_wavelength_um, config.num_position_frequencies
+        )
+        self.cls_token = nn.Parameter(torch.empty(1, 1, d))
+        self.mask_token = nn.Parameter(torch.empty(1, 1, d))
+        if config.use_niche_image:
+            self.patch_embed = nn.Conv2d(config.num_channels, d, config.niche_patch_size, stride=config.niche_patch_size)
+            self.image_type = nn.Parameter(torch.empty(1, 1, d))
+            self.grid_size = config.niche_image_size // config.niche_patch_size
+        else:
+            self.patch_embed = None
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+
+    def _spatia_init(self, std: float) -> None:
+        init.trunc_normal_(self.cls_token, std=std)
+        init.trunc_normal_(self.mask_token, std=std)
+        if self.patch_embed is not None:
+            init.trunc_normal_(self.image_type, std=std)
+
+    def forward(self, cell_embeddings, cell_positions, cell_mask=None, pixel_values=None):
+        x = self.cell_proj(cell_embeddings)
+        if cell_mask is not None:
+            x = torch.where(cell_mask[..., None], self.mask_token.to(x.dtype), x)
+        x = x + self.position_encoder(cell_positions.to(x.dtype))
+        parts = [self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x]
+        if pixel_values is not None:
+            img = self.patch_embed(pixel_values.to(x.dtype)).flatten(2).transpose(1, 2)
+            img = img + sincos_2d(self.grid_size, img.shape[-1], img.device, img.dtype)[None] + self.image_type
+            parts.append(img)
+        return self.norm(torch.cat(parts, dim=1))
+
+
+class SpatiaNicheModel(SpatiaPreTrainedModel):
+    """Cell embeddings + µm positions (+ niche image) -> niche embedding and context-aware cells."""
+
+    config_class = SpatiaNicheConfig
+    config: SpatiaNicheConfig
+    base_model_prefix = "niche"
+    main_input_name = "cell_embeddings"
+
+    def __init__(self, config: SpatiaNicheConfig):
+        super().__init__(config)
+        self.embeddings = SpatiaNicheEmbeddings(config)
+        self.layers = nn.ModuleList([SpatiaBlock(config) for _ in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def check_inputs(self, cell_embeddings, cell_positions, cell_attention_mask, pixel_values) -> None:
+        cfg = self.config
+        if cell_embeddings.dim() != 3 or cell_embeddings.shape[-1] != cfg.cell_embed_dim:
+            raise ValueError(f"cell_embeddings: expected [batch, cells, {cfg.cell_embed_dim}], got "
+                             f"{tuple(cell_embeddings.shape)}. Fix: embed cells with the matching cell model")
+        if cell_positions.shape != (*cell_embeddings.shape[:2], 2):
+            raise ValueError(f"cell_positions: expected {(*cell_embeddings.shape[:2], 2)} (x, y in µm relative to "
+                             f"the niche centre), got {tuple(cell_positions.shape)}")
+        if cell_attention_mask is not None and cell_attention_mask.shape != cell_embeddings.shape[:2]:
+            raise ValueError(f"cell_attention_mask: expected {tuple(cell_embeddings.shape[:2])}, "
+                             f"got {tuple(cell_attention_mask.shape)}")
+        if pixel_values is not None:
+            if not cfg.use_niche_image:
+                raise ValueError("pixel_values (niche image) given but use_niche_image=False. "
+                                 "Fix: drop it or build the model with use_niche_image=True")
+            expected = (cfg.num_channels, cfg.niche_image_size, cfg.niche_image_size)
+            if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+                raise ValueError(f"pixel_values (niche image): expected [batch, {expected[0]}, {expected[1]}, "
+                                 f"{expected[2]}], got {tuple(pixel_values.shape)}. Fix: crop niches to "
+                                 f"{cfg.niche_image_size} px or set niche_image_size")
+
+    def forward(
+        self,
+        cell_embeddings: torch.Tensor,
+        cell_positions: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        cell_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpatiaNicheOutput | tuple:
+        """Args:
+            cell_embeddings: ``[B, N, cell_embed_dim]`` member cells.
+            cell_positions: ``[B, N, 2]`` µm relative to the niche centre.
+            cell_attention_mask: ``[B, N]`` 1 = real cell, 0 = padding.
+            pixel_values: optional ``[B, C, H, W]`` niche image.
+            cell_mask: ``[B, N]`` bool, cells whose embedding is hidden (masked-cell prediction).
+        """
+        self.check_inputs(cell_embeddings, cell_positions, cell_attention_mask, pixel_values)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        b, n = cell_embeddings.shape[:2]
+        x = self.embeddings(cell_embeddings, cell_positions, cell_mask, pixel_values)
+        cells_real = (torch.ones(b, n, dtype=torch.bool, device=x.device) if cell_attention_mask is None
+                      else cell_attention_mask.bool())
+        n_img = x.shape[1] - 1 - n
+        full = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), cells_real,
+                          torch.ones(b, n_img, dtype=torch.bool, device=x.device)], dim=1)
+        bias = additive_mask(full, x.dtype)
+        for layer in self.layers:
+            x = layer(x, bias)
+        x = self.final_norm(x)
+        out = SpatiaNicheOutput(
+            niche_embeds=x[:, 0],
+            cell_embeds=x[:, 1 : 1 + n],
+            cell_attention_mask=cells_real,
+            image_tokens=x[:, 1 + n :] if n_img else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+__all__ = ["SpatiaNicheModel", "SpatiaNicheEmbeddings"]

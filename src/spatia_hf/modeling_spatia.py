@@ -1,0 +1,236 @@
+"""The composite SPATIA model: cell, niche and tissue scales in one checkpoint.
+
+``SpatiaModel.forward`` runs the scale its inputs call for:
+
+- cell inputs (``pixel_values [B, C, H, W]`` and/or ``gene_ids [B, L]``) -> the cell model;
+- niche inputs (``cell_positions [B, N, 2]`` with ``cell_embeddings [B, N, D]`` or raw per-cell
+  inputs with a leading niche dimension, ``pixel_values [B, N, C, H, W]`` / ``gene_ids [B, N, L]``,
+  routed through the cell model) -> the niche model;
+- tissue inputs (``niche_embeddings [B, M, D]``, ``niche_positions``) -> the tissue model.
+
+``embed_cells`` / ``embed_niches`` / ``embed_tissue`` run many samples in batches without
+gradients and return numpy (default) or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .configuration_spatia import SpatiaConfig
+from .modeling_base import SpatiaPreTrainedModel
+from .modeling_cell import SpatiaCellModel
+from .modeling_niche import SpatiaNicheModel
+from .modeling_outputs import SpatiaCellOutput, SpatiaModelOutput
+from .modeling_tissue import SpatiaTissueModel
+
+CELL_INPUTS = ("pixel_values", "gene_ids", "gene_values", "gene_attention_mask")
+
+
+class SpatiaModel(SpatiaPreTrainedModel):
+    """Cell, niche and tissue models under one config (``model.cell``, ``model.niche``, ``model.tissue``)."""
+
+    config_class = SpatiaConfig
+    config: SpatiaConfig
+    base_model_prefix = "spatia"
+    main_input_name = "gene_ids"
+
+    def __init__(self, config: SpatiaConfig):
+        super().__init__(config)
+        self.cell = SpatiaCellModel(config.cell_config)
+        self.niche = SpatiaNicheModel(config.niche_config)
+        self.tissue = SpatiaTissueModel(config.tissue_config)
+        self.post_init()
+
+    # ------------------------------------------------------------------ niche routing
+    def encode_niche_cells(
+        self,
+        cell_attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
+        gene_ids: torch.Tensor | None = None,
+        gene_values: torch.Tensor | None = None,
+        gene_attention_mask: torch.Tensor | None = None,
+        **cell_kwargs,
+    ) -> tuple[SpatiaCellOutput, torch.Tensor, torch.Tensor]:
+        """Raw per-cell inputs with a leading niche dimension -> cell model on the real cells only.
+
+        Returns ``(cell outputs of the real cells [n_real, ...], embeddings [B, N, D], index of the
+        real cells in the flattened [B*N] order)``. Extra ``cell_kwargs`` (``gene_value_mask``,
+        ``image_patch_mask``) must already be given per real cell.
+        """
+        ref = pixel_values if pixel_values is not None else gene_ids
+        if ref is None:
+            raise ValueError("niche inputs need cell_embeddings or raw per-cell inputs (pixel_values/gene_ids "
+                             "with a leading niche dimension)")
+        b, n = ref.shape[:2]
+        if pixel_values is not None and pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values: niche inputs need [batch, cells, C, H, W], got {tuple(pixel_values.shape)}")
+        if gene_ids is not None and gene_ids.dim() != 3:
+            raise ValueError(f"gene_ids: niche inputs need [batch, cells, genes], got {tuple(gene_ids.shape)}")
+        mask = (torch.ones(b, n, dtype=torch.bool, device=ref.device) if cell_attention_mask is None
+                else cell_attention_mask.bool())
+        index = mask.reshape(-1).nonzero().squeeze(1)
+
+        def pick(t):
+            return None if t is None else t.reshape(b * n, *t.shape[2:]).index_select(0, index)
+
+        out = self.cell(pixel_values=pick(pixel_values), gene_ids=pick(gene_ids), gene_values=pick(gene_values),
+                        gene_attention_mask=pick(gene_attention_mask), return_dict=True, **cell_kwargs)
+        emb = out.cell_embeds.new_zeros(b * n, out.cell_embeds.shape[-1]).index_copy(0, index, out.cell_embeds)
+        return out, emb.view(b, n, -1), index
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        gene_ids: torch.Tensor | None = None,
+        gene_values: torch.Tensor | None = None,
+        gene_attention_mask: torch.Tensor | None = None,
+        cell_embeddings: torch.Tensor | None = None,
+        cell_positions: torch.Tensor | None = None,
+        cell_attention_mask: torch.Tensor | None = None,
+        niche_pixel_values: torch.Tensor | None = None,
+        niche_embeddings: torch.Tensor | None = None,
+        niche_positions: torch.Tensor | None = None,
+        niche_attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> SpatiaModelOutput | tuple:
+        """Runs the tissue model when ``niche_embeddings`` are given, the niche model when
+        ``cell_positions`` are given, otherwise the cell model. Shapes: see the module docstring."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if niche_embeddings is not None:
+            if niche_positions is None:
+                raise ValueError("niche_embeddings given without niche_positions. Fix: pass [B, M, 2] µm positions")
+            t = self.tissue(niche_embeddings, niche_positions, niche_attention_mask, return_dict=True)
+            out = SpatiaModelOutput(niche_embeds=t.niche_embeds, tissue_embeds=t.tissue_embeds, tissue_outputs=t)
+        elif cell_positions is not None:
+            cell_out = None
+            if cell_embeddings is None:
+                cell_out, cell_embeddings, _ = self.encode_niche_cells(
+                    cell_attention_mask, pixel_values, gene_ids, gene_values, gene_attention_mask
+                )
+            nout = self.niche(cell_embeddings, cell_positions, cell_attention_mask, niche_pixel_values, return_dict=True)
+            out = SpatiaModelOutput(cell_embeds=nout.cell_embeds, niche_embeds=nout.niche_embeds,
+                                    cell_outputs=cell_out, niche_outputs=nout)
+        else:
+            cell_out = self.cell(pixel_values, gene_ids, gene_values, gene_attention_mask, return_dict=True)
+            out = SpatiaModelOutput(cell_embeds=cell_out.cell_embeds, cell_outputs=cell_out)
+        return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------ batched embedding helpers
+    @torch.no_grad()
+    def embed_cells(
+        self,
+        pixel_values: Any = None,
+        gene_ids: Any = None,
+        gene_values: Any = None,
+        gene_attention_mask: Any = None,
+        *,
+        batch: dict | None = None,
+        batch_size: int = 64,
+        return_tensors: str = "np",
+    ):
+        """Cell embeddings ``[n, D]`` of many cells; give tensors/arrays or a processor ``batch``.
+
+        Image-only or expression-only input works (pass only that modality).
+        """
+        inputs = _collect(batch, pixel_values=pixel_values, gene_ids=gene_ids, gene_values=gene_values,
+                          gene_attention_mask=gene_attention_mask)
+        return self._run_batched(lambda kw: self.cell(**kw, return_dict=True).cell_embeds, inputs, batch_size,
+                                 return_tensors)
+
+    @torch.no_grad()
+    def embed_niches(
+        self,
+        cell_positions: Any = None,
+        cell_embeddings: Any = None,
+        cell_attention_mask: Any = None,
+        niche_pixel_values: Any = None,
+        *,
+        pixel_values: Any = None,
+        gene_ids: Any = None,
+        gene_values: Any = None,
+        gene_attention_mask: Any = None,
+        batch: dict | None = None,
+        batch_size: int = 16,
+        return_cell_embeddings: bool = False,
+        return_tensors: str = "np",
+    ):
+        """Niche embeddings ``[n, D]`` (and context-aware cells ``[n, N, D]`` when
+        ``return_cell_embeddings``) from cell embeddings or raw per-cell inputs + µm positions."""
+        inputs = _collect(batch, cell_positions=cell_positions, cell_embeddings=cell_embeddings,
+                          cell_attention_mask=cell_attention_mask, niche_pixel_values=niche_pixel_values,
+                          pixel_values=pixel_values, gene_ids=gene_ids, gene_values=gene_values,
+                          gene_attention_mask=gene_attention_mask)
+        if "cell_positions" not in inputs:
+            raise ValueError("embed_niches needs cell_positions ([n, N, 2] µm relative to each niche centre)")
+
+        def run(kw):
+            o = self.forward(**kw, return_dict=True)
+            return (o.niche_embeds, o.cell_embeds) if return_cell_embeddings else o.niche_embeds
+
+        return self._run_batched(run, inputs, batch_size, return_tensors)
+
+    @torch.no_grad()
+    def embed_tissue(
+        self,
+        niche_embeddings: Any = None,
+        niche_positions: Any = None,
+        niche_attention_mask: Any = None,
+        *,
+        batch: dict | None = None,
+        batch_size: int = 1,
+        return_niche_embeddings: bool = False,
+        return_tensors: str = "np",
+    ):
+        """Tissue embeddings ``[n, D]`` of sections (and per-niche outputs when asked)."""
+        inputs = _collect(batch, niche_embeddings=niche_embeddings, niche_positions=niche_positions,
+                          niche_attention_mask=niche_attention_mask)
+
+        def run(kw):
+            o = self.tissue(**kw, return_dict=True)
+            return (o.tissue_embeds, o.niche_embeds) if return_niche_embeddings else o.tissue_embeds
+
+        return self._run_batched(run, inputs, batch_size, return_tensors)
+
+    def _run_batched(self, fn: Callable, inputs: dict[str, torch.Tensor], batch_size: int, return_tensors: str):
+        if return_tensors not in ("np", "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}: use 'np' or 'pt'")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: use a positive batch size")
+        if not inputs:
+            raise ValueError("no inputs given")
+        n = next(iter(inputs.values())).shape[0]
+        device = self.device
+        was_training = self.training
+        self.eval()
+        results: list = []
+        try:
+            for start in range(0, n, batch_size):
+                chunk = {k: v[start : start + batch_size].to(device) for k, v in inputs.items()}
+                out = fn(chunk)
+                results.append(out if isinstance(out, tuple) else (out,))
+        finally:
+            self.train(was_training)
+        merged = tuple(torch.cat([r[i] for r in results]).float().cpu() for i in range(len(results[0])))
+        if return_tensors == "np":
+            merged = tuple(m.numpy() for m in merged)
+        return merged if len(merged) > 1 else merged[0]
+
+
+def _collect(batch: dict | None, **tensors) -> dict[str, torch.Tensor]:
+    """Merge a batch dict and explicit arguments into tensors (numpy arrays converted)."""
+    out: dict[str, torch.Tensor] = {}
+    for source in (batch or {}), tensors:
+        for k, v in source.items():
+            if v is None or k not in tensors:
+                continue
+            out[k] = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+    sizes = {k: v.shape[0] for k, v in out.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inputs disagree on the number of samples: {sizes}. Fix: give one row per sample everywhere")
+    return out
+
+
+__all__ = ["SpatiaModel"]

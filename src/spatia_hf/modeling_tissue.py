@@ -1,0 +1,143 @@
+"""The tissue scale: every niche of a section, with spatially guided token merging.
+
+A section has 10^3-10^5 niche tokens. At the start of each layer the tokens that are spatial
+neighbours *and* have similar attention keys are merged (ToMe bipartite matching restricted to
+the ``merge_k`` nearest neighbours, :mod:`spatia_hf.token_merging`), so even the first attention
+runs on the reduced set. Merged tokens are size-weighted means, attention is proportional
+(``log size`` added to the logits), and every merge is recorded so the final tokens unmerge back
+to one output per input niche. ``merge_ratio=0`` never calls the matching and is exactly the plain
+transformer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configuration_spatia import SpatiaTissueConfig
+from .modeling_base import SpatiaPreTrainedModel
+from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask
+from .modeling_outputs import SpatiaTissueOutput
+from .token_merging import MergeTracker, merge_count, proportional_attention_bias, spatial_bipartite_matching
+
+
+class SpatiaTissueLayer(SpatiaBlock):
+    """A pre-norm transformer block; its keys double as the merge similarity."""
+
+    def merge_metric(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Keys this layer would compute for ``hidden_states``: ``[B, N, D]``."""
+        return self.attention.key_metric(self.norm1(hidden_states))
+
+
+class SpatiaTissueModel(SpatiaPreTrainedModel):
+    """Niche embeddings + µm positions of a section -> tissue embedding and per-niche outputs."""
+
+    config_class = SpatiaTissueConfig
+    config: SpatiaTissueConfig
+    base_model_prefix = "tissue"
+    main_input_name = "niche_embeddings"
+
+    def __init__(self, config: SpatiaTissueConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.input_proj = nn.Linear(config.niche_embed_dim, d)
+        self.position_encoder = SpatiaPositionEncoder(
+            d, config.position_min_wavelength_um, config.position_max_wavelength_um, config.num_position_frequencies
+        )
+        self.input_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.layers = nn.ModuleList([SpatiaTissueLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def check_inputs(self, niche_embeddings, niche_positions, niche_attention_mask) -> None:
+        cfg = self.config
+        if niche_embeddings.dim() != 3 or niche_embeddings.shape[-1] != cfg.niche_embed_dim:
+            raise ValueError(f"niche_embeddings: expected [batch, niches, {cfg.niche_embed_dim}], got "
+                             f"{tuple(niche_embeddings.shape)}. Fix: embed niches with the matching niche model")
+        if niche_positions.shape != (*niche_embeddings.shape[:2], 2):
+            raise ValueError(f"niche_positions: expected {(*niche_embeddings.shape[:2], 2)} (x, y in µm), "
+                             f"got {tuple(niche_positions.shape)}")
+        if niche_attention_mask is not None and niche_attention_mask.shape != niche_embeddings.shape[:2]:
+            raise ValueError(f"niche_attention_mask: expected {tuple(niche_embeddings.shape[:2])}, "
+                             f"got {tuple(niche_attention_mask.shape)}")
+
+    def forward(
+        self,
+        niche_embeddings: torch.Tensor,
+        niche_positions: torch.Tensor,
+        niche_attention_mask: torch.Tensor | None = None,
+        merge_ratio: float | list[float] | None = None,
+        return_dict: bool | None = None,
+    ) -> SpatiaTissueOutput | tuple:
+        """Args:
+            niche_embeddings: ``[B, M, niche_embed_dim]``.
+            niche_positions: ``[B, M, 2]`` niche centres in µm (section coordinates).
+            niche_attention_mask: ``[B, M]`` 1 = real niche, 0 = padding.
+            merge_ratio: overrides the config's per-layer merge fractions for this call (e.g. 0 to
+                compare with the unmerged model using the same weights).
+        """
+        self.check_inputs(niche_embeddings, niche_positions, niche_attention_mask)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        b, m = niche_embeddings.shape[:2]
+        ratios = self._ratios(merge_ratio)
+        mask = (torch.ones(b, m, dtype=torch.bool, device=niche_embeddings.device) if niche_attention_mask is None
+                else niche_attention_mask.bool())
+        positions = niche_positions.to(torch.float32)
+        x = self.input_proj(niche_embeddings) + self.position_encoder(positions).to(niche_embeddings.dtype)
+        x = self.input_norm(x)
+
+        merging = any(r > 0 for r in ratios)
+        tracker = MergeTracker(positions=positions, attention_mask=mask) if merging else None
+        num_tokens = []
+        bias = additive_mask(mask, x.dtype)
+        for layer, ratio in zip(self.layers, ratios):
+            num_tokens.append(x.shape[1])
+            r = merge_count(x.shape[1], ratio) if ratio > 0 else 0
+            if r > 0:
+                info = spatial_bipartite_matching(
+                    layer.merge_metric(x), tracker.positions, r, k=self.config.merge_k,
+                    radius=self.config.merge_radius_um, sizes=tracker.sizes, attention_mask=tracker.attention_mask,
+                )
+                x = info.merge(x, mode="mean")
+                tracker.push(info)
+                bias = self._bias(tracker, x.dtype)
+            x = layer(x, bias)
+        num_tokens.append(x.shape[1])
+        x = self.final_norm(x)
+
+        if tracker is not None:
+            sizes, final_mask, final_pos = tracker.sizes, tracker.attention_mask, tracker.positions
+            per_niche = tracker.unmerge_all(x)
+        else:
+            sizes, final_mask, final_pos, per_niche = torch.ones(b, m, device=x.device), mask, positions, x
+        w = (sizes * final_mask).to(x.dtype)[..., None]
+        tissue_embeds = (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+        out = SpatiaTissueOutput(
+            tissue_embeds=tissue_embeds,
+            niche_embeds=per_niche,
+            merged_hidden_state=x,
+            merged_sizes=sizes,
+            merged_positions=final_pos,
+            merged_attention_mask=final_mask,
+            num_tokens=tuple(num_tokens),
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _ratios(self, merge_ratio) -> list[float]:
+        if merge_ratio is None:
+            return self.config.layer_merge_ratios()
+        if isinstance(merge_ratio, (list, tuple)):
+            if len(merge_ratio) != len(self.layers):
+                raise ValueError(f"merge_ratio: {len(merge_ratio)} values for {len(self.layers)} layers. "
+                                 "Fix: give one per layer or a single float")
+            return [float(r) for r in merge_ratio]
+        return [float(merge_ratio)] * len(self.layers)
+
+    def _bias(self, tracker: MergeTracker, dtype: torch.dtype) -> torch.Tensor:
+        if not self.config.proportional_attention:
+            return additive_mask(tracker.attention_mask, dtype)
+        bias = proportional_attention_bias(tracker.sizes, tracker.attention_mask, dtype=dtype)
+        return bias.clamp(min=torch.finfo(dtype).min)  # finite: an all-padding row cannot become NaN
+
+
+__all__ = ["SpatiaTissueModel", "SpatiaTissueLayer"]

@@ -1,0 +1,664 @@
+"""``SpatiaGenerationPipeline``: cell images generated from a cell's expression (a diffusers pipeline).
+
+Components (``register_modules``, one folder each in a saved pipeline, named in ``model_index.json``):
+
+* ``unet``: the denoiser, a diffusers ``UNet2DConditionModel`` that cross-attends to the condition
+  tokens (any diffusers 2-D model taking ``encoder_hidden_states`` fits, e.g. a PixArt transformer);
+* ``scheduler``: any diffusers scheduler; training uses DDPM, sampling DPM-Solver++ or DDIM, swapped
+  with ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``;
+* ``condition_encoder``: :class:`~spatia_hf.condition_encoder.SpatiaConditionEncoder`, SPATIA's
+  expression branch plus a learned null condition; it carries the gene panel;
+* ``vae`` (optional, None by default): an ``AutoencoderKL`` for latent generation at >= 128 px; at
+  the default 32-64 px the denoiser works in pixel space.
+
+Images have the dataset's stain channels (``channel_names``, e.g. DAPI and boundary), values in
+[0, 1]. ``output_type="pil"`` renders them as RGB: DAPI/nuclei blue, boundary/membrane green, other
+channels red, magenta, cyan, yellow (additive, clipped). ``"np"`` gives ``[N, H, W, C]`` float32 and
+``"pt"`` ``[N, C, H, W]`` float32 with every channel.
+
+Perturbation (``perturbation={"NUCSIZE": 4.0}``) multiplies that gene's counts by the fold and
+generates the control and the perturbed images from the same initial noise (and the same sampler
+noise), so a morphology difference is attributable to the edit alone.
+
+Token merging (ToMe in the denoiser's self-attention, ``spatia_hf.denoiser_merging``) is off by
+default (``token_merging_ratio=0.0``): it is recorded in the pipeline config, saved in
+``model_index.json``, and changed with :meth:`SpatiaGenerationPipeline.set_token_merging`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .condition_encoder import SpatiaConditionEncoder
+from .configuration_spatia import NUM_SPECIAL_TOKENS
+from .hub import SpatiaPipelineHubMixin  # Hub-id loading + push with the SPATIA card (hub.py owner)
+from .processing_spatia import SpatiaProcessor
+
+# diffusers accepts a component's library from a Hub repo only when it is a key of LOADABLE_CLASSES
+# (or a code file in the repo); ours is named by module path. Register that path so
+# ``SpatiaGenerationPipeline.from_pretrained("org/name")`` works with the package installed.
+CONDITION_ENCODER_MODULE = SpatiaConditionEncoder.__module__
+LOADABLE_CLASSES.setdefault(CONDITION_ENCODER_MODULE, {"ModelMixin": ["save_pretrained", "from_pretrained"]})
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_CHANNEL_NAMES = ("DAPI", "boundary")
+DEFAULT_GUIDANCE_SCALE = 2.0
+DEFAULT_TOKEN_MERGING_RATIO = 0.0
+
+# RGB colour of a stain channel by (lower-case) name; unknown channels take the palette in order.
+CHANNEL_COLORS = {
+    "dapi": (0.0, 0.35, 1.0), "nuclei": (0.0, 0.35, 1.0), "nucleus": (0.0, 0.35, 1.0), "hoechst": (0.0, 0.35, 1.0),
+    "boundary": (0.0, 1.0, 0.0), "membrane": (0.0, 1.0, 0.0), "cell_boundary": (0.0, 1.0, 0.0),
+}
+PALETTE = ((1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0))
+
+# Denoiser sizes: ``tiny`` for tests (seconds on CPU), ``small`` for the CPU demo (32-64 px pixel space,
+# attention only at 1/2 and 1/4 resolution, where it is cheap on a CPU), ``base`` for GPUs.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=8,
+                 norm_num_groups=8),
+    "small": dict(block_out_channels=(24, 48, 96),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                  attention_head_dim=8, norm_num_groups=8),
+    "base": dict(block_out_channels=(128, 256, 256, 512),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 layers_per_block=2, attention_head_dim=32, norm_num_groups=32),
+}
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=16, num_attention_heads=2, num_expression_layers=1, cross_attention_dim=16,
+                 num_condition_tokens=4),
+    "small": dict(hidden_size=64, num_attention_heads=4, num_expression_layers=2, cross_attention_dim=64,
+                  num_condition_tokens=8, max_gene_tokens=64),
+    "base": dict(hidden_size=256, num_attention_heads=8, num_expression_layers=4, cross_attention_dim=256,
+                 num_condition_tokens=16),
+}
+
+
+@dataclass
+class SpatiaPipelineOutput(BaseOutput):
+    """Output of :class:`SpatiaGenerationPipeline`.
+
+    Args:
+        images: generated cells (list of RGB PIL images, ``[N, H, W, C]`` numpy or ``[N, C, H, W]`` torch,
+            values in [0, 1]); ``num_images_per_expression`` consecutive images per input row.
+        perturbed_images: with ``perturbation``: the same cells generated from the same noise after the
+            edit, aligned one to one with ``images``; None otherwise.
+        unknown_genes: genes of ``gene_names`` the model's panel does not have (ignored, warned about).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    perturbed_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+    unknown_genes: list[str] | None = None
+
+
+def default_channel_names(n_channels: int) -> list[str]:
+    return list(DEFAULT_CHANNEL_NAMES) if n_channels == 2 else [f"channel_{i}" for i in range(n_channels)]
+
+
+def channel_colors(channel_names: Sequence[str]) -> np.ndarray:
+    """``[C, 3]`` RGB colour of each channel (see :data:`CHANNEL_COLORS`)."""
+    colors, k = [], 0
+    for name in channel_names:
+        c = CHANNEL_COLORS.get(str(name).lower())
+        if c is None:
+            c = PALETTE[k % len(PALETTE)]
+            k += 1
+        colors.append(c)
+    return np.asarray(colors, dtype=np.float32)
+
+
+def render_rgb(images: np.ndarray | torch.Tensor, channel_names: Sequence[str]) -> np.ndarray:
+    """``[N, C, H, W]`` stains in [0, 1] -> ``[N, H, W, 3]`` uint8 RGB (additive channel colours)."""
+    x = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, np.float32)
+    if x.ndim != 4 or x.shape[1] != len(channel_names):
+        raise ValueError(f"images: expected [N, {len(channel_names)}, H, W] (one plane per channel of "
+                         f"{list(channel_names)}), got {x.shape}")
+    rgb = np.einsum("nchw,ck->nhwk", np.clip(x, 0.0, 1.0), channel_colors(channel_names))
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def make_unet(size: str = "small", image_size: int = 32, in_channels: int = 2, cross_attention_dim: int = 64,
+              **overrides) -> UNet2DConditionModel:
+    """A ``UNet2DConditionModel`` of preset ``size`` for ``image_size`` px (pixel space) inputs."""
+    if size not in UNET_PRESETS:
+        raise ValueError(f"size={size!r}: expected one of {sorted(UNET_PRESETS)}")
+    cfg = dict(UNET_PRESETS[size])
+    levels = len(cfg["block_out_channels"])
+    if image_size % 2 ** (levels - 1):
+        raise ValueError(f"image_size={image_size}: must be divisible by {2 ** (levels - 1)} for the {size!r} UNet "
+                         f"({levels} resolution levels)")
+    cfg.update(overrides)
+    return UNet2DConditionModel(sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
+                                cross_attention_dim=cross_attention_dim, **cfg)
+
+
+def training_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """The noise schedule generators are trained with: DDPM, cosine betas (good for small images)."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                         prediction_type=prediction_type, clip_sample=True, clip_sample_range=1.0)
+
+
+def sampling_scheduler(train_scheduler: SchedulerMixin) -> DPMSolverMultistepScheduler:
+    """The default sampler of a trained pipeline: DPM-Solver++ (2nd order) on the training schedule."""
+    return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
+                                                   solver_order=2)
+
+
+def _expression_matrix(expression: Any, gene_names: Sequence[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    """Any supported expression input -> ``[B, n]`` float64 array and the gene names it carries."""
+    names = None if gene_names is None else [str(g) for g in gene_names]
+    try:  # AnnData: .X rows, genes from var_names
+        import anndata
+
+        if isinstance(expression, anndata.AnnData):
+            names = names if names is not None else [str(g) for g in expression.var_names]
+            expression = expression.X
+    except ImportError:  # pragma: no cover - anndata is a dependency
+        pass
+    try:
+        import pandas as pd
+
+        if isinstance(expression, pd.DataFrame):
+            names = names if names is not None else [str(g) for g in expression.columns]
+            expression = expression.to_numpy()
+        elif isinstance(expression, pd.Series):
+            names = names if names is not None else [str(g) for g in expression.index]
+            expression = expression.to_numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    import scipy.sparse as sp
+
+    if sp.issparse(expression):
+        expression = expression.toarray()
+    if isinstance(expression, torch.Tensor):
+        expression = expression.detach().cpu().double().numpy()
+    try:
+        x = np.asarray(expression, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"expression: cannot read {type(expression).__name__} as numbers ({err}). Fix: pass counts as "
+                         "a numpy array / torch tensor / list, a pandas Series/DataFrame or an AnnData") from None
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"expression: expected a vector [n_genes] or a matrix [n_cells, n_genes], got shape {x.shape}")
+    return x, names
+
+
+class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
+    """Expression-conditioned cell image generation (SPATIA's generator).
+
+    Args:
+        unet: denoiser with cross-attention on ``encoder_hidden_states`` (``UNet2DConditionModel``).
+        scheduler: any diffusers scheduler.
+        condition_encoder: :class:`SpatiaConditionEncoder` (gene panel + expression branch + null condition).
+        vae: optional ``AutoencoderKL``; None means pixel-space generation.
+        channel_names: stain channel names of the images (rendering and provenance).
+        token_merging_ratio: fraction of self-attention tokens merged in the denoiser (0 = off).
+        token_merging_max_downsample: merge in self-attention at most this many times coarser than the
+            input (None: the finest resolution that has self-attention, e.g. 2 for the ``small`` UNet).
+    """
+
+    model_cpu_offload_seq = "condition_encoder->unet->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        condition_encoder: SpatiaConditionEncoder,
+        vae: AutoencoderKL | None = None,
+        channel_names: list[str] | None = None,
+        token_merging_ratio: float = DEFAULT_TOKEN_MERGING_RATIO,
+        token_merging_max_downsample: int | None = None,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, condition_encoder=condition_encoder, vae=vae)
+        n_channels = vae.config.in_channels if vae is not None else unet.config.in_channels
+        names = list(channel_names) if channel_names is not None else default_channel_names(n_channels)
+        if len(names) != n_channels:
+            raise ValueError(f"channel_names={names}: {len(names)} names for {n_channels} image channels. "
+                             "Fix: give one name per channel")
+        self._check_components(unet, condition_encoder, vae)
+        self.register_to_config(channel_names=names, token_merging_ratio=0.0, token_merging_max_downsample=None)
+        self.set_token_merging(token_merging_ratio, token_merging_max_downsample)
+
+    @staticmethod
+    def _check_components(unet, condition_encoder, vae) -> None:
+        cross = unet.config.get("cross_attention_dim")
+        if cross is not None and cross != condition_encoder.config.cross_attention_dim:
+            raise ValueError(f"condition_encoder.cross_attention_dim={condition_encoder.config.cross_attention_dim} "
+                             f"differs from unet.cross_attention_dim={cross}. Fix: build both with the same width")
+        if vae is not None and vae.config.latent_channels != unet.config.in_channels:
+            raise ValueError(f"unet.in_channels={unet.config.in_channels} differs from vae.latent_channels="
+                             f"{vae.config.latent_channels}. Fix: build the UNet on the VAE's latents")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_genes(
+        cls,
+        genes: Sequence[str],
+        image_size: int = 32,
+        channel_names: Sequence[str] = DEFAULT_CHANNEL_NAMES,
+        size: str = "small",
+        prediction_type: str = "epsilon",
+        vae: AutoencoderKL | None = None,
+        condition_encoder: SpatiaConditionEncoder | None = None,
+        token_merging_ratio: float = DEFAULT_TOKEN_MERGING_RATIO,
+        unet_overrides: Mapping[str, Any] | None = None,
+        encoder_overrides: Mapping[str, Any] | None = None,
+    ) -> "SpatiaGenerationPipeline":
+        """A randomly initialised pipeline for the gene panel ``genes`` and ``image_size`` px images.
+
+        ``size`` picks the presets of :data:`UNET_PRESETS` / :data:`ENCODER_PRESETS`. Pass a
+        ``condition_encoder`` (e.g. :meth:`SpatiaConditionEncoder.from_spatia_model`) to start from
+        a pretrained expression branch, and a ``vae`` for latent generation.
+        """
+        if size not in ENCODER_PRESETS:
+            raise ValueError(f"size={size!r}: expected one of {sorted(ENCODER_PRESETS)}")
+        if condition_encoder is None:
+            enc = {**ENCODER_PRESETS[size], **(encoder_overrides or {})}
+            condition_encoder = SpatiaConditionEncoder.from_genes(list(genes), **enc)
+        elif list(condition_encoder.genes) != [str(g) for g in genes]:
+            raise ValueError("condition_encoder.genes differs from genes. Fix: pass genes=condition_encoder.genes")
+        n_channels = len(channel_names)
+        if vae is not None:
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            if image_size % factor:
+                raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling factor {factor}")
+            unet = make_unet(size, image_size // factor, vae.config.latent_channels,
+                             condition_encoder.config.cross_attention_dim, **(unet_overrides or {}))
+        else:
+            unet = make_unet(size, image_size, n_channels, condition_encoder.config.cross_attention_dim,
+                             **(unet_overrides or {}))
+        scheduler = sampling_scheduler(training_scheduler(prediction_type))
+        return cls(unet=unet, scheduler=scheduler, condition_encoder=condition_encoder, vae=vae,
+                   channel_names=list(channel_names), token_merging_ratio=token_merging_ratio)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def genes(self) -> list[str]:
+        """The model's gene panel (column order of the counts the condition encoder takes)."""
+        return self.condition_encoder.genes
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def image_size(self) -> int:
+        """Side of generated images in pixels."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.config.channel_names)
+
+    def finest_attention_downsample(self) -> int:
+        """Downsampling factor of the finest resolution at which the denoiser has self-attention."""
+        blocks = self.unet.config.get("down_block_types")
+        if not blocks:
+            return 1
+        for i, name in enumerate(blocks):
+            if "CrossAttn" in name or "Attn" in name:
+                return 2**i
+        return 2 ** (len(blocks) - 1)
+
+    def set_token_merging(self, ratio: float, max_downsample: int | None = None) -> None:
+        """Merge ``ratio`` of the self-attention tokens in the denoiser (0 removes merging).
+
+        Patches ``self.unet`` through ``spatia_hf.denoiser_merging`` (spatially guided ToMe) in
+        the self-attention at most ``max_downsample`` times coarser than the input (None: the
+        finest level with attention) and records both in the pipeline config (saved in
+        ``model_index.json``); the weights are not changed.
+        """
+        ratio = float(ratio)
+        if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+            raise ValueError(f"token_merging_ratio={ratio}: expected a fraction in [0, 1). Fix: use e.g. 0.5, or 0 "
+                             "to switch merging off")
+        try:
+            from . import denoiser_merging
+        except ImportError:
+            if ratio > 0:
+                raise
+            denoiser_merging = None
+        if denoiser_merging is not None:
+            denoiser_merging.remove_token_merging(self.unet)
+            if ratio > 0:
+                level = int(max_downsample) if max_downsample is not None else self.finest_attention_downsample()
+                denoiser_merging.apply_token_merging(self.unet, ratio=ratio, max_downsample=level)
+        self.register_to_config(token_merging_ratio=ratio, token_merging_max_downsample=max_downsample)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, max_shard_size: int | str | None = None,
+                        push_to_hub: bool = False, **kwargs) -> None:
+        """``DiffusionPipeline.save_pretrained`` written to a temporary folder and renamed when complete
+        (never half-written); safetensors only."""
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: spatia-hf writes safetensors only. Fix: drop the argument")
+        out = Path(save_directory)
+        tmp = out.with_name(out.name + ".tmp-save")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            super().save_pretrained(tmp, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
+            if out.exists():
+                old = out.with_name(out.name + ".old-save")
+                shutil.rmtree(old, ignore_errors=True)
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_id = kwargs.pop("repo_id", out.name)
+            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None),
+                                  token=kwargs.get("token")).repo_id
+            self._upload_folder(str(out), repo_id, token=kwargs.get("token"),
+                                commit_message=kwargs.get("commit_message"), create_pr=kwargs.get("create_pr", False))
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_expression(
+        self, expression: Any, gene_names: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, list[str], dict[str, int]]:
+        """Expression -> ``[B, n_panel_genes]`` float32 counts on the model's panel.
+
+        Returns the counts, the unknown genes (in ``gene_names``, not in the panel; ignored) and the
+        panel index of every given gene that is in the panel.
+        """
+        x, names = _expression_matrix(expression, gene_names)
+        panel = self.genes
+        if names is None:
+            if x.shape[1] != len(panel):
+                raise ValueError(
+                    f"expression: {x.shape[1]} values per cell, but the model's gene panel has {len(panel)} genes "
+                    "and no gene_names were given. Fix: pass gene_names=[...] (one symbol per value; they are "
+                    "mapped onto the panel) or a vector in pipe.genes order")
+            names = list(panel)
+        if len(names) != x.shape[1]:
+            raise ValueError(f"gene_names: {len(names)} names for {x.shape[1]} expression values per cell. "
+                             "Fix: give exactly one gene symbol per column of expression")
+        seen: set[str] = set()
+        dups = sorted({g for g in names if g in seen or seen.add(g)})
+        if dups:
+            raise ValueError(f"gene_names: duplicate genes {dups[:10]}. Fix: sum or drop duplicated columns first")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise ValueError(f"expression: {int(bad.sum())} non-finite values (NaN/inf), e.g. cell {r}, gene "
+                             f"{names[c]!r} = {x[r, c]}. Fix: replace missing values by 0 counts")
+        neg = x < 0
+        if neg.any():
+            r, c = np.argwhere(neg)[0]
+            raise ValueError(f"expression: {int(neg.sum())} negative values, e.g. cell {r}, gene {names[c]!r} = "
+                             f"{x[r, c]}. Fix: pass raw (non-negative) counts, not scaled or centred values")
+        processor = SpatiaProcessor(panel, self.condition_encoder.gene_ensembl_ids)
+        vocab_ids = processor.map_panel(names, min_coverage=0.0).vocab_ids
+        cmap = np.where(vocab_ids >= 0, vocab_ids - NUM_SPECIAL_TOKENS, -1)
+        known = np.flatnonzero(cmap >= 0)
+        unknown = [names[j] for j in np.flatnonzero(cmap < 0)]
+        if unknown:
+            warnings.warn(f"gene_names: {len(unknown)} genes are not in the model's panel and are ignored: "
+                          f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}", UserWarning, stacklevel=3)
+        if len(known) == 0:
+            raise ValueError(f"gene_names: none of the {len(names)} genes is in the model's panel (e.g. "
+                             f"{names[:5]}; panel starts {panel[:5]}). Fix: use the gene symbols of pipe.genes")
+        missing = len(panel) - len(known)
+        if missing:
+            warnings.warn(f"expression: {missing} of the model's {len(panel)} panel genes were not given and count as "
+                          "0 (e.g. " + str([g for g in panel if g not in set(names)][:10]) + ")", UserWarning,
+                          stacklevel=3)
+        counts = np.zeros((x.shape[0], len(panel)), dtype=np.float32)
+        counts[:, cmap[known]] = x[:, known]
+        index = {names[j]: int(cmap[j]) for j in known}
+        return torch.from_numpy(counts), unknown, index
+
+    def check_inputs(
+        self,
+        perturbation: Mapping[str, float] | None,
+        gene_index: Mapping[str, int],
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_expression: int,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None,
+    ) -> None:
+        """Validate the call arguments up front (expression values are checked in :meth:`prepare_expression`)."""
+        if not (isinstance(num_inference_steps, int) and num_inference_steps > 0):
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected a positive integer")
+        if not (isinstance(num_images_per_expression, int) and num_images_per_expression > 0):
+            raise ValueError(f"num_images_per_expression={num_images_per_expression!r}: expected a positive integer")
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number >= 0 (1 = no guidance)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        extra = [k for k in (callback_on_step_end_tensor_inputs or []) if k not in self._callback_tensor_inputs]
+        if extra:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {extra} are not available; choose from "
+                             f"{self._callback_tensor_inputs}")
+        if perturbation is None:
+            return
+        if not isinstance(perturbation, Mapping) or not perturbation:
+            raise ValueError(f"perturbation={perturbation!r}: expected a non-empty dict {{gene: fold}}, "
+                             "e.g. {'NUCSIZE': 4.0}")
+        panel = set(self.genes)
+        for gene, fold in perturbation.items():
+            if gene not in gene_index:
+                where = "is not in the model's gene panel" if gene not in panel else "is not among gene_names"
+                raise ValueError(f"perturbation: gene {gene!r} {where}, so it cannot be changed. Fix: perturb a gene "
+                                 f"of pipe.genes that the expression measures (e.g. {self.genes[:5]})")
+            if not (isinstance(fold, (int, float, np.number)) and math.isfinite(float(fold)) and float(fold) > 0):
+                raise ValueError(f"perturbation[{gene!r}]={fold!r}: the fold must be a finite number > 0 "
+                                 "(e.g. 4.0 to raise the gene 4x, 0.25 to lower it 4x)")
+
+    def encode_expression(self, counts: torch.Tensor, do_classifier_free_guidance: bool) -> torch.Tensor:
+        """Condition tokens for ``counts``; with guidance, the null condition is prepended (``[2B, K, D]``)."""
+        enc = self.condition_encoder
+        cond = enc(counts.to(device=enc.device, dtype=enc.dtype))
+        if do_classifier_free_guidance:
+            cond = torch.cat([enc.null_condition(cond.shape[0]).to(cond.dtype), cond], dim=0)
+        return cond
+
+    def prepare_latents(self, batch_size: int, dtype: torch.dtype, device: torch.device,
+                        generator: torch.Generator | list[torch.Generator] | None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        size = int(self.unet.config.sample_size)
+        shape = (batch_size, int(self.unet.config.in_channels), size, size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator: {len(generator)} generators for {batch_size} images. Fix: pass one "
+                             "generator, or one per image (rows x num_images_per_expression)")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def _step_kwargs(self, scheduler: SchedulerMixin, generator, eta: float) -> dict:
+        params = set(inspect.signature(scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoised latents (or pixels) -> ``[N, C, H, W]`` float32 images in [0, 1]."""
+        if self.vae is not None:
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            latents = self.vae.decode(latents).sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def postprocess(self, images: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return images.cpu()
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).cpu().numpy()
+        rgb = render_rgb(images, self.config.channel_names)
+        return [PIL.Image.fromarray(im) for im in rgb]
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        expression: Any,
+        gene_names: Sequence[str] | None = None,
+        perturbation: Mapping[str, float] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        num_images_per_expression: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> SpatiaPipelineOutput | tuple:
+        """Generate cell images from expression.
+
+        Args:
+            expression: raw counts of one cell ``[n_genes]`` or several ``[n_cells, n_genes]`` (numpy,
+                torch, list, scipy sparse, pandas Series/DataFrame or an AnnData, whose ``.X`` and
+                ``var_names`` are used).
+            gene_names: gene symbol of every expression column; mapped onto the model's panel
+                (unknown genes are ignored with a warning; panel genes not given count as 0). Default:
+                the columns are ``pipe.genes`` (or the AnnData/pandas gene names).
+            perturbation: ``{gene: fold}``: also generate every cell with that gene's counts multiplied
+                by ``fold``, from the same noise; returned as ``perturbed_images``.
+            num_inference_steps: sampler steps.
+            guidance_scale: classifier-free guidance weight ``w`` in ``uncond + w * (cond - uncond)``;
+                ``<= 1`` samples the conditional model only (half the compute).
+            num_images_per_expression: images per input cell (consecutive in the output).
+            generator: ``torch.Generator`` (or one per image) for reproducible noise.
+            latents: optional initial noise ``[n_cells * num_images_per_expression, C, h, w]``.
+            eta: DDIM's eta (ignored by other schedulers).
+            output_type: ``"pil"`` (RGB rendering), ``"np"`` (``[N, H, W, C]``), ``"pt"`` (``[N, C, H, W]``)
+                or ``"latent"``.
+            return_dict: return a :class:`SpatiaPipelineOutput` (else a tuple).
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step;
+                a returned ``latents`` replaces the current one.
+        """
+        counts, unknown, gene_index = self.prepare_expression(expression, gene_names)
+        self.check_inputs(perturbation, gene_index, num_inference_steps, guidance_scale, num_images_per_expression,
+                          output_type, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        dtype = self.unet.dtype
+        counts = counts.repeat_interleave(num_images_per_expression, dim=0)
+        n = counts.shape[0]
+        perturbed = perturbation is not None
+        if perturbed:
+            pcounts = counts.clone()
+            for gene, fold in perturbation.items():
+                j = gene_index[gene]
+                if bool((pcounts[:, j] == 0).any()):
+                    warnings.warn(f"perturbation: gene {gene!r} has 0 counts in some cells; a fold leaves those "
+                                  "unchanged", UserWarning, stacklevel=2)
+                pcounts[:, j] *= float(fold)
+            counts = torch.cat([counts, pcounts], dim=0)
+
+        do_cfg = guidance_scale > 1.0
+        cond = self.encode_expression(counts, do_cfg).to(dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(n, dtype, device, generator, latents)
+        schedulers = [self.scheduler]
+        if perturbed:  # same initial noise; a second scheduler state replays the same sampler noise
+            latents = torch.cat([latents, latents], dim=0)
+            schedulers.append(copy.deepcopy(self.scheduler))
+
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                parts = latents.chunk(len(schedulers), dim=0)
+                model_in = torch.cat([s.scale_model_input(p, t) for s, p in zip(schedulers, parts)], dim=0)
+                if do_cfg:
+                    model_in = torch.cat([model_in, model_in], dim=0)
+                noise_pred = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+                if do_cfg:
+                    uncond, cond_pred = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond_pred - uncond)
+                preds = noise_pred.chunk(len(schedulers), dim=0)
+                state = _generator_states(generator)
+                new = []
+                for s, p, x in zip(schedulers, preds, parts):
+                    _restore_generator_states(generator, state)
+                    new.append(s.step(p, t, x, **self._step_kwargs(s, generator, eta), return_dict=False)[0])
+                latents = torch.cat(new, dim=0)
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.postprocess(self.decode_latents(latents), output_type)
+        self.maybe_free_model_hooks()
+        if perturbed:
+            if isinstance(images, list):
+                control, edited = images[:n], images[n:]
+            else:
+                control, edited = images[:n], images[n:]
+        else:
+            control, edited = images, None
+        if not return_dict:
+            return (control, edited) if perturbed else (control,)
+        return SpatiaPipelineOutput(images=control, perturbed_images=edited, unknown_genes=unknown)
+
+
+def _generator_states(generator) -> list[torch.Tensor] | None:
+    if generator is None:
+        return None
+    gens = generator if isinstance(generator, list) else [generator]
+    return [g.get_state() for g in gens]
+
+
+def _restore_generator_states(generator, states) -> None:
+    if generator is None or states is None:
+        return
+    gens = generator if isinstance(generator, list) else [generator]
+    for g, s in zip(gens, states):
+        g.set_state(s)
+
+
+__all__ = [
+    "SpatiaGenerationPipeline",
+    "SpatiaPipelineOutput",
+    "make_unet",
+    "render_rgb",
+    "training_scheduler",
+    "sampling_scheduler",
+    "UNET_PRESETS",
+    "ENCODER_PRESETS",
+]

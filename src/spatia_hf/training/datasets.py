@@ -1,0 +1,241 @@
+"""Loading a built SPATIA dataset directory for training: configs, gene panel, split by section.
+
+A dataset directory (written by ``spatia_hf.data.builder``) holds three configs (``cells``,
+``niches``, ``tissues``) as Parquet shards listed in its ``README.md`` card, plus
+``gene_panel.json``. Training holds out whole sections (``sample_id``), never random cells: cells
+of one section share a slide, a stain and neighbours, so a random-cell split would leak.
+
+:class:`NicheCellsDataset` is the pretraining example of the ``niche`` schedule: one niche row with
+its member cells' rows, fetched in a DataLoader worker so the collator only pads and masks;
+:class:`ArrowRows` reads batches of rows straight from Arrow for the collators.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, load_dataset
+
+from spatia_hf.data import schema
+
+
+@dataclass
+class SpatiaDataset:
+    """The configs of one dataset directory and its gene panel.
+
+    Attributes:
+        dataset_dir: the directory.
+        genes: the dataset gene panel; ``gene_indices`` of every row index it.
+        gene_ids: Ensembl ids aligned with ``genes`` (or None).
+        configs: loaded configs by name (``cells``, ``niches``, ``tissues``).
+        panel: the full ``gene_panel.json`` content (dropped / unknown gene reports).
+    """
+
+    dataset_dir: Path
+    genes: list[str]
+    gene_ids: list[str] | None
+    configs: dict[str, Dataset] = field(default_factory=dict)
+    panel: dict = field(default_factory=dict)
+
+    def __getitem__(self, config: str) -> Dataset:
+        if config not in self.configs:
+            raise KeyError(f"config {config!r} was not loaded from {self.dataset_dir}; loaded: {sorted(self.configs)}")
+        return self.configs[config]
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """Sorted section names present in the ``cells`` (or first loaded) config."""
+        ds = self.configs.get("cells") or next(iter(self.configs.values()))
+        return sorted(set(ds[schema.SAMPLE_ID]))
+
+
+def read_gene_panel(dataset_dir: str | Path) -> dict:
+    """``gene_panel.json`` of a dataset directory, checked to hold a non-empty ``genes`` list."""
+    path = Path(dataset_dir) / schema.GENE_PANEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"dataset_dir={str(dataset_dir)!r}: no {schema.GENE_PANEL_FILE}. Fix: pass a directory written by "
+            "`spatia convert ...` / `spatia synth` (spatia_hf.data.builder.build_multiscale_dataset)"
+        )
+    panel = json.loads(path.read_text())
+    genes = panel.get("genes")
+    if not isinstance(genes, list) or not genes:
+        raise ValueError(f"{path}: 'genes' is missing or empty. Fix: rebuild the dataset")
+    return panel
+
+
+def load_spatia_dataset(dataset_dir: str | Path, configs: Sequence[str] = schema.CONFIGS) -> SpatiaDataset:
+    """Load ``configs`` of a built dataset directory (offline, through its card) with its gene panel.
+
+    Wrap a config in :class:`ArrowRows` for fast batched reads (uint8 images, arrays).
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset_dir={str(dataset_dir)!r} does not exist. Fix: build it with `spatia synth` "
+                                "or `spatia convert`")
+    panel = read_gene_panel(dataset_dir)
+    unknown = [c for c in configs if c not in schema.CONFIGS]
+    if unknown:
+        raise ValueError(f"configs={list(configs)}: unknown {unknown}; expected names from {schema.CONFIGS}")
+    loaded = {}
+    for name in configs:
+        if not any((dataset_dir / name).glob("*.parquet")):
+            raise FileNotFoundError(f"dataset_dir={str(dataset_dir)!r}: config {name!r} has no Parquet shards under "
+                                    f"{name}/. Fix: rebuild the dataset")
+        loaded[name] = load_dataset(str(dataset_dir), name, split="train")
+    return SpatiaDataset(dataset_dir, list(panel["genes"]), panel.get("gene_ids"), loaded, panel)
+
+
+def default_eval_sections(sample_ids: Sequence[str]) -> list[str]:
+    """The last section (by name) when there are several; none with a single section."""
+    ids = sorted(set(sample_ids))
+    return ids[-1:] if len(ids) > 1 else []
+
+
+def split_by_section(ds: Dataset, eval_sections: Sequence[str] | None) -> tuple[Dataset, Dataset | None]:
+    """``(train, eval)`` rows of ``ds`` by ``sample_id``; ``eval`` is None when no section is held out.
+
+    ``eval_sections=None`` holds out :func:`default_eval_sections`.
+    """
+    sample_ids = np.asarray(ds[schema.SAMPLE_ID]).astype(str)
+    present = sorted(set(sample_ids.tolist()))
+    held = default_eval_sections(present) if eval_sections is None else list(eval_sections)
+    missing = [s for s in held if s not in present]
+    if missing:
+        raise ValueError(f"eval_sections={held}: {missing} not in the dataset; its sections are {present}")
+    is_eval = np.isin(sample_ids, held)
+    if is_eval.all():
+        raise ValueError(f"eval_sections={held}: every section is held out, nothing left to train on. "
+                         f"Fix: hold out fewer of {present}")
+    train = ds.select(np.flatnonzero(~is_eval))
+    return train, (ds.select(np.flatnonzero(is_eval)) if is_eval.any() else None)
+
+
+def truncate(ds: Dataset | None, n: int | None, seed: int = 0) -> Dataset | None:
+    """A seeded random subset of ``n`` rows (all rows when ``n`` is None or larger)."""
+    if ds is None or n is None or n >= len(ds):
+        return ds
+    rng = np.random.default_rng(seed)
+    return ds.select(np.sort(rng.choice(len(ds), size=n, replace=False)))
+
+
+def example_key(*parts: Any) -> int:
+    """A stable 32-bit key of an example (e.g. sample_id and cell_id), independent of row order,
+    process and Python hash randomisation; seeds per-example randomness."""
+    return zlib.crc32("\x1f".join(str(p) for p in parts).encode())
+
+
+def arrow_columns(table: pa.Table) -> dict[str, Any]:
+    """An Arrow table -> numpy columns, fast: images (``Array3D``) as one ``[n, C, H, W]`` array of
+    their stored dtype (uint8; ``datasets``' numpy format would widen them to int64), list columns
+    as lists of arrays, strings as object arrays, numbers as arrays."""
+    out: dict[str, Any] = {}
+    for name in table.column_names:
+        col = table.column(name)
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        if isinstance(col.type, pa.ExtensionType):
+            out[name] = col.to_numpy()
+        elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            lengths = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+            flat = col.flatten().to_numpy(zero_copy_only=False)
+            out[name] = np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            out[name] = np.asarray(col.to_pylist(), dtype=object)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def _row(columns: dict[str, Any], i: int) -> dict[str, Any]:
+    return {k: v[i] for k, v in columns.items()}
+
+
+class ArrowRows(torch.utils.data.Dataset):
+    """Rows of a ``datasets.Dataset`` read in batches straight from Arrow.
+
+    ``__getitems__`` (which ``torch.utils.data.DataLoader`` calls with a whole batch of indices)
+    does one Arrow ``take`` and returns the batch as columns (:func:`arrow_columns`), several times
+    faster than per-row ``__getitem__`` with ``datasets``' numpy format. Collators accept both forms.
+    """
+
+    def __init__(self, ds: Dataset, columns: Sequence[str] | None = None) -> None:
+        self.ds = ds.with_format("arrow", columns=list(columns) if columns is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        return arrow_columns(self.ds[list(map(int, indices))])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return _row(self.__getitems__([i]), 0)
+
+
+class NicheCellsDataset(torch.utils.data.Dataset):
+    """Niches with their member cells: the example of the ``niche`` pretraining schedule.
+
+    An example is ``{"niche": niche row, "cells": member-cell columns}`` with at most ``max_cells``
+    members (a sample seeded by the niche id, the same every epoch, so a niche keeps its context;
+    its relative positions and ids are cut to match). Member rows are found by
+    ``(sample_id, cell_id)`` in ``cells``; a batch costs two Arrow reads (niches, then all members).
+    """
+
+    def __init__(self, niches: Dataset, cells: Dataset, max_cells: int = 32, seed: int = 0,
+                 cell_columns: Sequence[str] | None = None) -> None:
+        if max_cells < 1:
+            raise ValueError(f"max_cells={max_cells}: expected >= 1")
+        self.niches = ArrowRows(niches)
+        self.cells = ArrowRows(cells, cell_columns)
+        self.max_cells = int(max_cells)
+        self.seed = int(seed)
+        sample = np.asarray(cells[schema.SAMPLE_ID]).astype(str)
+        cid = np.asarray(cells[schema.CELL_ID]).astype(str)
+        self._row = {(s, c): i for i, (s, c) in enumerate(zip(sample.tolist(), cid.tolist()))}
+        # Check membership once, up front: a niche pointing at a missing cell is a broken split.
+        niche_samples = np.asarray(niches[schema.SAMPLE_ID]).astype(str)
+        for s, ids in zip(niche_samples.tolist(), niches[schema.CELL_IDS]):
+            for c in ids:
+                if (s, str(c)) not in self._row:
+                    raise ValueError(f"niches: member cell_id={str(c)!r} of section {s!r} is not in the cells "
+                                     "config given (was it truncated or split differently?). Fix: split cells "
+                                     "and niches by the same sections")
+
+    def __len__(self) -> int:
+        return len(self.niches)
+
+    def _keep(self, sample_id: str, niche_id: str, n: int) -> np.ndarray:
+        if n <= self.max_cells:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, example_key(sample_id, niche_id)])
+        return np.sort(rng.choice(n, size=self.max_cells, replace=False))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        niches = self.niches.__getitems__(indices)
+        keeps, rows = [], []
+        for k in range(len(indices)):
+            s = str(niches[schema.SAMPLE_ID][k])
+            ids = niches[schema.CELL_IDS][k]
+            keep = self._keep(s, str(niches[schema.NICHE_ID][k]), len(ids))
+            keeps.append(keep)
+            rows.append([self._row[(s, str(ids[j]))] for j in keep])
+        flat = [r for rr in rows for r in rr]
+        cells = self.cells.__getitems__(flat) if flat else {}
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        out = []
+        for k, keep in enumerate(keeps):
+            niche = _row(niches, k)
+            for col in (schema.CELL_IDS, schema.CELL_REL_X_UM, schema.CELL_REL_Y_UM):
+                niche[col] = np.asarray(niche[col])[keep]
+            sl = slice(int(bounds[k]), int(bounds[k + 1]))
+            out.append({"niche": niche, "cells": {c: v[sl] for c, v in cells.items()}})
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]

@@ -1,0 +1,499 @@
+"""Training the expression-conditioned generator (``SpatiaGenerationPipeline``) on a built dataset.
+
+``train_generator(dataset_dir, out_dir, ...)`` is the whole loop as one reusable function (the
+``examples/train_generator.py`` script and ``spatia demo`` call it):
+
+* data: the ``cells`` config of a dataset written by the builder (uint8 ``(C, H, W)`` crops, sparse
+  counts on ``gene_panel.json``), read batch by batch from the memory-mapped Arrow shards; one
+  section is held out (``eval_sections``, default the last) so evaluation conditions on unseen cells;
+  random 90-degree rotations and flips (cells have no preferred orientation);
+* objective: DDPM noise prediction (or v-prediction) with optional min-SNR-gamma weighting;
+  classifier-free guidance is learned by replacing the condition of ``condition_dropout`` of the
+  cells with the encoder's learned null condition;
+* optimisation: AdamW, warm-up then constant learning rate, gradient clipping, an EMA of the
+  denoiser and condition encoder (diffusers ``EMAModel`` with warm-up), ``accelerate.Accelerator`` for
+  devices, processes and mixed precision (fp32 on CPU, where bf16 is slower);
+* stopping: ``max_steps`` and/or ``max_minutes`` (wall clock), whichever comes first;
+* outputs (written atomically): ``OUT/pipeline`` (the EMA pipeline with a DPM-Solver++ sampler),
+  ``OUT/checkpoints/checkpoint-<step>`` every ``checkpoint_every`` steps (raw and EMA weights,
+  optimizer, learning-rate and RNG state, all safetensors/JSON; ``resume_from_checkpoint`` continues
+  exactly), ``OUT/training_log.jsonl`` and ``OUT/generator_training.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from spatia_hf.data import schema
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PIPELINE_DIR = "pipeline"
+LOG_FILE = "training_log.jsonl"
+SUMMARY_FILE = "generator_training.json"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class GeneratorTrainingArguments:
+    """Settings of :func:`train_generator` (also the CLI of ``examples/train_generator.py``)."""
+
+    dataset_dir: str = field(metadata={"help": "dataset folder written by the builder (cells config + gene_panel.json)"})
+    out_dir: str = field(metadata={"help": "output folder: pipeline/, checkpoints/, training_log.jsonl"})
+    size: str = field(default="small", metadata={"help": "denoiser/encoder preset: tiny, small or base"})
+    image_size: int | None = field(default=None, metadata={"help": "generated side in px (default: the crop size)"})
+    prediction_type: str = field(default="epsilon", metadata={"help": "epsilon or v_prediction"})
+    batch_size: int = field(default=32, metadata={"help": "cells per step per process"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_minutes: float | None = field(default=None, metadata={"help": "stop after this much wall-clock time"})
+    condition_dropout: float = field(default=0.1, metadata={"help": "fraction of cells trained unconditionally (CFG)"})
+    snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma loss weighting (None: off)"})
+    ema_decay: float = field(default=0.999, metadata={"help": "maximum EMA decay (warm-up power 3/4)"})
+    augment: bool = field(default=True, metadata={"help": "random 90-degree rotations and flips"})
+    eval_sections: list[str] | None = field(default=None, metadata={
+        "help": "sections held out of training (default: the last section when there are several)"})
+    spatia_model: str | None = field(default=None, metadata={
+        "help": "SPATIA checkpoint whose expression branch initialises the condition encoder"})
+    freeze_expression_branch: bool = field(default=False, metadata={
+        "help": "keep the (pretrained) expression branch fixed; train pooling, projection, null tokens"})
+    token_merging_ratio: float = field(default=0.0, metadata={"help": "token merging ratio saved with the pipeline"})
+    checkpoint_every: int = field(default=500, metadata={"help": "save a checkpoint every N steps (0: never)"})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder or 'latest'"})
+    log_every: int = field(default=25, metadata={"help": "write a log line every N steps"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPUs; fp32 is fastest on CPU)"})
+    cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, noise and timesteps"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def check(self) -> None:
+        if self.max_steps is None and self.max_minutes is None:
+            raise ValueError("max_steps and max_minutes are both None: training would never stop. Fix: set one "
+                             "(e.g. --max_minutes 15)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}: expected >= 1")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes={self.max_minutes}: expected > 0")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type={self.prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout={self.condition_dropout}: expected a fraction in [0, 1)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: expected >= 1")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"snr_gamma={self.snr_gamma}: expected > 0 or None")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay}: expected a fraction in (0, 1)")
+
+
+@dataclass
+class GeneratorTrainingResult:
+    """What :func:`train_generator` did: where the pipeline is, how far it got, the loss curve."""
+
+    pipeline_dir: Path
+    global_step: int
+    elapsed_s: float
+    losses: list[float]
+    train_sections: list[str]
+    eval_sections: list[str]
+    stopped_by: str
+
+
+# ---------------------------------------------------------------------------------------- data
+class CellBatches:
+    """Seeded batches of ``(images uint8 [B, C, H, W], counts float32 [B, G], row indices)`` from a
+    ``cells`` dataset, read straight from its Arrow shards (bounded memory).
+
+    The order of epoch ``e`` is a permutation seeded by ``(seed, e)``; process ``p`` of ``world``
+    takes every ``world``-th batch, so a resumed run replays the order an uninterrupted one saw.
+    """
+
+    def __init__(self, cells, n_genes: int, batch_size: int, seed: int, process_index: int = 0,
+                 world_size: int = 1):
+        self.cells = cells.with_format("numpy", columns=[schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS])
+        self.n = len(cells)
+        self.n_genes = n_genes
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.world_size = world_size
+        if self.n < batch_size * world_size:
+            raise ValueError(f"batch_size={batch_size}: the training sections hold only {self.n} cells "
+                             f"({world_size} processes). Fix: use a smaller batch_size or more cells")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of epoch ``epoch`` for this process."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        k = index * self.world_size + self.process_index
+        rows = np.sort(order[k * self.batch_size : (k + 1) * self.batch_size])
+        return self.read(rows)
+
+    def read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.cells[np.asarray(rows, dtype=np.int64)]
+        images = torch.from_numpy(np.asarray(data[schema.IMAGE]).astype(np.uint8))
+        counts = dense_counts(data[schema.GENE_INDICES], data[schema.GENE_COUNTS], self.n_genes)
+        return images, counts
+
+
+def dense_counts(gene_indices, gene_counts, n_genes: int) -> torch.Tensor:
+    """Sparse per-cell ``gene_indices`` / ``gene_counts`` -> dense ``[B, n_genes]`` float32 counts."""
+    out = np.zeros((len(gene_indices), n_genes), dtype=np.float32)
+    for r, (idx, cnt) in enumerate(zip(gene_indices, gene_counts)):
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n_genes):
+            raise ValueError(f"{schema.GENE_INDICES}: index {int(idx.max())} of row {r} is outside the gene panel "
+                             f"({n_genes} genes). Fix: rebuild the dataset; gene_panel.json and the shards disagree")
+        out[r, idx] = np.asarray(cnt, dtype=np.float32)
+    return torch.from_numpy(out)
+
+
+def images_to_model_space(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` -> float in [-1, 1] at ``image_size`` px (area averaging when shrinking)."""
+    x = images.float() / 127.5 - 1.0
+    if x.shape[-1] != image_size:
+        mode = "area" if x.shape[-1] > image_size else "bilinear"
+        x = F.interpolate(x, size=(image_size, image_size), mode=mode, **({} if mode == "area" else
+                                                                          {"align_corners": False}))
+    return x
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image rotated by a random multiple of 90 degrees and randomly flipped (8 symmetries)."""
+    codes = torch.randint(0, 8, (x.shape[0],), generator=generator)
+    out = torch.empty_like(x)
+    for code in range(8):
+        sel = (codes == code).nonzero().flatten()
+        if sel.numel():
+            y = torch.rot90(x[sel], k=code % 4, dims=(-2, -1))
+            out[sel] = y.flip(-1) if code >= 4 else y
+    return out
+
+
+# ---------------------------------------------------------------------------------------- loss
+def diffusion_loss(unet, condition_encoder, noise_scheduler, clean: torch.Tensor, counts: torch.Tensor,
+                   generator: torch.Generator, condition_dropout: float = 0.0,
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """The denoising loss of one batch: noise (or v) prediction MSE, min-SNR weighted if asked.
+
+    ``clean`` is ``[B, C, H, W]`` in [-1, 1] (or latents), ``counts`` ``[B, n_genes]`` raw counts.
+    All randomness (noise, timesteps, condition dropout) comes from ``generator`` (a CPU generator).
+    """
+    from diffusers.training_utils import compute_snr
+
+    b = clean.shape[0]
+    noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+    timesteps = timesteps.to(clean.device)
+    drop = torch.rand(b, generator=generator) < condition_dropout
+    cond = condition_encoder(counts.to(clean.device), drop_condition=drop.to(clean.device))
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states=cond.to(noisy.dtype), return_dict=False)[0]
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(clean, noise, timesteps)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return per_sample.mean()
+    snr = compute_snr(noise_scheduler, timesteps).to(per_sample.device).float()
+    clipped = torch.clamp(snr, max=snr_gamma)
+    weight = clipped / snr if noise_scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
+    return (per_sample * weight).mean()
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _named_trainable(unet, encoder) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(f"unet.{n}", p) for n, p in unet.named_parameters()] + \
+        [(f"condition_encoder.{n}", p) for n, p in encoder.named_parameters()]
+
+
+def _optimizer_to_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            key = f"{pid}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][key] = value
+    return tensors, meta
+
+
+def _optimizer_from_tensors(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_checkpoint(out_dir: str | Path, which: str) -> Path:
+    """``which`` = a checkpoint folder, or ``"latest"`` for the newest under ``OUT/checkpoints``."""
+    if which != "latest":
+        path = Path(which)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint={which!r}: no {STATE_FILE} there. Fix: pass a "
+                                    f"{CHECKPOINT_PREFIX}<step> folder or 'latest'")
+        return path
+    found = sorted((Path(out_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"),
+                   key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit() else -1)
+    found = [p for p in found if (p / STATE_FILE).is_file()]
+    if not found:
+        raise FileNotFoundError(f"resume_from_checkpoint='latest': no checkpoint under {Path(out_dir) / 'checkpoints'}")
+    return found[-1]
+
+
+# ---------------------------------------------------------------------------------------- main loop
+def _build_pipeline(args: GeneratorTrainingArguments, genes: list[str], channel_names: list[str], crop_px: int):
+    from spatia_hf.condition_encoder import SpatiaConditionEncoder
+    from spatia_hf.pipeline_spatia import ENCODER_PRESETS, SpatiaGenerationPipeline
+
+    encoder = None
+    if args.spatia_model:
+        preset = {k: v for k, v in ENCODER_PRESETS[args.size].items()
+                  if k in ("cross_attention_dim", "num_condition_tokens")}
+        encoder = SpatiaConditionEncoder.from_spatia_model(args.spatia_model, **preset)
+        missing = [g for g in genes if g not in set(encoder.genes)]
+        if encoder.genes != genes:
+            raise ValueError(f"spatia_model={args.spatia_model!r}: its gene vocabulary differs from the dataset panel "
+                             f"({len(missing)} dataset genes unknown, e.g. {missing[:5]}). Fix: pretrain on this panel "
+                             "or train the generator without --spatia_model")
+    return SpatiaGenerationPipeline.from_genes(
+        genes, image_size=args.image_size or crop_px, channel_names=channel_names, size=args.size,
+        prediction_type=args.prediction_type, condition_encoder=encoder)
+
+
+def train_generator(dataset_dir: str | Path, out_dir: str | Path, **kwargs) -> GeneratorTrainingResult:
+    """Train a :class:`~spatia_hf.pipeline_spatia.SpatiaGenerationPipeline` on ``dataset_dir``'s cells.
+
+    ``kwargs`` are fields of :class:`GeneratorTrainingArguments` (``max_minutes``, ``max_steps``,
+    ``batch_size``, ``seed``, ...). Returns a :class:`GeneratorTrainingResult`; the pipeline is in
+    ``out_dir/pipeline``.
+    """
+    args = GeneratorTrainingArguments(dataset_dir=str(dataset_dir), out_dir=str(out_dir), **kwargs)
+    return run_training(args)
+
+
+def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
+    """:func:`train_generator` from an arguments object."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from spatia_hf.data.builder import load_sections_info
+    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, sampling_scheduler, training_scheduler
+    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
+
+    args.check()
+    start = time.monotonic()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    set_seed(args.seed)
+    out = Path(args.out_dir)
+    data = load_spatia_dataset(args.dataset_dir, ["cells"])
+    genes = list(data.genes)
+    build = load_sections_info(args.dataset_dir).get("build", {})
+    cells = data["cells"]
+    crop_px = int(np.asarray(cells[0][schema.IMAGE]).shape[-1])
+    channel_names = list(build.get("channel_names") or [])
+    n_channels = int(np.asarray(cells[0][schema.IMAGE]).shape[0])
+    if len(channel_names) != n_channels:
+        channel_names = [f"channel_{i}" for i in range(n_channels)]
+    train_cells, eval_cells = split_by_section(cells, args.eval_sections)
+    train_sections = sorted(set(np.asarray(train_cells[schema.SAMPLE_ID]).astype(str).tolist()))
+    eval_sections = sorted(set(np.asarray(eval_cells[schema.SAMPLE_ID]).astype(str).tolist())) if eval_cells else []
+
+    torch.manual_seed(args.seed)
+    pipe = _build_pipeline(args, genes, channel_names, crop_px)
+    unet, encoder = pipe.unet, pipe.condition_encoder
+    image_size = pipe.image_size
+    if pipe.vae is not None:
+        raise ValueError("latent (VAE) training is not supported by this loop yet. Fix: train in pixel space")
+    noise_scheduler = training_scheduler(args.prediction_type)
+    if args.freeze_expression_branch:
+        encoder.expression_encoder.requires_grad_(False)
+    unet.train()
+    encoder.train()
+    named = [(n, p) for n, p in _named_trainable(unet, encoder) if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
+    ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+    unet, encoder, optimizer = accelerator.prepare(unet, encoder, optimizer)
+    batches = CellBatches(train_cells, len(genes), args.batch_size, args.seed, accelerator.process_index,
+                          accelerator.num_processes)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    step, epoch, index = 0, 0, 0
+    if args.resume_from_checkpoint:
+        ckpt = find_checkpoint(out, args.resume_from_checkpoint)
+        step, epoch, index = _load_checkpoint(ckpt, accelerator, unet, encoder, optimizer, lr_scheduler, ema, named,
+                                              gen)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_FILE
+    losses: list[float] = []
+    running, n_running = 0.0, 0
+    deadline = start + 60.0 * args.max_minutes if args.max_minutes else math.inf
+    bar = tqdm(total=args.max_steps, initial=step, desc="generator", unit="step",
+               disable=not (args.progress and accelerator.is_local_main_process))
+    stopped_by = "max_steps"
+    while True:
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+        if time.monotonic() >= deadline:
+            stopped_by = "max_minutes"
+            break
+        if index >= batches.batches_per_epoch:
+            epoch, index = epoch + 1, 0
+        images, counts = batches.batch(epoch, index)
+        index += 1
+        clean = images_to_model_space(images, image_size)
+        if args.augment:
+            clean = random_dihedral(clean, gen)
+        clean = clean.to(accelerator.device)
+        with accelerator.accumulate(unet), accelerator.autocast():
+            loss = diffusion_loss(unet, encoder, noise_scheduler, clean, counts, gen, args.condition_dropout,
+                                  args.snr_gamma)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        step += 1
+        value = float(accelerator.gather(loss.detach()[None]).mean())
+        losses.append(value)
+        running, n_running = running + value, n_running + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
+        if accelerator.is_main_process and (step % args.log_every == 0):
+            line = {"step": step, "epoch": epoch, "loss": running / n_running, "lr": lr_scheduler.get_last_lr()[0],
+                    "ema_decay": ema.cur_decay_value, "elapsed_s": round(time.monotonic() - start, 1)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            running, n_running = 0.0, 0
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            _save_checkpoint(out, step, epoch, index, accelerator, unet, encoder, optimizer, lr_scheduler, ema, named,
+                             gen, args)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    pipeline_dir = out / PIPELINE_DIR
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        final_encoder = accelerator.unwrap_model(encoder)
+        ema.copy_to(params)  # the EMA weights become the pipeline's weights
+        final_unet.eval()
+        final_encoder.eval()
+        final = SpatiaGenerationPipeline(unet=final_unet, scheduler=sampling_scheduler(noise_scheduler),
+                                         condition_encoder=final_encoder, channel_names=channel_names,
+                                         token_merging_ratio=args.token_merging_ratio)
+        final.save_pretrained(pipeline_dir)
+        summary = {"arguments": asdict(args), "global_step": step, "epoch": epoch,
+                   "elapsed_s": round(time.monotonic() - start, 1), "stopped_by": stopped_by,
+                   "train_sections": train_sections, "eval_sections": eval_sections, "n_train_cells": batches.n,
+                   "image_size": image_size, "crop_px": crop_px, "channel_names": channel_names,
+                   "final_loss_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
+                   "num_processes": accelerator.num_processes, "device": str(accelerator.device)}
+        tmp = out / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        tmp.rename(out / SUMMARY_FILE)
+    accelerator.wait_for_everyone()
+    return GeneratorTrainingResult(pipeline_dir, step, time.monotonic() - start, losses, train_sections,
+                                   eval_sections, stopped_by)
+
+
+def _save_checkpoint(out: Path, step: int, epoch: int, index: int, accelerator, unet, encoder, optimizer,
+                     lr_scheduler, ema, named, gen, args) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        accelerator.unwrap_model(unet).save_pretrained(tmp / "unet")
+        accelerator.unwrap_model(encoder).save_pretrained(tmp / "condition_encoder")
+        save_file({n: s.detach().cpu().contiguous() for (n, _), s in zip(named, ema.shadow_params)},
+                  str(tmp / "ema.safetensors"))
+        tensors, meta = _optimizer_to_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"generator": gen.get_state()}, str(tmp / "rng.safetensors"))
+        state = {"step": step, "epoch": epoch, "index": index, "optimizer": meta,
+                 "lr_scheduler": lr_scheduler.state_dict(), "ema_optimization_step": ema.optimization_step,
+                 "arguments": asdict(args)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float) + "\n")
+
+    _write_atomically(root / f"{CHECKPOINT_PREFIX}{step}", write)
+    keep = max(int(args.checkpoints_total_limit), 1)
+    done = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+                  key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt: Path, accelerator, unet, encoder, optimizer, lr_scheduler, ema, named, gen):
+    from diffusers import UNet2DConditionModel
+
+    from spatia_hf.condition_encoder import SpatiaConditionEncoder
+
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    raw_unet = UNet2DConditionModel.from_pretrained(ckpt / "unet")
+    raw_encoder = SpatiaConditionEncoder.from_pretrained(ckpt / "condition_encoder")
+    accelerator.unwrap_model(unet).load_state_dict(raw_unet.state_dict())
+    accelerator.unwrap_model(encoder).load_state_dict(raw_encoder.state_dict())
+    shadow = load_file(str(ckpt / "ema.safetensors"))
+    missing = [n for n, _ in named if n not in shadow]
+    if missing:
+        raise ValueError(f"{ckpt}: EMA weights missing for {missing[:5]}. Fix: resume with the same model settings")
+    ema.shadow_params = [shadow[n].to(p.device) for n, p in named]
+    ema.optimization_step = int(state["ema_optimization_step"])
+    _optimizer_from_tensors(optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    gen.set_state(load_file(str(ckpt / "rng.safetensors"))["generator"])
+    return int(state["step"]), int(state["epoch"]), int(state["index"])
+
+
+__all__ = [
+    "GeneratorTrainingArguments",
+    "GeneratorTrainingResult",
+    "CellBatches",
+    "diffusion_loss",
+    "train_generator",
+    "run_training",
+]

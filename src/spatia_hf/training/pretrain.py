@@ -1,0 +1,216 @@
+"""Multi-scale SPATIA pretraining with ``transformers.Trainer``: ``run_pretraining`` and ``pretrain``.
+
+The schedule (``DataArguments.schedule``):
+
+- ``"niche"`` (default): every example is a niche (a ~50 µm neighbourhood) carrying up to
+  ``max_cells_per_niche`` of its cells. One forward of ``SpatiaForPretraining`` runs the cell
+  objectives on every member cell (masked gene modelling, masked image modelling, image-expression
+  contrastive across all cells of the batch) and the niche objective (masked-cell prediction from
+  the other cells of the niche) on the niches: each optimiser step trains every objective, with one
+  weighted loss (weights in the model config). Cells are thus sampled niche by niche.
+- ``"cell"``: every example is a cell (no niche objective): the cell-scale-only ablation.
+
+The tissue model is not pretrained here (a section is a single example); it is trained by the
+``tissue_classification`` fine-tuning task on top of frozen niche embeddings.
+
+Masks: the model draws them itself unless its ``forward`` accepts ``gene_value_mask`` /
+``image_patch_mask`` / ``niche_cell_mask``, in which case the collators draw them per example (seeded).
+Either way an interrupted run resumed with ``resume_from_checkpoint`` continues exactly: the
+Trainer restores the global RNG before the first resumed step and the collators do not use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainingArguments
+
+from spatia_hf.data import schema
+from spatia_hf.modeling_heads import SpatiaForPretraining
+
+from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
+from .collators import CellCollator, NicheCollator
+from .datasets import ArrowRows, NicheCellsDataset, SpatiaDataset, load_spatia_dataset, split_by_section, truncate
+from .setup import (
+    SUMMARY_FILE,
+    TrainingResult,
+    build_processor,
+    check_checkpoint,
+    check_geometry,
+    new_config,
+    prepare_training_args,
+    seed_everything,
+    write_json_atomic,
+)
+from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
+
+logger = logging.getLogger(__name__)
+
+CELL_COLUMNS = (schema.CELL_ID, schema.SAMPLE_ID, schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS)
+_MASK_INPUTS = ("gene_value_mask", "image_patch_mask", "niche_cell_mask")
+
+
+def _forward_params(model) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def load_pretraining_model(model_args: ModelArguments, data_args: DataArguments, dataset: SpatiaDataset,
+                           seed: int) -> SpatiaForPretraining:
+    """A new model from the preset (vocabulary = dataset panel) or the checkpoint, mask ratios applied."""
+    seed_everything(seed)
+    if model_args.model_name_or_path:
+        config = check_checkpoint(model_args.model_name_or_path)
+        check_geometry(config, dataset)
+        kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+        model = SpatiaForPretraining.from_pretrained(model_args.model_name_or_path, **kwargs)
+    else:
+        config = new_config(model_args, dataset)
+        model = SpatiaForPretraining(config)
+        if model_args.attn_implementation:
+            model.set_attn_implementation(model_args.attn_implementation)
+    for arg, key in (("gene_mask_ratio", "mgm_mask_ratio"), ("image_mask_ratio", "mim_mask_ratio"),
+                     ("niche_mask_ratio", "niche_mask_ratio")):
+        value = getattr(data_args, arg)
+        if value is not None:
+            setattr(model.config, key, float(value))
+    return model
+
+
+def build_pretraining_data(data_args: DataArguments, dataset: SpatiaDataset, processor, model, seed: int):
+    """(train dataset, eval dataset or None, collator) for the chosen schedule."""
+    cfg = model.config
+    accepts = _forward_params(model)
+    collator_masks = all(m in accepts for m in _MASK_INPUTS[:2])
+    cell_collator = CellCollator(
+        processor, seed=seed,
+        gene_mask_ratio=cfg.mgm_mask_ratio if collator_masks and cfg.mgm_weight > 0 else None,
+        image_mask_ratio=cfg.mim_mask_ratio if collator_masks and cfg.mim_weight > 0 else None,
+        num_patches=model.spatia.cell.num_patches,
+    )
+    cells_train, cells_eval = split_by_section(dataset["cells"], data_args.eval_section_list())
+    if data_args.schedule == "cell":
+        train = ArrowRows(truncate(cells_train, data_args.max_train_samples, seed), CELL_COLUMNS)
+        evaluation = ArrowRows(truncate(cells_eval, data_args.max_eval_samples, seed), CELL_COLUMNS) \
+            if cells_eval is not None else None
+        return train, evaluation, cell_collator
+    niches_train, niches_eval = split_by_section(dataset["niches"], data_args.eval_section_list())
+    niche_mask = cfg.niche_mask_ratio if ("niche_cell_mask" in accepts and cfg.niche_weight > 0) else None
+    collator = NicheCollator(cell_collator, niche_mask_ratio=niche_mask)
+    train = NicheCellsDataset(truncate(niches_train, data_args.max_train_samples, seed), cells_train,
+                              data_args.max_cells_per_niche, seed, CELL_COLUMNS)
+    evaluation = None
+    if niches_eval is not None:
+        evaluation = NicheCellsDataset(truncate(niches_eval, data_args.max_eval_samples, seed), cells_eval,
+                                       data_args.max_cells_per_niche, seed, CELL_COLUMNS)
+    return train, evaluation, collator
+
+
+def run_pretraining(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    *,
+    resume_from_checkpoint: str | bool | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    dataset: SpatiaDataset | None = None,
+) -> TrainingResult:
+    """Pretrain SPATIA on ``data_args.dataset_dir`` and save the model + processor to ``output_dir``.
+
+    Args:
+        model_args / data_args / training_args: the parsed dataclasses (``TrainingArguments`` or
+            :class:`SpatiaTrainingArguments`, whose ``max_minutes`` bounds the wall-clock time).
+        resume_from_checkpoint: a checkpoint directory, or True for the latest in ``output_dir``
+            (defaults to ``training_args.resume_from_checkpoint``).
+        callbacks: extra ``TrainerCallback``s.
+        dataset: an already loaded dataset (skips loading ``dataset_dir``).
+
+    Returns:
+        a :class:`TrainingResult`; the same summary is written to ``output_dir/spatia_training.json``.
+    """
+    start = time.perf_counter()
+    seed = training_args.seed
+    configs = ("cells",) if data_args.schedule == "cell" else ("cells", "niches")
+    dataset = dataset or load_spatia_dataset(data_args.dataset_dir, configs)
+    model = load_pretraining_model(model_args, data_args, dataset, seed)
+    processor = build_processor(model_args, model.config, dataset, seed)
+    train, evaluation, collator = build_pretraining_data(data_args, dataset, processor, model, seed)
+    training_args = prepare_training_args(training_args, self_supervised=True)
+
+    budget = None
+    max_minutes = getattr(training_args, "max_minutes", None)
+    all_callbacks = [EpochSeedCallback(collator, getattr(collator, "cell_collator", None)), *(callbacks or [])]
+    if max_minutes:
+        budget = TimeBudgetCallback(max_minutes)
+        all_callbacks.append(budget)
+    trainer = SpatiaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=all_callbacks,
+    )
+    if trainer.is_world_process_zero():
+        logger.info("pretraining: world_size=%d schedule=%s train=%d eval=%d examples", training_args.world_size,
+                    data_args.schedule, len(train), len(evaluation) if evaluation is not None else 0)
+    resume = resume_from_checkpoint if resume_from_checkpoint is not None else training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() == "true":
+        resume = True
+    output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    eval_metrics: dict[str, Any] = {}
+    if evaluation is not None:
+        eval_metrics = trainer.evaluate()
+    result = TrainingResult(
+        output_dir=Path(training_args.output_dir),
+        global_step=trainer.state.global_step,
+        train_seconds=time.perf_counter() - start,
+        world_size=training_args.world_size,
+        log_history=list(trainer.state.log_history),
+        eval_metrics=eval_metrics,
+        stopped_by_time_budget=bool(budget is not None and budget.stopped_at_step is not None),
+        extra={"task": "pretraining", "schedule": data_args.schedule, "train_loss": output.training_loss,
+               "n_train_examples": len(train), "gene_panel": processor.panel.report() if processor.panel else None},
+    )
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        write_json_atomic(Path(training_args.output_dir) / SUMMARY_FILE, result.to_json())
+    return result
+
+
+def pretrain(
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    preset: str = "tiny",
+    model_name_or_path: str | None = None,
+    max_steps: int = 200,
+    max_minutes: float | None = None,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    schedule: str = "niche",
+    eval_sections: str | None = None,
+    progress: bool = True,
+    **training_kwargs: Any,
+) -> TrainingResult:
+    """Pretraining in one call with a step and/or time budget (the demo's fast path).
+
+    Extra keyword arguments go to :class:`SpatiaTrainingArguments` (e.g. ``logging_steps``,
+    ``use_cpu``, ``save_steps``).
+    """
+    model_args = ModelArguments(model_name_or_path=model_name_or_path, preset=preset)
+    data_args = DataArguments(dataset_dir=str(dataset_dir), schedule=schedule, eval_sections=eval_sections)
+    defaults = dict(logging_steps=max(1, min(10, max_steps // 10)), save_strategy="no", report_to="none",
+                    warmup_steps=max(0, min(20, max_steps // 10)), optim="adamw_torch")
+    training_args = SpatiaTrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, max_minutes=max_minutes,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=learning_rate,
+        seed=seed, disable_tqdm=not progress, **{**defaults, **training_kwargs},
+    )
+    return run_pretraining(model_args, data_args, training_args)
