@@ -30,13 +30,13 @@ import numpy as np
 
 
 def _section(args, workdir: Path):
-    from spatia_hf.data.readers.anndata_reader import open_image
+    from spatia_hf.data.readers.images import open_image
     from spatia_hf.data.synthetic import make_synthetic_tissue, write_ome_tiff
 
     s = make_synthetic_tissue(1, args.cells, args.seed, pixel_size_um=args.pixel_size)[0]
     path = workdir / "image.ome.tif"
     write_ome_tiff(s.image, path, s.pixel_size_um, s.channel_names)
-    image, _, _ = open_image(path)
+    image, _ = open_image(path)
     return replace(s, image=image), path
 
 
@@ -73,16 +73,28 @@ def _build(section, out: Path, args) -> float:
     return section.n_cells / (time.perf_counter() - start)
 
 
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process: VmHWM (reset by exec, unlike ru_maxrss, which a spawned child
+    inherits from its parent on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(path: str, args, out: str, queue) -> None:
     """Build from the TIFF in a fresh process; report its peak RSS (MB)."""
-    from spatia_hf.data.readers.anndata_reader import open_image
+    from spatia_hf.data.readers.images import open_image
     from spatia_hf.data.synthetic import make_synthetic_tissue
 
     s = make_synthetic_tissue(1, args.cells, args.seed, pixel_size_um=args.pixel_size, render=False)[0]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    image, _, _ = open_image(path)
+    before = _peak_rss_mb()
+    image, _ = open_image(path)
     rate = _build(replace(s, image=image), Path(out), args)
-    queue.put((rate, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((rate, before, _peak_rss_mb()))
 
 
 def main(argv=None) -> int:
@@ -125,7 +137,8 @@ def main(argv=None) -> int:
             proc.start()
             rate, before, peak = q.get()
             proc.join()
-            print(f"child build: {rate:.0f} cells/s, peak RSS {peak:.0f} MB (section counts/obs alone {before:.0f} MB)")
+            print(f"child build: {rate:.0f} cells/s, peak RSS {peak:.0f} MB "
+                  f"(before the build: {before:.0f} MB, imports + counts)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -9,7 +9,8 @@
       - ``same tokens``: both read exactly the same number of tokens (isolates the
         implementation: SDPA, fused QKV projection, no token-type/position embeddings).
 (b) ``flops``: achieved GFLOP/s of the full cell model (image + expression + fusion) at batch 64
-    (FLOPs counted by ``torch.utils.flop_counter``), against a plain fp32 matmul in this process.
+    (FLOPs counted by ``torch.utils.flop_counter``), against a plain fp32 matmul in this process;
+    the ``small`` preset (d=128) and its geometry at wider ``--widths``.
 (c) ``tissue``: the tissue model at 1k/4k/16k niche tokens with and without token merging:
     forward time (ratio, in this process) and peak memory of the forward (CPU: peak RSS growth in a
     fresh child process per variant; CUDA: ``max_memory_allocated``).
@@ -126,8 +127,14 @@ def bench_flops(args, device) -> dict:
 
     out = {"matmul_gflops": None, "presets": {}}
     rows = {}
-    for preset in args.presets:
-        cfg = SpatiaConfig.from_preset(preset, gene_vocab=[f"G{i}" for i in range(1000)])
+    variants = [(p, {}) for p in args.presets]
+    variants += [(f"small_d{w}", {"hidden_size": w, "num_attention_heads": max(1, w // 32), "intermediate_size": 4 * w})
+                 for w in args.widths]
+    for preset, overrides in variants:
+        base = preset.split("_d")[0]
+        cfg = SpatiaConfig.from_preset(base, gene_vocab=[f"G{i}" for i in range(1000)], cell_config=overrides,
+                                       niche_config={"cell_embed_dim": overrides.get("hidden_size", 128)}
+                                       if overrides else None)
         cell_cfg = cfg.cell_config
         torch.manual_seed(args.seed)
         model = SpatiaModel(cfg).cell.to(device).eval()
@@ -258,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     # (b)
     p.add_argument("--presets", nargs="+", default=["small"])
+    p.add_argument("--widths", type=int, nargs="*", default=[256, 512],
+                   help="also the small preset's geometry at these widths (heads = width / 32, MLP 4x)")
     p.add_argument("--flops-batch", type=int, default=64)
     p.add_argument("--matmul-size", type=int, default=2048)
     # (c)

@@ -311,10 +311,16 @@ def cell_image(dataset_dir: Path, cell_id: str) -> np.ndarray:
 
 
 def marker_offset(crop: np.ndarray, channel: int = 0) -> np.ndarray:
-    """(row, col) of the bright marker's intensity-weighted centre relative to the crop centre."""
-    img = crop[channel].astype(np.float64)
-    mask = img >= img.max() * 0.8
-    rr, cc = np.nonzero(mask)
-    wts = img[rr, cc]
+    """(row, col) of the bright 3 x 3 marker relative to the crop centre.
+
+    Per-slide normalisation saturates the marker *and* the brightest noise pixels at 255, so the
+    marker is found as the maximum of a 3 x 3 box mean (only a solid block reaches 255 there);
+    tied maxima are averaged.
+    """
+    img = np.asarray(crop[channel], dtype=np.float64)
+    p = np.pad(img, 1)
+    box = sum(p[1 + dr : 1 + dr + img.shape[0], 1 + dc : 1 + dc + img.shape[1]]
+              for dr in (-1, 0, 1) for dc in (-1, 0, 1)) / 9.0
+    rr, cc = np.nonzero(box >= box.max() - 1e-6)
     centre = (np.array(img.shape) - 1) / 2.0
-    return np.array([np.average(rr, weights=wts), np.average(cc, weights=wts)]) - centre
+    return np.array([rr.mean(), cc.mean()]) - centre

@@ -76,6 +76,12 @@ def test_cli_errors_are_one_line_and_leave_no_output(synth_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("spatia convert: error: section 'synth_s00': centroids_um:") and "lie outside" in err
     assert len(err.splitlines()) == 1
+    a = _adata(synth_dir)
+    del a.obsm["spatial"]
+    a.write_h5ad(tmp_path / "no_spatial.h5ad")
+    assert main(["convert", "anndata", "--adata", str(tmp_path / "no_spatial.h5ad")] + base[4:]) == 1
+    assert "obsm['spatial'] is missing" in capsys.readouterr().err
+    (tmp_path / "no_spatial.h5ad").unlink()
     assert list(tmp_path.iterdir()) == []
     assert main(base) == 0
     assert main(base) == 1 and "already exists" in capsys.readouterr().err
@@ -105,14 +111,14 @@ def test_reader_errors_name_the_field(synth_dir):
     del a.uns["spatial_pixel_size_um"]
     s = read_anndata(a, img)  # falls back on the OME pixel size
     assert s.pixel_size_um == 0.5 and s.channel_names == ["DAPI", "boundary"]
-    with pytest.raises(FileNotFoundError, match="--image"):
+    with pytest.raises(FileNotFoundError, match="nope.tif does not exist"):
         read_anndata(a, synth_dir / "nope.tif")
 
 
 def test_reader_reads_lazily_and_accepts_um_coordinates(synth_dir, tmp_path):
     a = _adata(synth_dir)
     s = read_anndata(a, synth_dir / "synth_s00.ome.tif")
-    assert not isinstance(s.image, np.ndarray) and s.image.shape[0] == 2  # zarr-backed, not loaded
+    assert s.uns["image"]["access"] in ("zarr", "memmap") and s.image.shape[0] == 2  # lazy, not loaded
     ref = make_synthetic_sections(1, 120, seed=0)[0]
     assert np.array_equal(np.asarray(s.image[:, 10:50, 20:30]), ref.image[:, 10:50, 20:30])
     a.obsm["spatial_um"] = a.obsm["spatial"] * 0.5

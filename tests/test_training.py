@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.utils import ModelOutput
 
 from spatia_hf.training.trainer import (
@@ -322,3 +322,185 @@ def test_tissue_collator_windows_and_padding():
         assert float((p.max(0).values - p.min(0).values).max()) <= 300.0 + 1e-3
     full = TissueCollator(window_um=None)(ex)
     assert full["niche_attention_mask"].sum().item() == 600
+
+
+# --------------------------------------------------------------------------- errors before training starts
+def test_missing_label_column_fails_before_training(tiny_dir, tmp_path):
+    from spatia_hf.training.finetune import run_finetuning
+
+    with pytest.raises(ValueError, match="needs the label column 'no_such_label' in the 'cells' config"):
+        run_finetuning(ModelArguments(), DataArguments(dataset_dir=str(tiny_dir)),
+                       FinetuneArguments(task="annotation", label_column="no_such_label"), _training_args(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_section_classification_needs_two_training_classes(tiny_dir, tmp_path):
+    from spatia_hf.training.finetune import run_finetuning
+
+    with pytest.raises(ValueError, match="training sections hold 1 class"):
+        run_finetuning(ModelArguments(), DataArguments(dataset_dir=str(tiny_dir)),
+                       FinetuneArguments(task="tissue_classification"), _training_args(tmp_path))
+
+
+def test_checkpoint_of_another_model_type_is_refused(tiny, tiny_dir, tmp_path):
+    from spatia_hf import SpatiaCellConfig, SpatiaCellModel
+    from spatia_hf.training.pretrain import run_pretraining
+
+    cell_dir = tmp_path / "cell_ckpt"
+    SpatiaCellModel(SpatiaCellConfig.from_preset("tiny", gene_vocab=tiny.genes)).save_pretrained(cell_dir)
+    with pytest.raises(ValueError, match="holds model_type='spatia_cell', not a composite SPATIA checkpoint"):
+        run_pretraining(ModelArguments(model_name_or_path=str(cell_dir)), DataArguments(dataset_dir=str(tiny_dir)),
+                        _training_args(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_gene_panel_without_overlap_is_refused(tiny_dir, tmp_path):
+    from spatia_hf import SpatiaConfig, SpatiaForPretraining
+    from spatia_hf.training.pretrain import run_pretraining
+
+    ckpt = tmp_path / "other_panel"
+    config = SpatiaConfig.from_preset("tiny", gene_vocab=[f"OTHER{i}" for i in range(20)], image_size=32,
+                                      num_channels=2)
+    SpatiaForPretraining(config).save_pretrained(ckpt)
+    with pytest.raises(ValueError, match="shares no gene with the model vocabulary"):
+        run_pretraining(ModelArguments(model_name_or_path=str(ckpt), min_gene_coverage=0.0),
+                        DataArguments(dataset_dir=str(tiny_dir)), _training_args(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_argument_dataclasses_reject_bad_values():
+    with pytest.raises(ValueError, match="--schedule 'tissue'"):
+        DataArguments(dataset_dir="x", schedule="tissue")
+    with pytest.raises(ValueError, match="--task 'segmentation'"):
+        FinetuneArguments(task="segmentation")
+    with pytest.raises(ValueError, match="--preset 'huge'"):
+        ModelArguments(preset="huge")
+
+
+# --------------------------------------------------------------------------- pretraining and fine-tuning runs
+def test_pretraining_logs_every_objective_and_saves_a_loadable_model(tiny_dir, tmp_path):
+    from transformers import AutoModelForPreTraining
+
+    from spatia_hf import SpatiaProcessor
+    from spatia_hf.training.pretrain import run_pretraining
+
+    result = run_pretraining(ModelArguments(preset="tiny"),
+                             DataArguments(dataset_dir=str(tiny_dir), max_cells_per_niche=4, max_eval_samples=4),
+                             _training_args(tmp_path, max_steps=3, do_eval=True))
+    logged = [h for h in result.log_history if "loss" in h]
+    assert len(logged) == 3
+    for name in ("loss_mgm", "loss_mim", "loss_contrastive", "loss_niche"):
+        assert all(np.isfinite(h[name]) for h in logged), name
+        assert f"eval_{name}" in result.eval_metrics
+    out = tmp_path / "run"
+    summary = json.loads((out / "spatia_training.json").read_text())
+    assert summary["world_size"] == 1 and summary["global_step"] == 3
+    model = AutoModelForPreTraining.from_pretrained(out)
+    assert type(model).__name__ == "SpatiaForPretraining"
+    assert SpatiaProcessor.from_pretrained(out).gene_vocab == load_spatia_dataset(tiny_dir, ("cells",)).genes
+
+
+class _Interrupt(TrainerCallback):
+    """Simulates a crash at the start of step ``at + 1`` (after checkpoint ``at`` was written)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= self.at:
+            raise RuntimeError("simulated interruption")
+
+
+def test_interrupted_run_resumes_to_the_same_final_loss(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from spatia_hf.training.pretrain import run_pretraining
+
+    model_args = ModelArguments(preset="tiny")
+    data_args = DataArguments(dataset_dir=str(tiny_dir), max_cells_per_niche=4)
+
+    def args(name):  # 9 training niches, batch 4: 3 steps per epoch; checkpoint 4 is mid-epoch 2
+        return _training_args(tmp_path, output_dir=str(tmp_path / name), max_steps=5, save_strategy="steps",
+                              save_steps=4)
+
+    full = run_pretraining(model_args, data_args, args("full"))
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run_pretraining(model_args, data_args, args("cut"), callbacks=[_Interrupt(at=4)])
+    assert (tmp_path / "cut" / "checkpoint-4").is_dir() and not (tmp_path / "cut" / "model.safetensors").exists()
+    resumed = run_pretraining(model_args, data_args, args("cut"), resume_from_checkpoint=True)
+
+    def losses(r):
+        return {h["step"]: h["loss"] for h in r.log_history if "loss" in h}
+
+    assert resumed.global_step == full.global_step == 5
+    assert losses(resumed)[5] == pytest.approx(losses(full)[5], rel=1e-5, abs=1e-6)  # the step after the resume
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_annotation_finetuning_stores_labels_and_reports_macro_f1(tiny_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from spatia_hf.training.finetune import run_finetuning
+
+    result = run_finetuning(ModelArguments(preset="tiny"), DataArguments(dataset_dir=str(tiny_dir)),
+                            FinetuneArguments(task="annotation"), _training_args(tmp_path, max_steps=3, do_eval=True))
+    assert 0.0 <= result.eval_metrics["eval_macro_f1"] <= 1.0 and "eval_accuracy" in result.eval_metrics
+    config = AutoConfig.from_pretrained(tmp_path / "run")
+    classes = sorted(set(load_spatia_dataset(tiny_dir, ("cells",))["cells"]["cell_type"]))
+    assert [config.id2label[i] for i in range(len(classes))] == classes
+    assert config.label2id == {c: i for i, c in enumerate(classes)}
+
+
+@pytest.mark.parametrize("task", ["imputation", "image_to_expression"])
+def test_expression_tasks_report_per_gene_correlation(tiny_dir, tmp_path, task):
+    from spatia_hf.training.finetune import run_finetuning
+
+    result = run_finetuning(ModelArguments(preset="tiny"), DataArguments(dataset_dir=str(tiny_dir)),
+                            FinetuneArguments(task=task), _training_args(tmp_path, max_steps=2, do_eval=True))
+    assert -1.0 <= result.eval_metrics["eval_pearson_mean"] <= 1.0
+    assert result.eval_metrics["eval_n_genes"] >= 2
+
+
+# --------------------------------------------------------------------------- front ends
+def test_cli_pretrain_and_finetune(tiny_dir, tmp_path, capsys):
+    from spatia_hf.cli import main
+
+    out = tmp_path / "cli_pt"
+    rc = main(["pretrain", "--data", str(tiny_dir), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+               "--device", "cpu", "--seed", "1", "--no-progress", "--set", "max_cells_per_niche=4",
+               "--no-eval"])
+    assert rc == 0 and (out / "model.safetensors").is_file()
+    assert "loss_mgm" in capsys.readouterr().out
+    rc = main(["finetune", "--task", "annotation", "--model", str(out), "--data", str(tiny_dir), "--out",
+               str(tmp_path / "cli_ft"), "--label-column", "no_such_label", "--device", "cpu", "--no-progress"])
+    assert rc == 1
+    assert "needs the label column 'no_such_label'" in capsys.readouterr().err
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((REPO / "examples" / "accelerate_configs").glob("*.yaml"))
+    kinds = {load_config_from_file(str(p)).distributed_type.value for p in configs}
+    assert {"MULTI_GPU", "FSDP", "DEEPSPEED"} <= kinds
+    assert any(load_config_from_file(str(p)).num_machines > 1 for p in configs)
+
+
+# --------------------------------------------------------------------------- 2-process DDP (gloo, CPU)
+@pytest.mark.slow
+def test_pretraining_script_runs_two_process_ddp(tiny_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(REPO / "examples" / "pretrain.py"), "--dataset_dir", str(tiny_dir), "--output_dir", str(out),
+           "--preset", "tiny", "--max_steps", "3", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+           "--max_cells_per_niche", "4", "--use_cpu", "--ddp_backend", "gloo",
+           "--save_strategy", "no", "--report_to", "none", "--optim", "adamw_torch", "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "spatia_training.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["global_step"] == 3 and set(summary["objectives_first_last"]) >= {"loss_mgm", "loss_niche"}

@@ -150,12 +150,15 @@ class SpatialMergingAttnProcessor:
         self._original_params = set(params)
 
     def _delegate(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs) -> Tensor:
+        """Call the original processor with what it accepts (as ``Attention.forward`` would)."""
+        if args:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if temb is not None:
             kwargs = {**kwargs, "temb": temb}
         if not self._original_takes_any:
             kwargs = {k: v for k, v in kwargs.items() if k in self._original_params}
         return self.original(
-            attn, hidden_states, *args, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
         )
 
     def __call__(

@@ -27,7 +27,9 @@ Evaluation results (``eval_results=`` or ``--eval-results results.json``) may be
                 "metrics": {"macro_f1": 0.91, "accuracy": 0.95},
                 "baselines": {"pca+logreg": {"macro_f1": 0.80}}}]}
 
-or the short form ``{"task name": {"metric": value, ...}, ...}``.
+the short form ``{"task name": {"metric": value, ...}, ...}``, or the ``results.json`` (or report folder)
+written by ``spatia_hf.evaluation.report`` (``"format": "spatia-hf-evaluation"``): SPATIA variants go to
+``model-index``, baselines to the card's table.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ SKIPPED_PATTERNS = (".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "checkpoin
                     "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "scaler.pt",
                     "trainer_state.json", "README.md")
 # Remote files a push replaces: stale ones of these kinds are deleted so the repo mirrors the folder.
+EVALUATION_FORMAT = "spatia-hf-evaluation"  # the "format" of spatia_hf.evaluation.report's results.json
 MANAGED_PATTERNS = {"model": ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json"),
                     "pipeline": ("*.safetensors", "*.safetensors.index.json", "*/config.json", "*_config.json",
                                  "model_index.json"),
@@ -158,6 +161,8 @@ def load_eval_results(source: str | os.PathLike | Mapping | Sequence[EvalResult]
         return [], {}
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():  # an evaluation report folder
+            path = path / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"eval_results={os.fspath(path)!r} does not exist. Fix: pass the results.json "
                                     f"written by `spatia evaluate`")
@@ -175,6 +180,9 @@ def load_eval_results(source: str | os.PathLike | Mapping | Sequence[EvalResult]
     if not isinstance(source, Mapping):
         raise ValueError(f"eval_results of type {type(source).__name__} is not understood. Fix: pass a path, "
                          f"a mapping or a list of EvalResult")
+    if source.get("format") == EVALUATION_FORMAT:
+        return _from_evaluation_report(source, dataset_name=dataset_name, dataset_type=dataset_type,
+                                       dataset_config=dataset_config, dataset_split=dataset_split)
     ds = dict(source.get("dataset") or {}) if isinstance(source.get("dataset"), Mapping) else {}
     d_name = ds.get("name") or dataset_name or "spatial transcriptomics dataset"
     d_type = ds.get("type") or dataset_type or _slug(d_name)
@@ -201,10 +209,33 @@ def load_eval_results(source: str | os.PathLike | Mapping | Sequence[EvalResult]
                 task_type=str(task.get("task_type") or _slug(name)), task_name=name,
                 dataset_type=str(task.get("dataset_type") or d_type), dataset_name=str(task.get("dataset") or d_name),
                 dataset_config=task.get("dataset_config") or d_config, dataset_split=task.get("split") or d_split,
-                metric_type=_slug(str(metric)).replace("-", "_"), metric_name=str(metric), metric_value=float(value)))
+                metric_type=_slug(str(metric)).replace("-", "_"), metric_name=str(metric), metric_value=round(float(value), 6)))
             for base, values in (task.get("baselines") or {}).items():
                 if isinstance(values, Mapping) and isinstance(values.get(metric), (int, float)):
                     baselines.setdefault((name, str(metric)), {})[str(base)] = float(values[metric])
+    return results, baselines
+
+
+def _from_evaluation_report(data: Mapping, **dataset) -> tuple[list[EvalResult], dict]:
+    """``results.json`` of ``spatia_hf.evaluation.report``: every SPATIA variant's scores become
+    ``EvalResult``s (NaN left out); baselines of the same task and metric go to the card table."""
+    from .evaluation.report import results_to_eval_results
+    from .evaluation.tasks import TaskResult
+
+    tasks = [TaskResult.from_dict(t) for t in data.get("tasks", [])]
+    meta = data.get("meta") or {}
+    name = dataset["dataset_name"] or meta.get("dataset") or "SPATIA evaluation data"
+    kwargs = {k: v for k, v in (("dataset_config", dataset["dataset_config"]),
+                                ("dataset_split", dataset["dataset_split"])) if v is not None}
+    results = results_to_eval_results(tasks, dataset_name=str(name),
+                                      dataset_type=dataset["dataset_type"] or meta.get("dataset_type"), **kwargs)
+    baselines: dict[tuple[str, str], dict[str, float]] = {}
+    for r in tasks:
+        for metric in r.metrics:
+            found = {m: s[metric] for m, s in r.scores.items()
+                     if r.method_kinds.get(m) == "baseline" and metric in s and math.isfinite(s[metric])}
+            if found:
+                baselines[(r.title, metric)] = found
     return results, baselines
 
 
@@ -231,6 +262,8 @@ def template_path(kind: str) -> Path:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e7:
+            return str(int(value))
         return f"{value:.4g}"
     return str(value)
 
@@ -270,27 +303,41 @@ def _base_config_keys() -> set[str]:
     return _BASE_CONFIG_KEYS
 
 
-def config_rows(config: Mapping[str, Any], prefix: str = "", limit: int = 60) -> list[tuple[str, str]]:
-    """Flattened ``(field, value)`` rows of a config dict for the card: model-specific fields only,
-    nested sub-configs as ``cell_config.hidden_size``, long lists summarised."""
+# Fields that say how a model was trained or regularised rather than what it is: left to config.json.
+_TRAINING_FIELDS = re.compile(r"(dropout|_eps$|initializer_range|hidden_act|_prob$)")
+
+
+def config_rows(config: Mapping[str, Any], prefix: str = "", limit: int = 48) -> list[tuple[str, str]]:
+    """Flattened ``(field, value)`` rows of a config dict for the card: architecture fields only
+    (nested sub-configs as ``cell_config.hidden_size``; gene lists, dropouts, epsilons and the fields
+    every transformers config has are left to ``config.json``)."""
     rows: list[tuple[str, str]] = []
     base = _base_config_keys()
     for key, value in config.items():
-        if key.startswith("_") or key in base or value is None:
+        if key.startswith(("_", "gene")) or key in base or value is None or _TRAINING_FIELDS.search(key):
             continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             rows.extend(config_rows(value, prefix=f"{name}.", limit=limit))
         elif isinstance(value, (list, tuple)):
-            if key.startswith("gene"):
-                rows.append((name, f"{len(value)} entries"))
-            elif len(value) <= 8 and all(isinstance(v, (int, float, str, bool)) for v in value):
+            if len(value) <= 8 and all(isinstance(v, (int, float, str, bool)) for v in value):
                 rows.append((name, ", ".join(_fmt(v) for v in value)))
             else:
                 rows.append((name, f"list of {len(value)}"))
         else:
             rows.append((name, _fmt(value)))
-    return rows[:limit]
+    if not prefix and len(rows) > limit:
+        rows = rows[:limit] + [("...", f"{len(rows) - limit} more fields in `config.json`")]
+    return rows
+
+
+def _labels(config: Mapping[str, Any]) -> str | None:
+    """The class names of a classification head (``id2label``), unless they are transformers' defaults."""
+    id2label = config.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))] if id2label else []
+    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return f"{len(names)} ({', '.join(f'`{n}`' for n in names[:12])}{', ...' if len(names) > 12 else ''})"
 
 
 def _find_genes(config: Mapping[str, Any]) -> list[str] | None:
@@ -415,7 +462,7 @@ def render_model_card(model_or_dir: Any, *, repo_id: str | None = None, eval_res
         summary=summary or f"A `{class_name}` checkpoint of SPATIA for image-based spatial transcriptomics.",
         model_class=class_name, model_type=model_type, n_parameters=_human(n_params),
         weight_files=", ".join(f"`{f.name}`" for f in weight_files) or None,
-        gene_summary=_gene_summary(config), spatia_version=versions["spatia-hf"],
+        gene_summary=_gene_summary(config), labels=_labels(config), spatia_version=versions["spatia-hf"],
         transformers_version=versions["transformers"], torch_version=versions["torch"],
         config_rows=config_rows(config), intended_use=INTENDED_USE_MODEL, training_data=training,
         eval_rows=_eval_rows(results, baselines), has_baselines=bool(baselines),

@@ -76,7 +76,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=8,
                  norm_num_groups=8),
-    "small": dict(block_out_channels=(24, 48, 96),
+    "small": dict(block_out_channels=(16, 32, 64),
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
                   attention_head_dim=8, norm_num_groups=8),

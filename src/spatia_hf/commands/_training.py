@@ -33,6 +33,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other ModelArguments / DataArguments / TrainingArguments field "
                              "(e.g. --set gradient_accumulation_steps=2 --set gene_mask_ratio=0.2); repeatable")
+    parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation on held-out sections")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_and_seed(parser)
 
@@ -75,6 +76,7 @@ def training_dict(args: argparse.Namespace) -> dict[str, Any]:
         "report_to": "none",
         "push_to_hub": bool(args.push_to_hub),
         "hub_model_id": args.hub_model_id,
+        "do_eval": not args.no_eval,
     }
     d.update(apply_device(args.device))
     for item in args.set:

@@ -27,11 +27,14 @@ def add_builder_arguments(parser: argparse.ArgumentParser) -> None:
     """Output and multi-scale builder flags (µm / px)."""
     g = parser.add_argument_group("dataset")
     g.add_argument("--out", required=True, help="dataset folder to create (Parquet shards + README.md card)")
-    g.add_argument("--crop-um", type=float, default=DEFAULT_CROP_UM, help=f"cell crop side, µm (default {DEFAULT_CROP_UM:g})")
-    g.add_argument("--crop-px", type=int, default=DEFAULT_CROP_PX, help=f"stored cell crop side, px (default {DEFAULT_CROP_PX})")
-    g.add_argument("--niche-um", type=float, default=DEFAULT_NICHE_UM, help=f"niche grid tile, µm (default {DEFAULT_NICHE_UM:g})")
-    g.add_argument("--niche-px", type=int, default=DEFAULT_NICHE_PX, help=f"stored niche image side, px (default {DEFAULT_NICHE_PX})")
-    g.add_argument("--thumb-px", type=int, default=DEFAULT_THUMB_PX, help=f"section thumbnail side, px (default {DEFAULT_THUMB_PX})")
+    for flag, typ, default, what in (
+        ("--crop-um", float, DEFAULT_CROP_UM, "cell crop side, µm"),
+        ("--crop-px", int, DEFAULT_CROP_PX, "stored cell crop side, px"),
+        ("--niche-um", float, DEFAULT_NICHE_UM, "niche grid tile side, µm"),
+        ("--niche-px", int, DEFAULT_NICHE_PX, "stored niche image side, px"),
+        ("--thumb-px", int, DEFAULT_THUMB_PX, "section thumbnail side, px"),
+    ):
+        g.add_argument(flag, type=typ, default=default, help=f"{what} (default {default:g})")
     g.add_argument("--label-keys", help="comma-separated obs columns carried as cell labels (default: the reader's)")
     g.add_argument("--value-keys", help="comma-separated numeric obs columns carried as per-cell values "
                                         "(default: all numeric obs columns)")

@@ -61,6 +61,7 @@ from .validation import OUTSIDE_POLICIES, validate_section
 CELL_SHARD_ROWS = 4096
 NICHE_SHARD_ROWS = 1024
 CROP_BATCH = 256
+CROP_BATCH_BYTES = 64 * 2**20
 SECTIONS_FILE = "sections.json"
 TMP_SUFFIX = ".tmp-build"
 PROGRESS_DIR = "_progress"
@@ -177,7 +178,10 @@ def _section_fingerprint(s: Section) -> str:
     h.update(np.float64(csr.sum()).tobytes())
     h.update(np.asarray(csr.getnnz(axis=1), dtype=np.int64).tobytes())
     if s.obs is not None:
-        h.update(pd.util.hash_pandas_object(s.obs, index=True).to_numpy().tobytes())
+        try:
+            h.update(pd.util.hash_pandas_object(s.obs, index=True).to_numpy().tobytes())
+        except TypeError:  # unhashable cells (lists, dicts): fall back on the columns and shape
+            h.update(json.dumps([list(map(str, s.obs.columns)), list(s.obs.shape)]).encode())
     return h.hexdigest()
 
 
@@ -265,6 +269,11 @@ def _values(obs: pd.DataFrame | None, keys: list[str], n: int) -> dict[str, np.n
     return out
 
 
+def _batch_size(channels: int, window_px: int) -> int:
+    """Crops per vectorised batch: up to ``CROP_BATCH``, at most ~``CROP_BATCH_BYTES`` of float32 windows."""
+    return int(max(1, min(CROP_BATCH, CROP_BATCH_BYTES // (4 * channels * window_px * window_px))))
+
+
 def _ragged_rows(m: sp.csr_matrix, rows: np.ndarray) -> tuple[Ragged, Ragged]:
     sub = m[rows]
     return Ragged(sub.indptr, sub.indices), Ragged(sub.indptr, sub.data)
@@ -316,7 +325,8 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
             schema.CELL_ID: cell_ids[idx], schema.SAMPLE_ID: [sid] * len(idx), schema.IMAGE: images,
             schema.GENE_INDICES: gi, schema.GENE_COUNTS: gc,
             schema.X_UM: xy_um[idx, 0], schema.Y_UM: xy_um[idx, 1],
-            schema.PIXEL_SIZE_UM: np.full(len(idx), crop_pixel_um), schema.NICHE_ID: niche_ids[niches.niche_of_cell[idx]],
+            schema.PIXEL_SIZE_UM: np.full(len(idx), crop_pixel_um),
+            schema.NICHE_ID: niche_ids[niches.niche_of_cell[idx]],
         }
         cols.update({k: v[idx] for k, v in labels.items()})
         cols.update({k: v[idx] for k, v in values.items()})
@@ -349,6 +359,7 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
     niches_w = _ShardWriter(niche_feats, root / "niches", sid, p.niche_shard_rows, niche_columns, pool)
 
     resample_cell, resample_niche = CropResampler(s_cell, p.crop_px), CropResampler(s_niche, p.niche_px)
+    cell_batch, niche_batch = _batch_size(c, s_cell), _batch_size(c, s_niche)
 
     def crops(tile, idx, r0, c0, size, resample) -> np.ndarray:
         return resample(tile.gather(r0[idx], c0[idx], size), norm.low, norm.high)
@@ -369,14 +380,14 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
                         max(cc0[tc].max(initial=small) + s_cell, nc0[tn].max(initial=small) + s_niche))
                 tile = grid.read(int(t), need)
                 visited.add(int(t))
-                thumb.add(*grid.inner(tile))
                 tile.data = tile.data.astype(np.float32)  # once per tile, not once per (overlapping) crop
-                for k in range(0, len(tc), CROP_BATCH):
-                    idx = tc[k : k + CROP_BATCH]
+                thumb.add(*grid.inner(tile))
+                for k in range(0, len(tc), cell_batch):
+                    idx = tc[k : k + cell_batch]
                     cells_w.add(idx, crops(tile, idx, cr0, cc0, s_cell, resample_cell))
                     bar.update(len(idx))
-                for k in range(0, len(tn), CROP_BATCH):
-                    idx = tn[k : k + CROP_BATCH]
+                for k in range(0, len(tn), niche_batch):
+                    idx = tn[k : k + niche_batch]
                     niches_w.add(idx, crops(tile, idx, nr0, nc0, s_niche, resample_niche))
                 del tile
         bar.close()

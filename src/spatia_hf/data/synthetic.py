@@ -359,7 +359,8 @@ def make_synthetic_tissue(n_sections: int = 2, n_cells: int = 2000, seed: int = 
 
     ``overrides`` set fields of :class:`SyntheticConfig` (e.g. ``n_genes=300``, ``pixel_size_um=0.2125``).
     ``render=False`` skips painting the image (an all-zero image of the right shape; for benchmarks
-    that read the image from a file written earlier). Sections alternate ``condition`` (healthy, disease) and change ``tissue`` every two sections.
+    that read the image from a file written earlier). Sections alternate ``condition`` (healthy,
+    disease) and change ``tissue`` every two sections.
     """
     if n_sections < 1 or n_cells < 1:
         raise ValueError(f"n_sections={n_sections}, n_cells={n_cells}: expected at least 1 of each")

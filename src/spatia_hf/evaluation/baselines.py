@@ -15,6 +15,7 @@ or a predicted shift (perturbation). Everything that is fitted is fitted on the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -87,6 +88,20 @@ def pixel_features(images: np.ndarray, size: int = 8) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(t, size).flatten(1).numpy()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run a block with ``n`` torch CPU threads (None: unchanged), restoring the setting after. The
+    baseline CNN's convolutions are tiny: one thread is fastest, and several threads on a busy CPU
+    were measured 30x slower (11.8 s vs 0.4 s for 4 epochs of 120 crops)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class ImageCNN(nn.Module):
     """Small image-only baseline: three conv blocks, global average pooling, a linear head."""
 
@@ -112,11 +127,14 @@ class TrainedCNN:
     net: ImageCNN
     losses: list[float] = field(default_factory=list)
 
+    num_threads: int | None = 1
+
     @torch.no_grad()
     def _batches(self, images: np.ndarray, fn, batch_size: int = 256) -> np.ndarray:
         self.net.eval()
-        out = [fn(torch.as_tensor(np.asarray(images[i:i + batch_size]), dtype=torch.float32) / 255.0).numpy()
-               for i in range(0, len(images), batch_size)]
+        with torch_threads(self.num_threads):
+            out = [fn(torch.as_tensor(np.asarray(images[i:i + batch_size]), dtype=torch.float32) / 255.0).numpy()
+                   for i in range(0, len(images), batch_size)]
         return np.concatenate(out)
 
     def features(self, images: np.ndarray) -> np.ndarray:
@@ -132,10 +150,12 @@ class TrainedCNN:
 
 
 def train_image_cnn(images: np.ndarray, labels: Sequence[str], train_idx: np.ndarray, epochs: int = 10,
-                    batch_size: int = 64, lr: float = 3e-3, width: int = 16, seed: int = 0) -> TrainedCNN:
+                    batch_size: int = 64, lr: float = 3e-3, width: int = 16, seed: int = 0,
+                    num_threads: int | None = 1) -> TrainedCNN:
     """Train the image-only baseline on the training crops' labels (flip/rot90 augmentation, Adam).
 
-    Seeded without touching the global RNG; a few epochs on 32-64 px crops take seconds on a CPU.
+    Seeded without touching the global RNG; a few epochs on 32-64 px crops take seconds on a CPU
+    (``num_threads`` torch threads while it runs; see :func:`torch_threads`).
     """
     if epochs < 1:
         raise ValueError(f"epochs={epochs}: expected at least 1")
@@ -143,7 +163,7 @@ def train_image_cnn(images: np.ndarray, labels: Sequence[str], train_idx: np.nda
     classes, y = np.unique(labels[train_idx], return_inverse=True)
     x = torch.as_tensor(np.asarray(images[train_idx]), dtype=torch.float32) / 255.0
     y = torch.as_tensor(y, dtype=torch.long)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch_threads(num_threads):
         torch.manual_seed(seed)
         net = ImageCNN(x.shape[1], len(classes), width)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -166,7 +186,7 @@ def train_image_cnn(images: np.ndarray, labels: Sequence[str], train_idx: np.nda
                 opt.step()
                 total += loss.item() * len(idx)
             losses.append(total / len(x))
-    return TrainedCNN(classes, net, losses)
+    return TrainedCNN(classes, net, losses, num_threads)
 
 
 # ----------------------------------------------------------------------------- imputation / regression

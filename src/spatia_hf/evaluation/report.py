@@ -167,10 +167,12 @@ def write_report(results: Sequence[TaskResult], report_dir: str | Path, meta: Ma
 def results_to_eval_results(results: Sequence[TaskResult] | str | Path, dataset_name: str,
                             dataset_type: str | None = None, methods: Sequence[str] | None = None,
                             dataset_config: str | None = "cells", dataset_split: str | None = "test",
-                            source_name: str = "spatia-hf evaluation") -> list:
+                            source_name: str | None = None, source_url: str | None = None) -> list:
     """``huggingface_hub.EvalResult`` entries (for ``ModelCardData(eval_results=...)``) of the given
     methods (default: every SPATIA variant), one per task and reported metric; undefined (NaN)
-    scores are left out. ``results`` may be task results or a results.json / report directory."""
+    scores are left out. ``results`` may be task results or a results.json / report directory.
+    ``source_name`` / ``source_url`` (both or neither, as the Hub requires) credit where the
+    evaluation ran, e.g. the report's URL."""
     from huggingface_hub import EvalResult
 
     if isinstance(results, (str, Path)):
@@ -187,5 +189,6 @@ def results_to_eval_results(results: Sequence[TaskResult] | str | Path, dataset_
                     task_type=r.key, task_name=r.title, dataset_type=dataset_type or dataset_name,
                     dataset_name=dataset_name, dataset_config=dataset_config, dataset_split=dataset_split,
                     metric_type=metric, metric_value=round(float(value), 6),
-                    metric_name=metric if m == "SPATIA" else f"{metric} ({m})", source_name=source_name))
+                    metric_name=metric if m == "SPATIA" else f"{metric} ({m})", source_name=source_name,
+                    source_url=source_url))
     return entries

@@ -125,11 +125,12 @@ class Repo:
 class HubError(Exception):
     """An HTTP error answered the way the Hub does (status, ``X-Error-Code``, JSON ``error``)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.extra = extra or {}  # more JSON fields of the error body
 
 
 class LoopbackHub:
@@ -337,7 +338,8 @@ class LoopbackHub:
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         with self._lock:
             if (repo_type, repo_id) in self.repos:
-                raise HubError(409, "You already created this repo", None)
+                # the Hub answers 409 with the repo url, which create_repo(exist_ok=True) returns
+                raise HubError(409, "You already created this repo", None, {"url": url})
             repo = Repo(repo_type, repo_id, private)
             # like the Hub: a new repo starts with one commit holding .gitattributes
             self._apply_commit(repo, "main", "initial commit", "", None,
@@ -627,7 +629,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": err.message.replace("\n", " ")[:500]}
         if err.code:
             headers["X-Error-Code"] = err.code
-        body = json.dumps({"error": err.message}).encode()
+        body = json.dumps({"error": err.message, **err.extra}).encode()
         self._send(err.status, b"" if self.command == "HEAD" else body, headers,
                    head=self.command == "HEAD", length=None if self.command != "HEAD" else 0)
 

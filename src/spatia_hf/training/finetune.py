@@ -331,7 +331,9 @@ def run_finetuning(
     """Fine-tune a SPATIA head on ``task_args.task``, evaluate on held-out sections, save to ``output_dir``.
 
     Returns a :class:`TrainingResult` (``eval_metrics`` hold ``eval_macro_f1`` / ``eval_accuracy`` or
-    ``eval_pearson_mean`` / ...), also written to ``output_dir/spatia_training.json``.
+    ``eval_pearson_mean`` / ...), also written to ``output_dir/spatia_training.json``. The held-out
+    sections are evaluated at the end when ``training_args.do_eval`` (``--do_eval``, or any
+    ``--eval_strategy`` but "no").
     """
     start = time.perf_counter()
     seed = training_args.seed
@@ -375,7 +377,7 @@ def run_finetuning(
         resume = True
     output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    eval_metrics: dict[str, Any] = trainer.evaluate() if evaluation is not None else {}
+    eval_metrics: dict[str, Any] = trainer.evaluate() if evaluation is not None and training_args.do_eval else {}
     result = TrainingResult(
         output_dir=Path(training_args.output_dir),
         global_step=trainer.state.global_step,
@@ -429,7 +431,7 @@ def finetune(
     data_args = DataArguments(dataset_dir=str(dataset_dir), eval_sections=eval_sections)
     task_args = FinetuneArguments(task=task, label_column=label_column, freeze_backbone=freeze_backbone)
     defaults = dict(logging_steps=10, save_strategy="no", report_to="none", optim="adamw_torch",
-                    eval_strategy="no", warmup_steps=10)
+                    eval_strategy="no", warmup_steps=10, do_eval=True)
     training_args = SpatiaTrainingArguments(
         output_dir=str(output_dir), num_train_epochs=num_train_epochs, max_steps=max_steps, max_minutes=max_minutes,
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=learning_rate,

@@ -130,6 +130,8 @@ def run_pretraining(
 
     Returns:
         a :class:`TrainingResult`; the same summary is written to ``output_dir/spatia_training.json``.
+        The held-out sections are evaluated at the end when ``training_args.do_eval`` (set by
+        ``--do_eval`` or any ``--eval_strategy`` but "no").
     """
     start = time.perf_counter()
     seed = training_args.seed
@@ -164,7 +166,7 @@ def run_pretraining(
     output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     eval_metrics: dict[str, Any] = {}
-    if evaluation is not None:
+    if evaluation is not None and training_args.do_eval:
         eval_metrics = trainer.evaluate()
     result = TrainingResult(
         output_dir=Path(training_args.output_dir),
@@ -207,7 +209,7 @@ def pretrain(
     model_args = ModelArguments(model_name_or_path=model_name_or_path, preset=preset)
     data_args = DataArguments(dataset_dir=str(dataset_dir), schedule=schedule, eval_sections=eval_sections)
     defaults = dict(logging_steps=max(1, min(10, max_steps // 10)), save_strategy="no", report_to="none",
-                    warmup_steps=max(0, min(20, max_steps // 10)), optim="adamw_torch")
+                    warmup_steps=max(0, min(20, max_steps // 10)), optim="adamw_torch", do_eval=True)
     training_args = SpatiaTrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, max_minutes=max_minutes,
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, learning_rate=learning_rate,

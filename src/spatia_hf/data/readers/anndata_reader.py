@@ -4,8 +4,9 @@ Expected input (what ``spatia synth`` writes, and what most pipelines can export
 raw integer counts in ``X`` (or a layer / ``adata.raw``), gene symbols as ``var_names``,
 centroids in ``obsm["spatial"]`` (pixels of the image by default; ``spatial_units="um"`` for µm),
 the pixel size in µm either given or in ``uns["spatial_pixel_size_um"]`` (or the OME-TIFF
-metadata), and a ``(C, Y, X)`` image opened lazily (tiled TIFF through ``tifffile`` + zarr, or a
-``.npy`` memory map), so whole-slide images are never loaded.
+metadata), and a morphology image opened lazily as ``(C, H, W)`` by the shared
+``readers.images.open_image`` (memory map or tifffile + zarr; ``.npy``), so whole-slide images
+are never loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,91 +23,7 @@ from ..section import Section
 
 PIXEL_SIZE_KEY = "spatial_pixel_size_um"
 GROUND_TRUTH_KEY = "synthetic_ground_truth"
-_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "Å": 1e-4}
 MAX_LABEL_CATEGORIES = 1000
-
-
-class ChannelFirstImage:
-    """A lazy ``(C, H, W)`` view of an array stored as YX, YXC/YXS or (1, C, Y, X)-like.
-
-    Supports what the builder uses: ``shape``, ``dtype``, ``ndim`` and slicing with up to three
-    slices/ints in (C, H, W) order; only the requested window is read from the store.
-    """
-
-    def __init__(self, array, axes: str):
-        self.array, self.axes = array, axes
-        self._c = axes.index("C") if "C" in axes else (axes.index("S") if "S" in axes else None)
-        self._y, self._x = axes.index("Y"), axes.index("X")
-        self._other = [i for i, a in enumerate(axes) if i not in (self._c, self._y, self._x)]
-        c = array.shape[self._c] if self._c is not None else 1
-        self.shape = (int(c), int(array.shape[self._y]), int(array.shape[self._x]))
-        self.dtype = np.dtype(array.dtype)
-        self.ndim = 3
-
-    def __getitem__(self, key) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        key = key + (slice(None),) * (3 - len(key))
-        scalar = [isinstance(k, (int, np.integer)) for k in key]
-        ck, yk, xk = (slice(int(k), int(k) + 1) if s else k for k, s in zip(key, scalar))
-        index: list[Any] = [0] * len(self.axes)  # singleton extra axes (Z, T) -> their only plane
-        if self._c is not None:
-            index[self._c] = ck
-        index[self._y], index[self._x] = yk, xk
-        out = np.asarray(self.array[tuple(index)])
-        kept = [a for i, a in enumerate(self.axes) if i not in self._other]
-        out = np.transpose(out, [kept.index(a) for a in ("C", "S", "Y", "X") if a in kept])
-        if self._c is None:
-            out = out[None][ck]
-        return out[tuple(0 if s else slice(None) for s in scalar)]
-
-
-def _ome_pixel_size_and_channels(tf) -> tuple[float | None, list[str] | None]:
-    if not tf.is_ome or not tf.ome_metadata:
-        return None, None
-    try:
-        root = ET.fromstring(tf.ome_metadata)
-    except ET.ParseError:
-        return None, None
-    pixels = next((e for e in root.iter() if e.tag.endswith("Pixels")), None)
-    if pixels is None:
-        return None, None
-    size = pixels.get("PhysicalSizeX")
-    unit = pixels.get("PhysicalSizeXUnit", "µm")
-    px = float(size) * _UNIT_TO_UM.get(unit, 1.0) if size else None
-    names = [c.get("Name") for c in pixels if c.tag.endswith("Channel")]
-    return px, (names if names and all(names) else None)
-
-
-def open_image(path: str | Path) -> tuple[Any, float | None, list[str] | None]:
-    """Open a morphology image lazily as ``(C, H, W)``; also return its OME pixel size (µm) and
-    channel names when the file records them. TIFF/OME-TIFF (level 0 of pyramids) or ``.npy``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image {path} does not exist. Fix: pass the morphology image (--image)")
-    if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-        axes = {2: "YX", 3: "CYX"}.get(arr.ndim)
-        if axes is None:
-            raise ValueError(f"image {path}: {arr.ndim}-D array. Fix: save (C, H, W) or (H, W)")
-        return (arr if axes == "CYX" else ChannelFirstImage(arr, axes)), None, None
-    if path.suffix.lower() not in (".tif", ".tiff", ".btf"):
-        raise ValueError(f"image {path}: unsupported extension {path.suffix!r}. Fix: pass a .tif/.ome.tif or .npy")
-    import tifffile
-    import zarr
-
-    with tifffile.TiffFile(path) as tf:
-        series = tf.series[0]
-        axes = series.axes.upper()
-        px, names = _ome_pixel_size_and_channels(tf)
-    store = tifffile.imread(path, aszarr=True, series=0, level=0)
-    arr = zarr.open(store, mode="r")
-    extra = [a for a in axes if a not in "CSYX"]
-    if not {"Y", "X"} <= set(axes) or any(arr.shape[axes.index(a)] != 1 for a in extra) or \
-            ("C" in axes and "S" in axes):
-        raise ValueError(f"image {path}: axes {axes!r} with shape {tuple(arr.shape)} are not a 2-D multichannel "
-                         "image. Fix: export one Z plane / time point as (C, Y, X)")
-    image = arr if axes == "CYX" else ChannelFirstImage(arr, axes)
-    return image, px, names
 
 
 def _counts_matrix(adata, layer: str | None):
@@ -197,9 +113,12 @@ def read_anndata(
     if spatial_units not in ("px", "um"):
         raise ValueError(f"spatial_units={spatial_units!r}: expected 'px' or 'um'")
 
-    meta_px, meta_names = None, None
+    meta_px, meta_names, image_info = None, None, None
     if isinstance(image, (str, Path)):
-        image, meta_px, meta_names = open_image(image)
+        from .images import open_image
+
+        image, info = open_image(image)
+        meta_px, meta_names, image_info = info.pixel_size_um, info.channel_names, info.to_json()
     uns_px = adata.uns.get(PIXEL_SIZE_KEY)
     candidates = {"argument": pixel_size_um, f"uns[{PIXEL_SIZE_KEY!r}]": uns_px, "OME metadata": meta_px}
     given = {k: float(v) for k, v in candidates.items() if v is not None}
@@ -246,6 +165,8 @@ def read_anndata(
     sid = sample_id or (str(adata.uns["sample_id"]) if "sample_id" in adata.uns else None) or \
         (_safe_sample_id(Path(source).name.split(".")[0]) if source != "AnnData" else "section")
     uns: dict[str, Any] = {"source": source}
+    if image_info is not None:
+        uns["image"] = image_info
     if GROUND_TRUTH_KEY in adata.uns:
         gt = adata.uns[GROUND_TRUTH_KEY]
         uns[GROUND_TRUTH_KEY] = json.loads(gt) if isinstance(gt, str) else gt

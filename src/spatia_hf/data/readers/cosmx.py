@@ -190,6 +190,23 @@ def build_mosaic(placements: dict[int, tuple[int, float, int, float]], images: d
     return mosaic, np.array([x0, y0]), prov
 
 
+def _check_cells_on_their_fov(cpx: np.ndarray, fov_of_cell: np.ndarray, mosaic: FovMosaic,
+                              cell_ids: Sequence[str]) -> None:
+    """Each cell's centroid must fall on its own FOV's image (else that image is too small or misplaced)."""
+    for t in mosaic.tiles:
+        idx = np.flatnonzero(fov_of_cell == t.fov)
+        if not len(idx):
+            continue
+        c, r = cpx[idx, 0] - t.col0, cpx[idx, 1] - t.row0
+        off = ~((c >= 0) & (c < t.width) & (r >= 0) & (r < t.height))
+        if off.any():
+            first = [cell_ids[i] for i in idx[off][:5]]
+            raise ValueError(f"{t.path}: {int(off.sum())} of the {len(idx)} cells of FOV {t.fov} lie outside this "
+                             f"{t.width} x {t.height} px image (first: {C.listed(first)}). Fix: pass the full-size FOV "
+                             "images of this export (--image-dir), or outside='drop' (CLI: --outside drop) to drop "
+                             "and count those cells")
+
+
 def read_cosmx(
     path: str | Path,
     *,
@@ -303,8 +320,7 @@ def read_cosmx(
              "background_counts": table.counts_in_dropped_rows, "image_dir": image_dir, **prov},
     )
     if check_bounds:
-        C.check_image_covers(section.centroids_px(), mosaic.shape, f"{folder / image_dir} (FOV mosaic)", cell_ids,
-                             fix="check --pixel-size and that the images belong to this export")
+        _check_cells_on_their_fov(section.centroids_px(), obs["fov"].to_numpy(), mosaic, cell_ids)
     return C.attach_labels_and_coverage(section, labels=labels, labels_id_column=labels_id_column,
                                         vocabulary=vocabulary, quiet=quiet)
 

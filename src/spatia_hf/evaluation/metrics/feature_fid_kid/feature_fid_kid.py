@@ -13,6 +13,8 @@ descriptors) and passes features; the metric compares the two feature clouds.
   unbiased, so it can be slightly negative when the two sets match.
 """
 
+import warnings
+
 import datasets
 import evaluate
 import numpy as np
@@ -49,10 +51,14 @@ def frechet_distance(real: np.ndarray, gen: np.ndarray, eps: float = 1e-6) -> fl
     mu_r, mu_g = real.mean(axis=0), gen.mean(axis=0)
     s_r = np.atleast_2d(np.cov(real, rowvar=False))
     s_g = np.atleast_2d(np.cov(gen, rowvar=False))
-    covmean = linalg.sqrtm(s_r @ s_g)
-    if not np.isfinite(covmean).all():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_r @ s_g)
+    if caught or not np.isfinite(covmean).all():  # singular product (fewer samples than dimensions)
         offset = np.eye(s_r.shape[0]) * eps
-        covmean = linalg.sqrtm((s_r + offset) @ (s_g + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((s_r + offset) @ (s_g + offset))
     if np.iscomplexobj(covmean):
         covmean = covmean.real  # numerical noise of sqrtm on a near-singular product
     diff = mu_r - mu_g

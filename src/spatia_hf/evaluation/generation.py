@@ -1,0 +1,429 @@
+"""Scoring generated cells (tasks 11 and 12): type accuracy, nucleus area, perturbation shift.
+
+Generated and real crops are measured by the same functions, so differences are the generator's:
+
+* :func:`nucleus_area` measures the central nucleus in the DAPI channel (smoothed, half-maximum
+  contour around a robust peak), in µm²;
+* :func:`morphology_features` turns crops into rotation-invariant features (nucleus area,
+  elongation, brightness, texture, radial profiles of every stain), and :func:`fit_type_classifier`
+  fits a logistic regression on them with real crops; :func:`type_accuracy_of_generated` applies it
+  to generated crops and scores against the cell type of the conditioning expression;
+* :func:`perturbation_area_shift` compares paired control / perturbed crops (same noise) with the
+  ground-truth effect of the synthetic tissue's morphology gene;
+* :func:`generate_images` runs a pipeline over a counts matrix in batches (seeded) and
+  :func:`generate_for_suite` fills the ``generation`` / ``perturbation`` slots of
+  :func:`spatia_hf.evaluation.suite.run_suite`;
+* :func:`evaluate_generator` does all of it on a built dataset and returns a JSON-able report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+N_RINGS = 8
+
+
+def as_float_images(images: Any) -> np.ndarray:
+    """Crops as float64 ``(N, C, H, W)`` in [0, 1] (uint8 is divided by 255; torch is converted)."""
+    if hasattr(images, "detach"):
+        images = images.detach().cpu().numpy()
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise ValueError(f"images: expected (N, C, H, W) crops, got shape {x.shape}")
+    return x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+
+
+def _pixel_sizes(pixel_size_um, n: int) -> np.ndarray:
+    px = np.broadcast_to(np.asarray(pixel_size_um, dtype=np.float64), (n,)).copy()
+    if not (np.isfinite(px).all() and (px > 0).all()):
+        raise ValueError(f"pixel_size_um: expected positive µm per pixel, got {np.unique(px)[:5]}")
+    return px
+
+
+def nucleus_masks(images: Any, pixel_size_um, channel: int = 0, smooth_um: float = 0.75, level: float = 0.5,
+                  peak_quantile: float = 90.0, window_um: float = 4.0) -> np.ndarray:
+    """Boolean ``(N, H, W)`` mask of the nucleus at the centre of each crop.
+
+    The DAPI plane is smoothed (Gaussian, ``smooth_um``), its background is the 5th percentile, its
+    peak the ``peak_quantile`` percentile of a central ``window_um`` window (robust to chromatin
+    texture, unlike the maximum); the nucleus is the connected region above
+    ``background + level x (peak - background)`` that holds the brightest central pixel. A crop
+    without a nucleus (peak barely above background) gets an empty mask.
+    """
+    x = as_float_images(images)
+    n, c, h, w = x.shape
+    if not 0 <= channel < c:
+        raise ValueError(f"channel={channel}: the crops have {c} channels")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level}: expected a fraction in (0, 1)")
+    px = _pixel_sizes(pixel_size_um, n)
+    masks = np.zeros((n, h, w), dtype=bool)
+    cy, cx = h // 2, w // 2
+    for i in range(n):
+        plane = ndimage.gaussian_filter(x[i, channel], smooth_um / px[i]) if smooth_um > 0 else x[i, channel]
+        background = np.percentile(plane, 5)
+        half = max(1, int(round(window_um / px[i] / 2)))
+        win = plane[cy - half : cy + half + 1, cx - half : cx + half + 1]
+        peak = np.percentile(win, peak_quantile)
+        if peak - background <= 0.02:  # no nucleus at the centre
+            continue
+        labels, _ = ndimage.label(plane >= background + level * (peak - background))
+        central = labels[cy - half : cy + half + 1, cx - half : cx + half + 1]
+        if not (central > 0).any():
+            continue
+        r, col = np.unravel_index(int(np.argmax(np.where(central > 0, win, -np.inf))), win.shape)
+        masks[i] = labels == central[r, col]
+    return masks
+
+
+def nucleus_area(images: Any, pixel_size_um, channel: int = 0, **kwargs) -> np.ndarray:
+    """Area (µm²) of the central nucleus of each crop (0 when none); see :func:`nucleus_masks`."""
+    masks = nucleus_masks(images, pixel_size_um, channel=channel, **kwargs)
+    return masks.sum(axis=(1, 2)) * _pixel_sizes(pixel_size_um, len(masks)) ** 2
+
+
+def morphology_features(images: Any, pixel_size_um, nucleus_channel: int = 0) -> np.ndarray:
+    """Rotation-invariant features ``(N, F)`` of crops, for type classification and feature distances.
+
+    Per crop: nucleus area (µm², log), elongation and solidity proxies from the mask's second moments,
+    mean / std / Laplacian energy of the nuclear stain inside the nucleus (brightness, texture), and
+    for every channel the mean intensity in ``N_RINGS`` rings around the centre (out to half the crop,
+    in µm so crops of different pixel sizes compare) plus its 10/50/90th percentiles.
+    """
+    x = as_float_images(images)
+    n, c, h, w = x.shape
+    px = _pixel_sizes(pixel_size_um, n)
+    masks = nucleus_masks(x, px, channel=nucleus_channel)
+    yy, xx = np.mgrid[0:h, 0:w]
+    radius_px = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)
+    feats = []
+    for i in range(n):
+        m = masks[i]
+        area = m.sum() * px[i] ** 2
+        dapi = x[i, nucleus_channel]
+        if m.sum() >= 3:
+            ys, xs = np.nonzero(m)
+            cov = np.cov(np.stack([ys, xs]).astype(np.float64))
+            ev = np.sort(np.linalg.eigvalsh(cov))
+            elong = float(np.sqrt(ev[1] / max(ev[0], 1e-6)))
+            inside = dapi[m]
+            lap = ndimage.laplace(ndimage.gaussian_filter(dapi, 0.5))[m]
+            nuc = [np.log1p(area), np.log(elong), inside.mean(), inside.std(), np.sqrt((lap**2).mean()),
+                   m.sum() / max(np.pi * np.sqrt(ev[0] * ev[1]) * 4, 1.0)]
+        else:
+            nuc = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        r_um = radius_px * px[i]
+        edges = np.linspace(0, (min(h, w) / 2) * px[i], N_RINGS + 1)
+        ring = np.digitize(r_um, edges) - 1
+        prof = []
+        for ch in range(c):
+            plane = x[i, ch]
+            sums = np.bincount(ring[ring < N_RINGS], weights=plane[ring < N_RINGS], minlength=N_RINGS)
+            cnts = np.bincount(ring[ring < N_RINGS], minlength=N_RINGS)
+            prof.extend((sums / np.maximum(cnts, 1)).tolist())
+            prof.extend(np.percentile(plane, [10, 50, 90]).tolist())
+        feats.append(nuc + prof)
+    return np.asarray(feats, dtype=np.float64)
+
+
+def fit_type_classifier(images: Any, labels: Sequence[str], pixel_size_um, seed: int = 0):
+    """A scikit-learn pipeline (standardise + multinomial logistic regression) on
+    :func:`morphology_features` of real crops, predicting ``labels`` (e.g. cell types)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    feats = morphology_features(images, pixel_size_um)
+    labels = np.asarray(labels).astype(str)
+    if len(labels) != len(feats):
+        raise ValueError(f"labels: {len(labels)} for {len(feats)} images")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("labels: need at least two classes to fit a classifier")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=1.0, random_state=seed))
+    return clf.fit(feats, labels)
+
+
+def type_accuracy_of_generated(classifier, generated: Any, condition_labels: Sequence[str],
+                               pixel_size_um) -> dict[str, Any]:
+    """Accuracy of ``classifier`` (from :func:`fit_type_classifier`) on generated crops against the
+    type of the expression each crop was conditioned on, with the chance levels to compare to."""
+    labels = np.asarray(condition_labels).astype(str)
+    feats = morphology_features(generated, pixel_size_um)
+    if len(labels) != len(feats):
+        raise ValueError(f"condition_labels: {len(labels)} for {len(feats)} generated images")
+    pred = classifier.predict(feats)
+    classes = [str(c) for c in classifier.classes_]
+    _, counts = np.unique(labels, return_counts=True)
+    per_type = {t: float((pred[labels == t] == t).mean()) for t in sorted(set(labels))}
+    return {"accuracy": float((pred == labels).mean()), "chance_uniform": 1.0 / len(classes),
+            "chance_majority": float(counts.max() / counts.sum()), "n": int(len(labels)), "per_type": per_type,
+            "predictions": pred.tolist()}
+
+
+def perturbation_area_shift(before: Any, after: Any, pixel_size_um, fold: float,
+                            exponent: float | None = None) -> dict[str, Any]:
+    """Nucleus-area change between paired control (``before``) and perturbed (``after``) crops.
+
+    ``measured_ratio`` is the geometric mean of the per-pair area ratios (pairs where both crops have
+    a nucleus); ``true_ratio`` = ``fold ** exponent`` when the ground-truth exponent is given.
+    """
+    a0 = nucleus_area(before, pixel_size_um)
+    a1 = nucleus_area(after, pixel_size_um)
+    ok = (a0 > 0) & (a1 > 0)
+    if not ok.any():
+        raise ValueError("perturbation_area_shift: no pair has a measurable nucleus in both crops")
+    log_ratio = np.log(a1[ok]) - np.log(a0[ok])
+    out = {"fold": float(fold), "measured_ratio": float(np.exp(log_ratio.mean())),
+           "median_ratio": float(np.exp(np.median(log_ratio))), "fraction_increased": float((log_ratio > 0).mean()),
+           "n_pairs": int(ok.sum()), "n_skipped": int((~ok).sum()),
+           "mean_area_before_um2": float(a0[ok].mean()), "mean_area_after_um2": float(a1[ok].mean())}
+    if exponent is not None:
+        out["true_ratio"] = float(fold**exponent)
+    return out
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, reference: np.ndarray | None = None) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets, after standardising every feature
+    by ``reference`` (default ``features_a``), so features in different units weigh alike."""
+    from scipy import linalg
+
+    ref = features_a if reference is None else reference
+    mu, sd = ref.mean(axis=0), ref.std(axis=0) + 1e-8
+    a, b = (features_a - mu) / sd, (features_b - mu) / sd
+    m1, m2 = a.mean(axis=0), b.mean(axis=0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = np.real(covmean)
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+# ---------------------------------------------------------------------------------------- running a pipeline
+def generate_images(pipe, counts, gene_names: Sequence[str], *, perturbation: Mapping[str, float] | None = None,
+                    num_inference_steps: int = 25, guidance_scale: float | None = None, batch_size: int = 64,
+                    seed: int = 0, out_px: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Generate one crop per row of ``counts`` (raw counts on ``gene_names``), batch by batch.
+
+    Batch ``k`` uses ``torch.Generator().manual_seed(seed + k)``, so results do not depend on how
+    many batches ran before. Returns uint8 ``(N, C, H, W)`` control crops and, with
+    ``perturbation``, the perturbed crops from the same noise. ``out_px`` resizes to the dataset's
+    crop size when it differs from the pipeline's.
+    """
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+
+    dense = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
+    controls, edits = [], []
+    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    for k, start in enumerate(range(0, len(dense), batch_size)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # panel notes repeat for every batch
+            out = pipe(dense[start : start + batch_size], gene_names=list(gene_names), perturbation=perturbation,
+                       num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed + k),
+                       output_type="pt", **kwargs)
+        controls.append(out.images)
+        if perturbation is not None:
+            edits.append(out.perturbed_images)
+
+    def finish(parts):
+        x = torch.cat(parts)
+        if out_px is not None and x.shape[-1] != out_px:
+            mode = "area" if x.shape[-1] > out_px else "bilinear"
+            x = F.interpolate(x, size=(out_px, out_px), mode=mode,
+                              **({} if mode == "area" else {"align_corners": False}))
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+    return finish(controls), (finish(edits) if perturbation is not None else None)
+
+
+def generate_for_suite(pipe, inputs, name: str = "SPATIA generator", num_inference_steps: int = 25,
+                       guidance_scale: float | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, dict]:
+    """The ``extra`` entries of :func:`spatia_hf.evaluation.suite.run_suite` for a pipeline:
+    ``{"generation": {name: crops}, "perturbation": {name: {"before": crops, "after": {fold: crops}}}}``
+    (uint8 ``(N, C, H, W)`` at the dataset's crop size), conditioned on ``inputs.generation_idx`` /
+    ``inputs.perturbation_idx`` cells."""
+    cells = inputs.cells
+    out_px = int(cells.images.shape[-1]) if cells.images is not None else None
+    common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+                  out_px=out_px)
+    generated, _ = generate_images(pipe, cells.counts[inputs.generation_idx], cells.genes, seed=seed, **common)
+    extra: dict[str, dict] = {"generation": {name: generated}}
+    if inputs.morphology_gene is not None:
+        counts = cells.counts[inputs.perturbation_idx]
+        after, before = {}, None
+        for fold in inputs.folds:
+            ctrl, edit = generate_images(pipe, counts, cells.genes, perturbation={inputs.morphology_gene: fold},
+                                         seed=seed + 10_000, **common)
+            before = ctrl if before is None else before  # identical for every fold: same seeds, same noise
+            after[fold] = edit
+        extra["perturbation"] = {name: {"before": before, "after": after}}
+    return extra
+
+
+def evaluate_generator(pipe, dataset_dir: str | Path, *, eval_sections: Sequence[str] | None = None,
+                       n_per_type: int = 40, n_perturb: int = 64, fold: float = 4.0, gene: str | None = None,
+                       num_inference_steps: int = 25, guidance_scale: float | None = None, batch_size: int = 64,
+                       seed: int = 0, figures_dir: str | Path | None = None) -> dict[str, Any]:
+    """Tasks 11/12 for one pipeline on a built (synthetic) dataset, as a JSON-able report.
+
+    * a type classifier is fitted on real crops of the training sections (its held-out accuracy on
+      real crops of ``eval_sections`` is reported as the ceiling);
+    * up to ``n_per_type`` cells per type of ``eval_sections`` (default: the last section) condition
+      the generator; the classifier labels the generated crops (accuracy vs chance);
+    * ``n_perturb`` of those cells are generated again with ``gene`` (default: the ground truth's
+      morphology gene) x ``fold`` from the same noise; the nucleus-area ratio is compared with the
+      ground truth ``fold ** exponent``; the measurement itself is checked on real crops
+      (correlation with the true ``nucleus_area_um2``);
+    * with ``figures_dir``: ``generation_grid.png`` (real vs generated per type) and
+      ``perturbation_strip.png`` (folds 0.25 ... 16 from the same noise).
+    """
+    from spatia_hf.data import schema
+    from spatia_hf.data.synthetic import load_ground_truth
+    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.training.generator import dense_counts
+
+    data = load_spatia_dataset(dataset_dir, ["cells"])
+    genes = list(data.genes)
+    cells = data["cells"]
+    train, held = split_by_section(cells, eval_sections)
+    if held is None:
+        raise ValueError("evaluate_generator: the dataset has one section, none is held out. Fix: pass a dataset "
+                         "with several sections (or eval_sections=[...])")
+    cols = [schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS, schema.PIXEL_SIZE_UM, "cell_type"]
+    has_area = "nucleus_area_um2" in cells.column_names
+    if has_area:
+        cols.append("nucleus_area_um2")
+    train_np = train.with_format("numpy", columns=cols)[:]
+    held_np = held.with_format("numpy", columns=cols)[:]
+    real_train = np.asarray(train_np[schema.IMAGE]).astype(np.uint8)
+    real_held = np.asarray(held_np[schema.IMAGE]).astype(np.uint8)
+    px_train, px_held = train_np[schema.PIXEL_SIZE_UM], held_np[schema.PIXEL_SIZE_UM]
+    types_train, types_held = np.asarray(train_np["cell_type"]).astype(str), np.asarray(held_np["cell_type"]).astype(str)
+
+    clf = fit_type_classifier(real_train, types_train, px_train, seed=seed)
+    real_acc = float((clf.predict(morphology_features(real_held, px_held)) == types_held).mean())
+
+    rng = np.random.default_rng([seed, 11])
+    chosen = np.sort(np.concatenate([rng.permutation(np.flatnonzero(types_held == t))[:n_per_type]
+                                     for t in sorted(set(types_held))]))
+    counts = dense_counts(held_np[schema.GENE_INDICES][chosen], held_np[schema.GENE_COUNTS][chosen], len(genes)).numpy()
+    out_px = real_held.shape[-1]
+    generated, _ = generate_images(pipe, counts, genes, num_inference_steps=num_inference_steps,
+                                   guidance_scale=guidance_scale, batch_size=batch_size, seed=seed, out_px=out_px)
+    typing = type_accuracy_of_generated(clf, generated, types_held[chosen], px_held[chosen])
+    typing["real_held_out_accuracy"] = real_acc
+    typing.pop("predictions")
+    real_feats = morphology_features(real_held[chosen], px_held[chosen])
+    gen_feats = morphology_features(generated, px_held[chosen])
+    report: dict[str, Any] = {
+        "dataset_dir": str(dataset_dir), "eval_sections": sorted(set(np.asarray(held["sample_id"]).astype(str))),
+        "n_generated": int(len(chosen)), "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale if guidance_scale is not None else "pipeline default", "seed": seed,
+        "type_accuracy": typing,
+        "feature_frechet_distance": {"generated_vs_real": frechet_distance(real_feats, gen_feats),
+                                     "real_train_vs_real_held_out": frechet_distance(
+                                         real_feats, morphology_features(real_train[: len(chosen)],
+                                                                         px_train[: len(chosen)]), real_feats)},
+    }
+    if has_area:
+        measured = nucleus_area(real_held, px_held)
+        truth = np.asarray(held_np["nucleus_area_um2"], dtype=np.float64)
+        ok = measured > 0
+        report["nucleus_area_check"] = {
+            "pearson_log": float(np.corrcoef(np.log(measured[ok]), np.log(truth[ok]))[0, 1]),
+            "median_measured_over_true": float(np.median(measured[ok] / truth[ok])), "n": int(ok.sum())}
+
+    truth_gt = None
+    try:
+        truth_gt = load_ground_truth(dataset_dir)
+    except (KeyError, IndexError, FileNotFoundError):
+        pass
+    morph = (truth_gt or {}).get("morphology_genes", {})
+    gene = gene or next(iter(morph), None)
+    if gene is not None:
+        exponent = morph.get(gene, {}).get("exponent")
+        pidx = chosen[np.sort(rng.permutation(len(chosen))[:n_perturb])]
+        col = genes.index(gene)
+        pcounts = dense_counts(held_np[schema.GENE_INDICES][pidx], held_np[schema.GENE_COUNTS][pidx], len(genes)).numpy()
+        pcounts = pcounts[pcounts[:, col] > 0]  # a fold of 0 counts is no edit
+        before, after = generate_images(pipe, pcounts, genes, perturbation={gene: fold},
+                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                        batch_size=batch_size, seed=seed + 10_000, out_px=out_px)
+        report["perturbation"] = {"gene": gene, **perturbation_area_shift(before, after, float(px_held[0]), fold,
+                                                                           exponent)}
+        if figures_dir is not None:
+            _perturbation_figure(pipe, pcounts[:6], genes, gene, Path(figures_dir) / "perturbation_strip.png",
+                                 num_inference_steps, guidance_scale, seed, out_px)
+    if figures_dir is not None:
+        _grid_figure(real_held, types_held, chosen, generated, pipe.config.channel_names,
+                     Path(figures_dir) / "generation_grid.png")
+        report["figures"] = sorted(str(p) for p in Path(figures_dir).glob("*.png"))
+    return report
+
+
+# ---------------------------------------------------------------------------------------- figures
+def _save_png(rgb: np.ndarray, path: Path, scale: int = 3) -> None:
+    import PIL.Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8))
+    tmp = path.with_name(path.name + ".tmp.png")
+    PIL.Image.fromarray(big).save(tmp)
+    tmp.rename(path)
+
+
+def _tile(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    h, w = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            out[pad + i * (h + pad) : pad + i * (h + pad) + h, pad + j * (w + pad) : pad + j * (w + pad) + w] = im
+    return out
+
+
+def _grid_figure(real, types, chosen, generated, channel_names, path: Path, k: int = 6) -> None:
+    """One row per cell type: ``k`` real held-out crops, a gap, ``k`` generated crops of that type."""
+    from spatia_hf.pipeline_spatia import render_rgb
+
+    rows = []
+    for t in sorted(set(types[chosen])):
+        sel = np.flatnonzero(types[chosen] == t)[:k]
+        r = render_rgb(real[chosen[sel]] / 255.0, channel_names)
+        g = render_rgb(generated[sel] / 255.0, channel_names)
+        blank = np.full_like(r[0], 255)
+        rows.append(list(r) + [blank] + list(g))
+    _save_png(_tile(rows), path)
+
+
+def _perturbation_figure(pipe, counts, genes, gene, path: Path, steps, guidance, seed, out_px,
+                         folds: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)) -> None:
+    """One row per cell: the same noise with ``gene`` scaled by each fold (left to right)."""
+    from spatia_hf.pipeline_spatia import render_rgb
+
+    cols = []
+    for fold in folds:
+        _, edit = generate_images(pipe, counts, genes, perturbation={gene: fold}, num_inference_steps=steps,
+                                  guidance_scale=guidance, seed=seed + 20_000, batch_size=len(counts), out_px=out_px)
+        cols.append(render_rgb(edit / 255.0, pipe.config.channel_names))
+    rows = [[cols[j][i] for j in range(len(folds))] for i in range(len(counts))]
+    _save_png(_tile(rows), path, scale=4)
+
+
+__all__ = [
+    "nucleus_masks",
+    "nucleus_area",
+    "morphology_features",
+    "fit_type_classifier",
+    "type_accuracy_of_generated",
+    "perturbation_area_shift",
+    "frechet_distance",
+    "generate_images",
+    "generate_for_suite",
+    "evaluate_generator",
+]

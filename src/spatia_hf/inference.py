@@ -1,0 +1,193 @@
+"""Embeddings of a whole built dataset at every scale: cells, context-aware cells, niches, sections.
+
+One function, :func:`embed_dataset`, serves ``spatia embed`` (AnnData users), the evaluation
+suite and the demo, so every consumer sees the same numbers. Two choices make the result
+independent of batch size and chunking: the zero-count genes sampled for each cell come from a
+generator seeded by the cell's id (not by its position in a batch), and padding is masked.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from spatia_hf.data import schema
+from spatia_hf.modeling_spatia import SpatiaModel
+from spatia_hf.processing_spatia import SpatiaProcessor
+
+MODALITIES = ("fused", "image", "expression")
+
+
+@dataclass
+class DatasetEmbeddings:
+    """Arrays aligned with the rows of the ``cells`` / ``niches`` / ``tissues`` configs that were embedded.
+
+    ``cells[m]`` holds the cell model's embedding with modality ``m`` (``fused``: image + expression,
+    ``image``: image branch only, ``expression``: expression branch only); ``cells_in_niche`` the
+    niche model's context-aware embedding of each cell (aligned with ``cell_ids``); ``niches`` one
+    row per niche; ``tissues`` one row per section.
+    """
+
+    cell_ids: np.ndarray
+    cell_sample_ids: np.ndarray
+    cells: dict[str, np.ndarray] = field(default_factory=dict)
+    cells_in_niche: np.ndarray | None = None
+    niche_ids: np.ndarray | None = None
+    niche_sample_ids: np.ndarray | None = None
+    niche_positions_um: np.ndarray | None = None
+    niches: np.ndarray | None = None
+    tissue_sample_ids: np.ndarray | None = None
+    tissues: np.ndarray | None = None
+    gene_coverage: dict = field(default_factory=dict)
+
+
+def cell_seed(cell_id: str, seed: int = 0) -> int:
+    """A stable per-cell seed (same cell, same sampled genes, whatever the batch)."""
+    return (zlib.crc32(str(cell_id).encode()) + 1_000_003 * int(seed)) % (2**32)
+
+
+def encode_cells(processor: SpatiaProcessor, rows: dict, modality: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rows of the ``cells`` config (dict of columns) -> model inputs for one modality, seeded per cell."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality={modality!r}: use one of {MODALITIES}")
+    inputs: dict[str, torch.Tensor] = {}
+    if modality in ("fused", "image"):
+        inputs["pixel_values"] = processor.preprocess_images(np.asarray(rows[schema.IMAGE]))
+    if modality in ("fused", "expression"):
+        cells = [
+            processor.encode_cell(idx, cnt, np.random.default_rng(cell_seed(cid, seed)))
+            for cid, idx, cnt in zip(rows[schema.CELL_ID], rows[schema.GENE_INDICES], rows[schema.GENE_COUNTS])
+        ]
+        length = max([len(c["gene_ids"]) for c in cells] + [1])
+        ids = np.zeros((len(cells), length), dtype=np.int64)
+        values = np.zeros((len(cells), length), dtype=np.float32)
+        for r, c in enumerate(cells):
+            ids[r, : len(c["gene_ids"])] = c["gene_ids"]
+            values[r, : len(c["gene_values"])] = c["gene_values"]
+        inputs["gene_ids"] = torch.from_numpy(ids)
+        inputs["gene_values"] = torch.from_numpy(values)
+        inputs["gene_attention_mask"] = torch.from_numpy(ids != 0).long()
+    return inputs
+
+
+@torch.no_grad()
+def embed_cells_config(model: SpatiaModel, processor: SpatiaProcessor, cells, *, modality: str = "fused",
+                       batch_size: int = 64, seed: int = 0, progress: bool = True) -> np.ndarray:
+    """Cell embeddings ``[n_cells, D]`` of a ``cells`` ``datasets.Dataset`` for one modality."""
+    out = []
+    columns = [schema.CELL_ID, schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS]
+    view = cells.select_columns(columns).with_format("numpy")
+    for start in tqdm(range(0, len(cells), batch_size), desc=f"cell embeddings ({modality})", disable=not progress):
+        rows = view[start : start + batch_size]
+        inputs = encode_cells(processor, rows, modality, seed)
+        out.append(model.embed_cells(**inputs, batch_size=batch_size, return_tensors="np"))
+    width = model.config.cell_config.hidden_size
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
+
+
+@torch.no_grad()
+def embed_niches_config(model: SpatiaModel, niches, cell_ids: np.ndarray, cell_embeddings: np.ndarray, *,
+                        batch_size: int = 16, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Niche embeddings ``[n_niches, D]`` and context-aware cell embeddings aligned with ``cell_ids``.
+
+    Every member of a niche is used (no sampling): a cell's context embedding comes from the niche
+    it belongs to. Cells of ``cell_ids`` that no niche lists keep their cell embedding.
+    """
+    position = {c: i for i, c in enumerate(cell_ids.tolist())}
+    in_niche = cell_embeddings.copy()
+    niche_out = []
+    view = niches.select_columns([schema.CELL_IDS, schema.CELL_REL_X_UM, schema.CELL_REL_Y_UM])
+    for start in tqdm(range(0, len(niches), batch_size), desc="niche embeddings", disable=not progress):
+        rows = view[start : start + batch_size]
+        members = [[position.get(c, -1) for c in ids] for ids in rows[schema.CELL_IDS]]
+        n_max = max([len(m) for m in members] + [1])
+        emb = np.zeros((len(members), n_max, cell_embeddings.shape[1]), np.float32)
+        pos = np.zeros((len(members), n_max, 2), np.float32)
+        mask = np.zeros((len(members), n_max), bool)
+        for b, (m, rx, ry) in enumerate(zip(members, rows[schema.CELL_REL_X_UM], rows[schema.CELL_REL_Y_UM])):
+            keep = np.asarray(m) >= 0
+            idx = np.asarray(m)[keep]
+            emb[b, : idx.size] = cell_embeddings[idx]
+            pos[b, : idx.size, 0] = np.asarray(rx, np.float32)[keep]
+            pos[b, : idx.size, 1] = np.asarray(ry, np.float32)[keep]
+            mask[b, : idx.size] = True
+        niche_emb, ctx = model.embed_niches(cell_positions=pos, cell_embeddings=emb, cell_attention_mask=mask,
+                                            batch_size=batch_size, return_cell_embeddings=True)
+        niche_out.append(niche_emb)
+        for b, m in enumerate(members):
+            idx = np.asarray([i for i in m if i >= 0], dtype=np.int64)
+            in_niche[idx] = ctx[b, : idx.size]
+    width = model.config.niche_config.hidden_size
+    return (np.concatenate(niche_out).astype(np.float32) if niche_out else np.zeros((0, width), np.float32)), in_niche
+
+
+@torch.no_grad()
+def embed_sections(model: SpatiaModel, niche_embeddings: np.ndarray, niche_positions_um: np.ndarray,
+                   niche_sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One tissue embedding per section from its niches (the tissue model with token merging)."""
+    sample_ids = np.unique(niche_sample_ids)
+    rows = []
+    for sid in sample_ids:
+        sel = niche_sample_ids == sid
+        rows.append(model.embed_tissue(niche_embeddings[sel][None], niche_positions_um[sel][None],
+                                       np.ones((1, int(sel.sum())), bool)))
+    width = model.config.tissue_config.hidden_size
+    return sample_ids, (np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32))
+
+
+def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: str | Path, *,
+                  sample_ids: Sequence[str] | None = None, modalities: Sequence[str] = ("fused",),
+                  niche_aware: bool = True, tissue: bool = True, batch_size: int = 64, seed: int = 0,
+                  progress: bool = True) -> DatasetEmbeddings:
+    """Embed a dataset directory written by the builder, at every scale the arguments ask for.
+
+    Args:
+        model: a :class:`SpatiaModel` (or a task model's ``.spatia``).
+        processor: its processor; the dataset's gene panel is mapped onto the model vocabulary here.
+        dataset_dir: directory with the ``cells`` / ``niches`` / ``tissues`` configs and ``gene_panel.json``.
+        sample_ids: restrict to these sections (default: all).
+        modalities: cell-embedding variants to compute (``fused``, ``image``, ``expression``).
+        niche_aware: also run the niche model (niche embeddings, context-aware cells).
+        tissue: also run the tissue model (one embedding per section); needs ``niche_aware``.
+    """
+    from spatia_hf.training.datasets import load_spatia_dataset
+
+    data = load_spatia_dataset(dataset_dir, configs=("cells", "niches") if niche_aware else ("cells",))
+    coverage = processor.map_dataset_panel(dataset_dir).report()
+    cells = _restrict(data.configs["cells"], sample_ids)
+    result = DatasetEmbeddings(cell_ids=np.asarray(cells[schema.CELL_ID]).astype(str),
+                               cell_sample_ids=np.asarray(cells[schema.SAMPLE_ID]).astype(str),
+                               gene_coverage=coverage)
+    for m in dict.fromkeys(list(modalities) + (["fused"] if niche_aware else [])):
+        result.cells[m] = embed_cells_config(model, processor, cells, modality=m, batch_size=batch_size,
+                                             seed=seed, progress=progress)
+    if niche_aware:
+        niches = _restrict(data.configs["niches"], sample_ids)
+        result.niches, result.cells_in_niche = embed_niches_config(
+            model, niches, result.cell_ids, result.cells["fused"], batch_size=max(1, batch_size // 4),
+            progress=progress)
+        result.niche_ids = np.asarray(niches[schema.NICHE_ID]).astype(str)
+        result.niche_sample_ids = np.asarray(niches[schema.SAMPLE_ID]).astype(str)
+        result.niche_positions_um = np.stack([np.asarray(niches[schema.X_UM], np.float32),
+                                              np.asarray(niches[schema.Y_UM], np.float32)], axis=1)
+        if tissue:
+            result.tissue_sample_ids, result.tissues = embed_sections(
+                model, result.niches, result.niche_positions_um, result.niche_sample_ids)
+    return result
+
+
+def _restrict(ds, sample_ids: Sequence[str] | None):
+    if sample_ids is None:
+        return ds
+    wanted = set(map(str, sample_ids))
+    have = np.asarray(ds[schema.SAMPLE_ID]).astype(str)
+    missing = wanted - set(have.tolist())
+    if missing:
+        raise ValueError(f"sample_ids: {sorted(missing)[:5]} not in the dataset (it has {sorted(set(have))[:5]}...)")
+    return ds.select(np.flatnonzero(np.isin(have, list(wanted))))

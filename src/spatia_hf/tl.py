@@ -1,0 +1,126 @@
+"""Tools in scanpy's style: AnnData in, results written into named slots.
+
+``spatia_hf.tl.embed(adata, image, model)`` adds SPATIA cell embeddings (``obsm["X_spatia"]``),
+niche-aware embeddings (``obsm["X_spatia_niche"]``) and spatial domains (``obs["spatia_domain"]``)
+to an AnnData that has raw counts and ``obsm["spatial"]``, leaving everything else as it was.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spatia_hf.data.builder import build_multiscale_dataset
+from spatia_hf.data.readers.anndata_reader import read_anndata
+
+
+def load_model_and_processor(model: Any, device: Any = "cpu"):
+    """A path / Hub id, a ``SpatiaModel`` or any SPATIA task model -> (``SpatiaModel``, ``SpatiaProcessor``)."""
+    from spatia_hf.modeling_spatia import SpatiaModel
+    from spatia_hf.processing_spatia import SpatiaProcessor
+
+    if isinstance(model, (str, Path)):
+        path = model
+        model = SpatiaModel.from_pretrained(path)
+        try:
+            processor = SpatiaProcessor.from_pretrained(path)
+        except (OSError, FileNotFoundError):
+            processor = SpatiaProcessor.from_config(model.config)
+    else:
+        model = getattr(model, "spatia", model)
+        processor = SpatiaProcessor.from_config(model.config)
+    if not isinstance(model, SpatiaModel):
+        raise TypeError(f"model: expected a SpatiaModel (or a SPATIA task model), got {type(model).__name__}")
+    return model.to(device).eval(), processor
+
+
+def embed(
+    adata,
+    image: Any,
+    model: Any,
+    *,
+    pixel_size_um: float | None = None,
+    spatial_key: str = "spatial",
+    spatial_units: str = "px",
+    layer: str | None = None,
+    key_added: str = "X_spatia",
+    niche_key_added: str = "X_spatia_niche",
+    domain_key_added: str = "spatia_domain",
+    n_domains: int = 5,
+    cluster_method: str = "auto",
+    crop_um: float | None = None,
+    niche_um: float | None = None,
+    batch_size: int = 64,
+    device: Any = "cpu",
+    seed: int = 0,
+    copy: bool = False,
+    progress: bool = True,
+):
+    """Embed every cell of ``adata`` with SPATIA and write the results into it.
+
+    Args:
+        adata: AnnData with raw counts in ``X`` (or ``layer``) and centroids in ``obsm[spatial_key]``.
+        image: the section's morphology image: a path (``.tif``/``.ome.tif``) or a ``(C, H, W)`` array.
+        model: a SPATIA checkpoint path / Hub id or a loaded model.
+        pixel_size_um: µm per image pixel (default from ``uns`` or the OME metadata).
+        spatial_units: ``"px"`` when ``obsm[spatial_key]`` is in image pixels, ``"um"`` when in µm.
+        n_domains: number of spatial domains clustered from the niche-aware embedding.
+        cluster_method: ``"auto"`` (Leiden when installed, else k-means), ``"leiden"`` or ``"kmeans"``.
+        crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
+        copy: return a modified copy instead of writing into ``adata``.
+
+    Returns:
+        None, or the annotated copy when ``copy=True``. Also sets ``uns["spatia"]`` (parameters and the
+        gene-panel coverage against the model's vocabulary).
+    """
+    from spatia_hf.evaluation.tasks import cluster
+    from spatia_hf.inference import embed_dataset
+
+    adata = adata.copy() if copy else adata
+    spatia_model, processor = load_model_and_processor(model, device)
+    section = read_anndata(adata, image, pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units,
+                           layer=layer, label_keys=[])
+    sizes = {k: v for k, v in {"crop_um": crop_um, "niche_um": niche_um}.items() if v is not None}
+    image_size = spatia_model.config.cell_config.image_size
+    with tempfile.TemporaryDirectory(prefix="spatia-embed-") as tmp:
+        dataset_dir = build_multiscale_dataset([section], Path(tmp) / "dataset", crop_px=image_size,
+                                               progress=progress, **sizes)
+        emb = embed_dataset(spatia_model, processor, dataset_dir, modalities=("fused",), niche_aware=True,
+                            tissue=False, batch_size=batch_size, seed=seed, progress=progress)
+    order = _positions(emb.cell_ids, adata.obs_names)
+    adata.obsm[key_added] = emb.cells["fused"][order]
+    adata.obsm[niche_key_added] = emb.cells_in_niche[order]
+    k = int(min(n_domains, max(2, adata.n_obs - 1)))
+    domains, used = cluster(adata.obsm[niche_key_added], k, method=cluster_method, seed=seed)
+    adata.obs[domain_key_added] = np.asarray(domains).astype(str)
+    adata.obs[domain_key_added] = adata.obs[domain_key_added].astype("category")
+    adata.uns["spatia"] = {
+        "params": {"key_added": key_added, "niche_key_added": niche_key_added, "domain_key_added": domain_key_added,
+                   "n_domains": k, "cluster_method": used, "seed": seed, "model": str(getattr(
+                       spatia_model.config, "_name_or_path", "")) or "in-memory"},
+        "gene_coverage": _jsonable(emb.gene_coverage),
+    }
+    return adata if copy else None
+
+
+def _positions(cell_ids: np.ndarray, obs_names) -> np.ndarray:
+    """Index into ``cell_ids`` for every obs name (the builder keeps every cell, so all are found)."""
+    where = {c: i for i, c in enumerate(cell_ids.tolist())}
+    missing = [n for n in obs_names if n not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} cells were not embedded (first: {missing[:5]}); check that their "
+                         "centroids lie inside the image")
+    return np.asarray([where[n] for n in obs_names], dtype=np.int64)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
