@@ -12,8 +12,8 @@
     (FLOPs counted by ``torch.utils.flop_counter``), against a plain fp32 matmul in this process;
     the ``small`` preset (d=128) and its geometry at wider ``--widths``.
 (c) ``tissue``: the tissue model at 1k/4k/16k niche tokens with and without token merging:
-    forward time (ratio, in this process) and peak memory of the forward (CPU: peak RSS growth in a
-    fresh child process per variant; CUDA: ``max_memory_allocated``).
+    forward time (ratio, in this process) and peak tensor memory of the forward (CPU: the
+    profiler's allocator events; CUDA: ``max_memory_allocated``), both in inference mode.
 
 Every variant runs round-robin on the same inputs; each is timed by its fastest repeat (the one
 least disturbed by other work on a shared machine).
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import sys
 import time
 from typing import Callable
@@ -189,35 +187,30 @@ def _tissue_inputs(m: int, dim: int, seed: int, device):
     return (torch.randn(1, m, dim, generator=g).to(device), (torch.rand(1, m, 2, generator=g) * side).to(device))
 
 
-def _peak_child(args_dict: dict, m: int, ratio: float, device_name: str, queue) -> None:
-    args = argparse.Namespace(**args_dict)
-    torch.set_num_threads(args.threads)
-    device = torch.device(device_name)
-    model = _tissue_model(args, ratio).to(device)
-    emb, pos = _tissue_inputs(m, model.config.niche_embed_dim, args.seed, device)
-    with torch.inference_mode():
-        model(emb[:, :64], pos[:, :64])  # import/warm-up allocations happen before the baseline
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            model(emb, pos)
-            torch.cuda.synchronize()
-            queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
-            return
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        model(emb, pos)
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)  # KiB -> MiB
+def peak_mib(fn: Callable[[], object], device) -> float:
+    """Peak of live tensor memory (MiB) allocated during ``fn()`` above what was live before.
 
+    CUDA: ``max_memory_allocated``. CPU: the profiler's allocation/free events of torch's CPU
+    allocator, summed in time order (RSS cannot show it: freed pages are reused).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
 
-def peak_mib(args, m: int, ratio: float, device) -> float:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_peak_child, args=(vars(args), m, ratio, str(device), q))
-    p.start()
-    value = q.get(timeout=1800)
-    p.join()
-    return float(value)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def bench_tissue(args, device) -> dict:
@@ -231,8 +224,8 @@ def bench_tissue(args, device) -> dict:
             tokens = merged(emb, pos).num_tokens
             t = race({"unmerged": lambda: plain(emb, pos), "merged": lambda: merged(emb, pos)},
                      args.tissue_repeats, _sync(device))
-        mem_plain = peak_mib(args, m, 0.0, device)
-        mem_merged = peak_mib(args, m, args.merge_total, device)
+            mem_plain = peak_mib(lambda: plain(emb, pos), device)
+            mem_merged = peak_mib(lambda: merged(emb, pos), device)
         results[str(m)] = {
             "tokens_per_layer_merged": list(tokens),
             "seconds": {"unmerged": round(t["unmerged"], 4), "merged": round(t["merged"], 4)},

@@ -1,4 +1,6 @@
-"""Convert CosMx flat-file exports (*_exprMat_file.csv, *_metadata_file.csv, CellComposite/ per-FOV images) into a SPATIA multi-scale dataset.
+"""Convert CosMx flat-file exports into a SPATIA multi-scale dataset.
+
+Input: *_exprMat_file.csv, *_metadata_file.csv, CellComposite/ per-FOV images.
 
 A thin front end of ``spatia convert cosmx``: same flags, same output (Parquet shards + card with the
 ``cells``, ``niches`` and ``tissues`` configs). Example::

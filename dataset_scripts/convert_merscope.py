@@ -1,4 +1,6 @@
-"""Convert MERSCOPE region folders (cell_by_gene.csv, cell_metadata.csv, images/mosaic_*_z*.tif + transform) into a SPATIA multi-scale dataset.
+"""Convert MERSCOPE region folders into a SPATIA multi-scale dataset.
+
+Input: cell_by_gene.csv, cell_metadata.csv, images/mosaic_*_z*.tif + transform.
 
 A thin front end of ``spatia convert merscope``: same flags, same output (Parquet shards + card with the
 ``cells``, ``niches`` and ``tissues`` configs). Example::

@@ -1,4 +1,6 @@
-"""Convert 10x Xenium output folders (cell_feature_matrix.h5, cells.parquet, experiment.xenium, morphology OME-TIFF) into a SPATIA multi-scale dataset.
+"""Convert 10x Xenium output folders into a SPATIA multi-scale dataset.
+
+Input: cell_feature_matrix.h5, cells.parquet, experiment.xenium, morphology OME-TIFF.
 
 A thin front end of ``spatia convert xenium``: same flags, same output (Parquet shards + card with the
 ``cells``, ``niches`` and ``tissues`` configs). Example::

@@ -240,10 +240,11 @@ def write_cosmx(folder: Path, *, slide: str = "Run5_S1", grid: tuple[int, int] =
 def write_merscope(folder: Path, *, n_cells: int = 40, n_genes: int = 12, n_blanks: int = 4,
                    um_per_px: float = 0.5, offset_px: tuple[float, float] = (-150.25, -80.75),
                    image_hw: tuple[int, int] = (240, 300), stains=("DAPI", "PolyT"), z_planes=(2, 3), seed: int = 0,
-                   marker_cell: int = 7) -> Truth:
+                   marker_cell: int = 7, shuffle_metadata: bool = True) -> Truth:
     """A MERSCOPE region folder: ``cell_by_gene.csv`` (with ``Blank-*`` codewords),
     ``cell_metadata.csv`` (``center_x``, ``center_y`` in µm), ``images/mosaic_<stain>_z<N>.tif``
-    (plain uncompressed TIFFs, as the instrument writes) and the 3x3 µm -> px affine."""
+    (plain uncompressed TIFFs, as the instrument writes) and the 3x3 µm -> px affine.
+    ``shuffle_metadata`` lists the metadata's cells in another order than ``cell_by_gene.csv``."""
     import tifffile
 
     rng = np.random.default_rng(seed)
@@ -265,7 +266,8 @@ def write_merscope(folder: Path, *, n_cells: int = 40, n_genes: int = 12, n_blan
     meta = pd.DataFrame({"fov": rng.integers(0, 4, n_cells), "volume": rng.uniform(500, 2000, n_cells),
                          "center_x": um[:, 0], "center_y": um[:, 1], "min_x": um[:, 0] - 5, "max_x": um[:, 0] + 5,
                          "min_y": um[:, 1] - 5, "max_y": um[:, 1] + 5}, index=pd.Index(ids))
-    meta = meta.sample(frac=1.0, random_state=seed)
+    if shuffle_metadata:
+        meta = meta.sample(frac=1.0, random_state=seed)
     meta.to_csv(folder / "cell_metadata.csv")
     np.savetxt(folder / "images" / "micron_to_mosaic_pixel_transform.csv", m, fmt="%.6f", delimiter=" ")
     col, row = px[marker_cell].astype(int)

@@ -185,7 +185,8 @@ def test_model_card_of_trained_tiny_model_lists_metrics(tmp_path):
     index = meta["model-index"][0]
     assert index["name"] == "lab/spatia-tiny-annotation"
     result = index["results"][0]
-    spatia, baseline = results["tasks"][0]["scores"]["SPATIA"], results["tasks"][0]["scores"]["log1p logistic regression"]
+    scores = results["tasks"][0]["scores"]
+    spatia, baseline = scores["SPATIA"], scores["log1p logistic regression"]
     assert {m["name"]: m["value"] for m in result["metrics"]} == pytest.approx(spatia, abs=1e-6)
     assert result["task"] == {"type": "finetuned_annotation", "name": "Cell-type annotation, fine-tuned head"}
     assert result["dataset"]["name"] == "toy marker cells" and result["dataset"]["split"] == "test"
@@ -403,6 +404,28 @@ def test_read_only_token_is_refused_with_the_hub_message(loopback, tmp_path):
     model.save_pretrained(tmp_path)
     with loopback.client(), pytest.raises(HfHubHTTPError, match="read access only"):
         hub.push_model(tmp_path, "lab/readonly", token=loopback.read_token)
+
+
+def test_card_with_invalid_model_index_is_refused_before_upload(loopback, tmp_path):
+    model = _tiny_cell_model()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "README.md").write_text("---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n---\n# x\n")
+    with loopback.client(), pytest.raises(ValueError, match="task.type"):
+        hub.push_model(tmp_path, "lab/bad-card", token=loopback.token, keep_card=True)
+    assert set(loopback.files("lab/bad-card")) == {".gitattributes"} and not loopback.lfs_objects
+
+
+def test_private_repo_is_invisible_without_a_token(loopback, tmp_path):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    model = _tiny_cell_model()
+    model.save_pretrained(tmp_path)
+    with loopback.client():
+        hub.push_model(tmp_path, "lab/private", token=loopback.token, private=True)
+        assert HfApi().model_info("lab/private", token=loopback.read_token).private
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi().model_info("lab/private", token=False)
 
 
 def test_cli_push_model_to_a_branch_with_eval_results(loopback, tmp_path, capsys):

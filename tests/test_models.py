@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -335,6 +336,29 @@ def test_pretraining_niche_batch_adds_masked_cell_prediction():
     assert model.spatia.niche.embeddings.mask_token.grad is not None
 
 
+def test_pretraining_uses_masks_given_by_the_collator():
+    model = SpatiaForPretraining(tiny_config()).eval()
+    x = cell_inputs()
+    gmask = torch.zeros(B, L, dtype=torch.bool)
+    gmask[:, :3] = True
+    pmask = torch.zeros(B, 16, dtype=torch.bool)
+    pmask[:, ::2] = True
+    a = model(**x, gene_value_mask=gmask, image_patch_mask=pmask)
+    torch.manual_seed(123)  # the global RNG must not matter any more
+    b = model(**x, gene_value_mask=gmask, image_patch_mask=pmask)
+    assert torch.equal(a.gene_value_mask, gmask) and torch.equal(a.image_patch_mask, pmask)
+    torch.testing.assert_close(a.loss, b.loss)
+    nx = niche_inputs()  # 9 real cells: masks come one row per real cell
+    n_real = int(nx["cell_attention_mask"].sum())
+    hide = torch.zeros(2, 5, dtype=torch.bool)
+    hide[:, 1] = True
+    out = model(**nx, gene_value_mask=torch.ones(n_real, 8, dtype=torch.bool),
+                image_patch_mask=pmask[:1].expand(n_real, -1), niche_cell_mask=hide)
+    assert torch.isfinite(out.niche_loss) and out.gene_value_mask.shape == (n_real, 8)
+    with pytest.raises(ValueError, match="gene_value_mask: shape"):
+        model(**x, gene_value_mask=gmask[:, :5])
+
+
 def test_pretraining_objectives_switch_off_by_weight():
     model = SpatiaForPretraining(tiny_config(mim_weight=0.0, contrastive_weight=0.0))
     out = model(**cell_inputs())
@@ -459,7 +483,8 @@ def test_automodel_loads_after_import_without_remote_code(tmp_path):
         f"p = AutoModelForPreTraining.from_pretrained({str(tmp_path / 'full')!r})\n"
         "print(type(m).__name__, type(c).__name__, type(p).__name__)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["SpatiaModel", "SpatiaCellModel", "SpatiaForPretraining"]
 

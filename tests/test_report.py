@@ -127,7 +127,7 @@ def test_tiny_run_scores_all_12_tasks_with_an_extra_method(tmp_path, tiny_datase
     extra = {"cell_annotation": {"SPATIA": onehot + 0.01 * np.random.default_rng(0).normal(size=onehot.shape)},
              "generation": {"SPATIA": gen},
              "perturbation": {"SPATIA": {"before": before, "after": {f: before for f in inputs.folds}}}}
-    results, figures = run_suite(inputs, extra, cnn_epochs=2, figures_dir=tmp_path / "figures")
+    results, figures = run_suite(inputs, extra, cnn_epochs=2, figures_dir=tmp_path / "figures", num_threads=1)
     assert sorted(r.task for r in results) == list(range(1, 13))
     by = {r.task: r for r in results}
     assert by[1].scores["SPATIA"]["macro_f1"] == pytest.approx(1.0)
@@ -146,7 +146,7 @@ def test_tiny_run_scores_all_12_tasks_with_an_extra_method(tmp_path, tiny_datase
     loaded, _ = load_results(tmp_path)
     assert [r.to_dict() for r in loaded] == [r.to_dict() for r in results]
 
-    again, _ = run_suite(inputs, extra, tasks=[1, 5], cnn_epochs=2)
+    again, _ = run_suite(inputs, extra, tasks=[1, 5], cnn_epochs=2, num_threads=1)
     assert again[0].scores == by[1].scores and again[1].scores == by[5].scores  # fixed seeds
 
 
@@ -155,6 +155,41 @@ def test_extra_methods_must_match_the_prepared_rows(tiny_dataset):
 
     inputs = prepare_suite(tiny_dataset, seed=0, n_masked_genes=8, n_target_genes=10)
     with pytest.raises(ValueError, match="unknown task keys"):
-        run_suite(inputs, {"annotation": {}}, tasks=[1], cnn_epochs=1)
+        run_suite(inputs, {"annotation": {}}, tasks=[1], cnn_epochs=1, num_threads=1)
     with pytest.raises(ValueError, match=r"predictions\['SPATIA'\] has 3 rows"):
-        run_suite(inputs, {"gene_imputation": {"SPATIA": np.zeros((3, 8))}}, tasks=[7], cnn_epochs=1)
+        run_suite(inputs, {"gene_imputation": {"SPATIA": np.zeros((3, 8))}}, tasks=[7], cnn_epochs=1, num_threads=1)
+
+
+def test_predicted_domains_are_renamed_to_the_truth_they_overlap():
+    from spatia_hf.evaluation.plots import match_labels
+
+    truth = ["d0", "d0", "d1", "d1", "d2"]
+    assert match_labels(truth, [2, 2, 0, 0, 1]).tolist() == truth
+    assert match_labels(["a", "a", "b", "b"], [7, 7, 5, 6]).tolist() == ["a", "a", "b", "cluster 6"]
+
+
+def test_every_documented_extra_slot_is_scored_as_spatia(tiny_dataset):
+    from spatia_hf.evaluation.suite import masked_log1p, prepare_suite, run_suite
+
+    inputs = prepare_suite(tiny_dataset, seed=0, n_masked_genes=8, n_target_genes=10)
+    c, sec, cel = inputs.cells, inputs.section_split, inputs.cell_split
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(c.n_cells, 4))
+    _, masked_truth, _ = masked_log1p(inputs, inputs.masked_genes)
+    _, nbr_truth, _ = masked_log1p(inputs, inputs.neighbor_genes)
+    extra = {"image_annotation": {"SPATIA image branch": emb}, "cell_clustering": {"SPATIA": emb},
+             "domain_clustering": {"SPATIA": emb},
+             "finetuned_annotation": {"SPATIA": c.label("cell_type")[sec.test]},
+             "section_classification": {"SPATIA": rng.normal(size=(len(inputs.sections.sample_ids), 3))},
+             "gene_imputation": {"SPATIA": masked_truth[cel.test]},  # an oracle: perfect correlation
+             "niche_imputation": {"SPATIA": nbr_truth[cel.test]},
+             "image_to_expression": {"SPATIA": rng.normal(size=(len(sec.test), len(inputs.target_genes)))},
+             "retrieval": {"SPATIA": (emb[inputs.retrieval_idx], emb[inputs.retrieval_idx])}}
+    results, _ = run_suite(inputs, extra, tasks=list(range(2, 11)), cnn_epochs=1, num_threads=1)
+    by = {r.key: r for r in results}
+    assert set(by) == set(extra)
+    for key, methods in extra.items():
+        assert all(by[key].method_kinds[m] == "spatia" for m in methods)
+    assert by["finetuned_annotation"].scores["SPATIA"]["macro_f1"] == 1.0
+    assert by["gene_imputation"].scores["SPATIA"]["pearson"] == pytest.approx(1.0)
+    assert by["retrieval"].scores["SPATIA"]["recall@1"] == 1.0  # identical towers find every partner

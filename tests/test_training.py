@@ -30,6 +30,16 @@ from spatia_hf.training.trainer import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster when the CPU is shared (OpenMP threads
+    spin-waiting for a busy core made a 4-step run 40x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- a toy two-objective model
 @dataclass
 class _ToyOutput(ModelOutput):
@@ -470,7 +480,7 @@ def test_cli_pretrain_and_finetune(tiny_dir, tmp_path, capsys):
 
     out = tmp_path / "cli_pt"
     rc = main(["pretrain", "--data", str(tiny_dir), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
-               "--device", "cpu", "--seed", "1", "--no-progress", "--set", "max_cells_per_niche=4",
+               "--device", "cpu", "--seed", "1", "--no-progress", "--set", "max_cells_per_niche=4", "--logging-steps", "1",
                "--no-eval"])
     assert rc == 0 and (out / "model.safetensors").is_file()
     assert "loss_mgm" in capsys.readouterr().out

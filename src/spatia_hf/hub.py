@@ -209,7 +209,8 @@ def load_eval_results(source: str | os.PathLike | Mapping | Sequence[EvalResult]
                 task_type=str(task.get("task_type") or _slug(name)), task_name=name,
                 dataset_type=str(task.get("dataset_type") or d_type), dataset_name=str(task.get("dataset") or d_name),
                 dataset_config=task.get("dataset_config") or d_config, dataset_split=task.get("split") or d_split,
-                metric_type=_slug(str(metric)).replace("-", "_"), metric_name=str(metric), metric_value=round(float(value), 6)))
+                metric_type=_slug(str(metric)).replace("-", "_"), metric_name=str(metric),
+                metric_value=round(float(value), 6)))
             for base, values in (task.get("baselines") or {}).items():
                 if isinstance(values, Mapping) and isinstance(values.get(metric), (int, float)):
                     baselines.setdefault((name, str(metric)), {})[str(base)] = float(values[metric])
@@ -446,13 +447,9 @@ def render_model_card(model_or_dir: Any, *, repo_id: str | None = None, eval_res
         library_name=LIBRARY_NAME if is_spatia else "transformers", pipeline_tag=pipeline_tag,
         base_model=base_model, eval_results=results or None, model_name=title if results else None)
     load_id = repo_id or "path/to/checkpoint"
-    snippet = "\n".join(filter(None, [
-        "import spatia_hf  # registers the SPATIA classes with transformers' Auto classes" if is_spatia else None,
-        _class_import(class_name, module),
-        "",
-        f'model = {class_name}.from_pretrained("{load_id}")',
-        "model.eval()",
-    ]))
+    lines = ["import spatia_hf  # registers the SPATIA classes with transformers' Auto classes"] if is_spatia else []
+    snippet = "\n".join([*lines, _class_import(class_name, module), "",
+                         f'model = {class_name}.from_pretrained("{load_id}")', "model.eval()"])
     training = training_data or (f"Trained on [{dataset_id}](https://huggingface.co/datasets/{dataset_id})."
                                  if isinstance(dataset_id, str) else "Not recorded with this checkpoint.")
     synthetic = _is_synthetic(training_data) or _is_synthetic(dataset_id if isinstance(dataset_id, str) else None)

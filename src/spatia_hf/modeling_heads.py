@@ -120,6 +120,13 @@ class SpatiaMaeDecoder(nn.Module):
         return self.pred(self.norm(full))
 
 
+def _given_mask(name: str, mask: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(mask.shape)} does not match the inputs {tuple(shape)}. Fix: build "
+                         "it from the same batch (for niche batches: one row per real cell, in row-major order)")
+    return mask.bool()
+
+
 def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     if num_labels == 1:
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
@@ -179,9 +186,15 @@ class SpatiaForPretraining(SpatiaHeadModel):
         size_factors: torch.Tensor | None = None,
         cell_positions: torch.Tensor | None = None,
         cell_attention_mask: torch.Tensor | None = None,
+        gene_value_mask: torch.Tensor | None = None,
+        image_patch_mask: torch.Tensor | None = None,
+        niche_cell_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
     ) -> SpatiaPretrainingOutput | tuple:
+        """Masks are drawn from the global RNG unless given (a collator seeding them per example
+        makes batches reproducible): ``gene_value_mask [B, L]`` and ``image_patch_mask [B, P]`` (for
+        niche batches one row per *real* cell, in row-major order), ``niche_cell_mask [B, N]``."""
         cfg = self.config
         return_dict = cfg.return_dict if return_dict is None else return_dict
         niche = cell_positions is not None
@@ -195,10 +208,12 @@ class SpatiaForPretraining(SpatiaHeadModel):
             gene_attention_mask = gene_ids != 0
         value_mask = patch_mask = None
         if gene_ids is not None and cfg.mgm_weight > 0:
-            value_mask = random_token_mask(gene_attention_mask, cfg.mgm_mask_ratio)
+            value_mask = (random_token_mask(gene_attention_mask, cfg.mgm_mask_ratio) if gene_value_mask is None
+                          else _given_mask("gene_value_mask", gene_value_mask, gene_ids.shape) & gene_attention_mask.bool())
         if pixel_values is not None and cfg.mim_weight > 0:
-            patch_mask = random_patch_mask(pixel_values.shape[0], self.spatia.cell.num_patches, cfg.mim_mask_ratio,
-                                           device=pixel_values.device)
+            shape = (pixel_values.shape[0], self.spatia.cell.num_patches)
+            patch_mask = (random_patch_mask(*shape, cfg.mim_mask_ratio, device=pixel_values.device)
+                          if image_patch_mask is None else _given_mask("image_patch_mask", image_patch_mask, shape))
         out = self.spatia.cell(pixel_values, gene_ids, gene_values, gene_attention_mask,
                                gene_value_mask=value_mask, image_patch_mask=patch_mask, return_dict=True)
         losses: dict[str, torch.Tensor] = {}
@@ -225,7 +240,7 @@ class SpatiaForPretraining(SpatiaHeadModel):
         cell_embeds = out.cell_embeds
         if niche:
             cell_embeds, niche_loss = self._niche_objective(out, index, shape, cell_positions, cell_attention_mask,
-                                                            gene_ids, gene_values, gene_attention_mask)
+                                                            gene_ids, gene_values, gene_attention_mask, niche_cell_mask)
             if niche_loss is not None:
                 losses["niche"] = niche_loss
 
@@ -267,13 +282,16 @@ class SpatiaForPretraining(SpatiaHeadModel):
         return masked_mean(per_patch, patch_mask)
 
     def _niche_objective(self, out, index, shape, cell_positions, cell_attention_mask, gene_ids, gene_values,
-                         gene_attention_mask):
+                         gene_attention_mask, niche_cell_mask=None):
         b, n = shape
         d = out.cell_embeds.shape[-1]
         emb = out.cell_embeds.new_zeros(b * n, d).index_copy(0, index, out.cell_embeds).view(b, n, d)
         real = (torch.ones(b, n, dtype=torch.bool, device=emb.device) if cell_attention_mask is None
                 else cell_attention_mask.bool())
-        hide = random_token_mask(real, self.config.niche_mask_ratio) if self.config.niche_weight > 0 else None
+        hide = None
+        if self.config.niche_weight > 0:
+            hide = (random_token_mask(real, self.config.niche_mask_ratio) if niche_cell_mask is None
+                    else _given_mask("niche_cell_mask", niche_cell_mask, (b, n)) & real)
         nout = self.spatia.niche(emb, cell_positions, real, cell_mask=hide, return_dict=True)
         if hide is None or gene_ids is None or not bool(hide.any()):
             return nout.cell_embeds, None

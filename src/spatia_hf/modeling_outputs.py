@@ -61,7 +61,8 @@ class SpatiaTissueOutput(ModelOutput):
         merged_sizes: ``[B, M']`` how many input niches each final token stands for.
         merged_positions: ``[B, M', 2]`` size-weighted µm positions of the final tokens.
         merged_attention_mask: ``[B, M']`` bool, True on real final tokens.
-        num_tokens: token count entering each layer, then the final count (``len = layers + 1``).
+        num_tokens: ``num_tokens[0]`` is the input count; ``num_tokens[i + 1]`` the tokens layer ``i``
+            attends over, after its merge (``len = layers + 1``).
     """
 
     tissue_embeds: torch.Tensor | None = None

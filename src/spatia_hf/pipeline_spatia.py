@@ -615,7 +615,8 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                     new.append(s.step(p, t, x, **self._step_kwargs(s, generator, eta), return_dict=False)[0])
                 latents = torch.cat(new, dim=0)
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    available = {"latents": latents}
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()

@@ -33,9 +33,22 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other ModelArguments / DataArguments / TrainingArguments field "
                              "(e.g. --set gradient_accumulation_steps=2 --set gene_mask_ratio=0.2); repeatable")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is often fastest for tiny models)")
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation on held-out sections")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_and_seed(parser)
+
+
+def apply_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op CPU threads for this process."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: expected a positive number of threads")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def apply_device(device: str) -> dict[str, Any]:
@@ -70,6 +83,7 @@ def training_dict(args: argparse.Namespace) -> dict[str, Any]:
         "eval_sections": args.eval_sections,
         "save_steps": args.save_steps,
         "logging_steps": args.logging_steps,
+        "logging_first_step": True,
         "dataloader_num_workers": args.workers,
         "seed": args.seed,
         "disable_tqdm": bool(args.no_progress),
@@ -79,6 +93,7 @@ def training_dict(args: argparse.Namespace) -> dict[str, Any]:
         "do_eval": not args.no_eval,
     }
     d.update(apply_device(args.device))
+    apply_threads(args.threads)
     for item in args.set:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")

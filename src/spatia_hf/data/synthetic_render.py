@@ -38,7 +38,12 @@ class CellShapes:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    """Logistic function, in place on ``x`` (float32)."""
+    x *= np.float32(0.5)
+    np.tanh(x, out=x)
+    x += np.float32(1.0)
+    x *= np.float32(0.5)
+    return x
 
 
 def render_cells(shapes: CellShapes, height: int, width: int, pixel_size_um: float, rng: np.random.Generator,
@@ -75,25 +80,30 @@ def _paint_chunk(flat: np.ndarray, sh: CellShapes, sl: slice, height: int, width
     grid = np.arange(p, dtype=np.float32) + 0.5
     dv = ((r0[:, None] + grid[None, :]) - y[:, None]).astype(np.float32) * px  # (n, p) rows, µm
     du = ((c0[:, None] + grid[None, :]) - x[:, None]).astype(np.float32) * px  # (n, p) cols, µm
-    cos, sin = np.cos(sh.orientation[sl])[:, None, None], np.sin(sh.orientation[sl])[:, None, None]
+    theta = sh.orientation[sl].astype(np.float32)
+    cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]  # float32 throughout: 2x faster
     u = du[:, None, :] * cos + dv[:, :, None] * sin  # (n, p, p) along the long axis
     v = -du[:, None, :] * sin + dv[:, :, None] * cos
 
     def rho(a, b):
-        return np.sqrt((u / a[:, None, None]) ** 2 + (v / b[:, None, None]) ** 2)
+        r = np.square(u / a[:, None, None])
+        r += np.square(v / b[:, None, None])
+        return np.sqrt(r, out=r)
 
     an, bn = sh.nucleus_a_um[sl].astype(np.float32), sh.nucleus_b_um[sl].astype(np.float32)
     am, bm = sh.membrane_a_um[sl].astype(np.float32), sh.membrane_b_um[sl].astype(np.float32)
-    rn = np.sqrt(an * bn)[:, None, None]
-    rm = np.sqrt(am * bm)[:, None, None]
-    inside_n = _sigmoid((1.0 - rho(an, bn)) * rn / EDGE_UM)
+    rn = np.sqrt(an * bn)[:, None, None] / np.float32(EDGE_UM)
+    rm_edge = np.sqrt(am * bm)[:, None, None] / np.float32(EDGE_UM)
+    rm_ring = np.sqrt(am * bm)[:, None, None] / np.float32(RING_UM)
+    inside_n = _sigmoid((1.0 - rho(an, bn)) * rn)
     tex = rng.standard_normal(inside_n.shape, dtype=np.float32)
     tex = gaussian_filter(tex, sigma=(0, 0.5 / px, 0.5 / px), mode="wrap")
     tex /= tex.std(axis=(1, 2), keepdims=True) + 1e-6
     nucleus = inside_n * np.clip(1.0 + sh.texture[sl][:, None, None].astype(np.float32) * tex, 0.05, None)
     nucleus *= sh.dapi[sl][:, None, None].astype(np.float32)
     rhom = rho(am, bm)
-    ring = np.exp(-0.5 * ((rhom - 1.0) * rm / RING_UM) ** 2) + CYTOPLASM * _sigmoid((1.0 - rhom) * rm / EDGE_UM)
+    ring = np.exp(np.float32(-0.5) * np.square((rhom - 1.0) * rm_ring))
+    ring += np.float32(CYTOPLASM) * _sigmoid((1.0 - rhom) * rm_edge)
     membrane = ring * sh.membrane[sl][:, None, None].astype(np.float32)
 
     rows = r0[:, None, None] + np.arange(p)[None, :, None]

@@ -62,7 +62,8 @@ def highly_variable_genes(x: np.ndarray, n_top: int, exclude: Sequence[int] = ()
 
 
 # ----------------------------------------------------------------------------- space
-def spatial_smoothing(x: np.ndarray, xy_um: np.ndarray, sample_ids: Sequence[str], radius_um: float = 30.0) -> np.ndarray:
+def spatial_smoothing(x: np.ndarray, xy_um: np.ndarray, sample_ids: Sequence[str],
+                      radius_um: float = 30.0) -> np.ndarray:
     """Mean of each cell's features and those of the cells within ``radius_um`` (same section):
     the classic "smooth, then cluster" spatial-domain baseline."""
     from scipy.spatial import cKDTree

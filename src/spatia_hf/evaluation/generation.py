@@ -367,7 +367,8 @@ def evaluate_generator(pipe, dataset_dir: str | Path, *, eval_sections: Sequence
 
 
 # ---------------------------------------------------------------------------------------- figures
-def _save_png(rgb: np.ndarray, path: Path, scale: int = 3) -> None:
+def save_rgb_png(rgb: np.ndarray, path: Path, scale: int = 3) -> None:
+    """Write an ``(H, W, 3)`` uint8 image enlarged ``scale`` x (nearest), atomically."""
     import PIL.Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,7 +378,8 @@ def _save_png(rgb: np.ndarray, path: Path, scale: int = 3) -> None:
     tmp.rename(path)
 
 
-def _tile(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+def tile_rgb(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Rows of equally sized ``(h, w, 3)`` images -> one contact sheet on white."""
     h, w = rows[0][0].shape[:2]
     ncol = max(len(r) for r in rows)
     out = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
@@ -398,7 +400,7 @@ def _grid_figure(real, types, chosen, generated, channel_names, path: Path, k: i
         g = render_rgb(generated[sel] / 255.0, channel_names)
         blank = np.full_like(r[0], 255)
         rows.append(list(r) + [blank] + list(g))
-    _save_png(_tile(rows), path)
+    save_rgb_png(tile_rgb(rows), path)
 
 
 def _perturbation_figure(pipe, counts, genes, gene, path: Path, steps, guidance, seed, out_px,
@@ -412,7 +414,7 @@ def _perturbation_figure(pipe, counts, genes, gene, path: Path, steps, guidance,
                                   guidance_scale=guidance, seed=seed + 20_000, batch_size=len(counts), out_px=out_px)
         cols.append(render_rgb(edit / 255.0, pipe.config.channel_names))
     rows = [[cols[j][i] for j in range(len(folds))] for i in range(len(counts))]
-    _save_png(_tile(rows), path, scale=4)
+    save_rgb_png(tile_rgb(rows), path, scale=4)
 
 
 __all__ = [
@@ -426,4 +428,6 @@ __all__ = [
     "generate_images",
     "generate_for_suite",
     "evaluate_generator",
+    "save_rgb_png",
+    "tile_rgb",
 ]

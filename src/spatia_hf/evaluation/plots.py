@@ -35,13 +35,17 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _categorical(ax, xy: np.ndarray, labels: Sequence, title: str, size: float = 6.0) -> None:
+def _categorical(ax, xy: np.ndarray, labels: Sequence, title: str, size: float = 6.0,
+                 palette: Sequence[str] | None = None) -> None:
+    """Scatter coloured by label; ``palette`` (all classes, in order) keeps colours equal across panels."""
     labels = np.asarray(labels).astype(str)
-    classes = np.unique(labels)
+    classes = list(palette) if palette is not None else list(np.unique(labels))
+    classes += [c for c in np.unique(labels) if c not in classes]
     cmap = _pyplot().get_cmap("tab20" if len(classes) > 10 else "tab10")
     for i, c in enumerate(classes):
         m = labels == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=size, color=cmap(i % cmap.N), label=c, linewidths=0)
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=cmap(i % cmap.N), label=c, linewidths=0)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -76,14 +80,33 @@ def plot_embedding(x: np.ndarray, colorings: Mapping[str, Sequence], path: str |
     return _save(fig, path)
 
 
+def match_labels(truth: Sequence, predicted: Sequence) -> np.ndarray:
+    """Cluster ids renamed to the true label they overlap most (one-to-one, Hungarian assignment),
+    so that pictures colour a recovered domain like its ground truth; unmatched clusters become
+    "cluster <id>"."""
+    from scipy.optimize import linear_sum_assignment
+
+    truth, predicted = np.asarray(truth).astype(str), np.asarray(predicted).astype(str)
+    t_classes, t_idx = np.unique(truth, return_inverse=True)
+    p_classes, p_idx = np.unique(predicted, return_inverse=True)
+    overlap = np.zeros((len(p_classes), len(t_classes)))
+    np.add.at(overlap, (p_idx, t_idx), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    names = np.array([f"cluster {c}" for c in p_classes], dtype=object)
+    names[rows] = t_classes[cols]
+    return names[p_idx].astype(str)
+
+
 def plot_spatial_domains(xy_um: np.ndarray, truth: Sequence, predicted: Mapping[str, Sequence], path: str | Path,
                          title: str = "") -> Path:
-    """True domains next to each method's predicted domains, drawn at the cells' positions (µm)."""
+    """True domains next to each method's predicted domains (renamed by :func:`match_labels`, so
+    colours correspond), drawn at the cells' positions (µm)."""
     plt = _pyplot()
-    panels = {"ground truth": truth, **dict(predicted)}
+    panels = {"ground truth": truth, **{m: match_labels(truth, p) for m, p in predicted.items()}}
+    palette = list(np.unique(np.asarray(truth).astype(str)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.0), squeeze=False)
     for ax, (name, labels) in zip(axes[0], panels.items()):
-        _categorical(ax, np.asarray(xy_um), labels, name, size=10.0)
+        _categorical(ax, np.asarray(xy_um), labels, name, size=10.0, palette=palette)
         ax.set_aspect("equal")
         ax.invert_yaxis()  # image convention: y (µm) grows downwards
         if ax.get_legend() is not None and name != "ground truth":
@@ -132,7 +155,7 @@ def plot_image_grid(images: np.ndarray, path: str | Path, ncols: int = 8, titles
             axes[r, 0].text(-0.1, 0.5, str(label), transform=axes[r, 0].transAxes, ha="right", va="center",
                             fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.04)
     return _save(fig, path)
 
 
@@ -164,5 +187,5 @@ def plot_imputation_scatter(predicted: np.ndarray, measured: np.ndarray, gene_na
         ax.set_ylabel("predicted", fontsize=7)
         ax.tick_params(labelsize=6)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.04)
     return _save(fig, path)

@@ -40,7 +40,8 @@ import numpy as np
 from . import baselines as B
 from . import tasks as T
 from .arrays import CellArrays, SectionArrays, load_arrays
-from .morphology import log_fold_shift, nucleus_area_um2, true_log_shift
+from .generation import nucleus_area
+from .morphology import log_fold_shift, true_log_shift
 from .splits import Split, cell_split, section_split
 
 DEFAULT_FOLDS = (0.25, 0.5, 2.0, 4.0)
@@ -143,8 +144,8 @@ def masked_log1p(inputs: SuiteInputs, genes: Sequence[str]) -> tuple[np.ndarray,
     obs_cols = np.setdiff1d(np.arange(len(inputs.cells.genes)), cols)
     counts = inputs.cells.counts
     library = np.asarray(counts[:, obs_cols].sum(axis=1)).ravel()
-    return (B.log1p_normalize(counts[:, obs_cols], library=library), B.log1p_normalize(counts[:, cols], library=library),
-            obs_cols)
+    observed = B.log1p_normalize(counts[:, obs_cols], library=library)
+    return observed, B.log1p_normalize(counts[:, cols], library=library), obs_cols
 
 
 @dataclass
@@ -225,8 +226,9 @@ def _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress):
                                                         fig_dir / "embedding_pca.png", "PCA (held-out section)")
         figures["embedding_image_cnn"] = plots.plot_embedding(shared.cnn_features[sec.test], colorings,
                                                               fig_dir / "embedding_image_cnn.png", "image-CNN")
-        order = np.argsort(types[sec.test], kind="stable")
-        pick = sec.test[order][:: max(1, len(order) // 16)][:16]
+        classes = np.unique(types[sec.test])
+        per = max(1, 16 // len(classes))
+        pick = np.concatenate([sec.test[types[sec.test] == t][:per] for t in classes])[:16]
         figures["real_crops"] = plots.plot_image_grid(c.images[pick], fig_dir / "real_crops.png", ncols=8,
                                                       titles=types[pick], title="real crops (held-out section)")
     return results, figures
@@ -258,7 +260,8 @@ def _task3(inputs, sh, extra, fig_dir, figures):
 
 
 def _task4(inputs, sh, extra, fig_dir, figures):
-    feats = {"PCA": sh.pca, "image-CNN": sh.cnn_features, "PCA + image-CNN (concat)": np.hstack([sh.pca, sh.cnn_features])}
+    feats = {"PCA": sh.pca, "image-CNN": sh.cnn_features,
+             "PCA + image-CNN (concat)": np.hstack([sh.pca, sh.cnn_features])}
     return T.run_cell_clustering(_merge(feats, extra, "cell_clustering"), inputs.cells.label(inputs.cell_type_key),
                                  inputs.section_split.test, seed=inputs.seed)
 
@@ -403,20 +406,20 @@ def _task12(inputs, sh, extra, fig_dir, figures):
     counts = np.asarray(c.counts[:, col].todense()).ravel()
     library = np.asarray(c.counts.sum(axis=1)).ravel()
     log_expr = np.log((counts[s.train] + 0.5) / np.maximum(library[s.train], 1.0))
-    area = nucleus_area_um2(c.images[s.train], c.pixel_size_um[s.train])
+    area = nucleus_area(c.images[s.train], c.pixel_size_um[s.train])
     ok = area > 0
     measured = {"observational regression (real cells)": B.observational_shift(
         log_expr[ok], np.log(area[ok]), np.log(inputs.folds), B.one_hot(c.label(inputs.cell_type_key)[s.train][ok])),
         "no change": np.zeros(len(truth))}
     kinds = {"no change": "reference"}
     for name, out in dict((extra or {}).get("perturbation", {})).items():
-        before = nucleus_area_um2(_as_uint8(out["before"], name), c.pixel_size_um[inputs.perturbation_idx])
+        before = nucleus_area(_as_uint8(out["before"], name), c.pixel_size_um[inputs.perturbation_idx])
         shifts = []
         for f in inputs.folds:
             if f not in out["after"]:
                 raise ValueError(f"extra['perturbation'][{name!r}]['after'] has no images for fold {f}; folds: "
                                  f"{list(inputs.folds)}")
-            after = nucleus_area_um2(_as_uint8(out["after"][f], name), c.pixel_size_um[inputs.perturbation_idx])
+            after = nucleus_area(_as_uint8(out["after"][f], name), c.pixel_size_um[inputs.perturbation_idx])
             shifts.append(log_fold_shift(before, after))
         if name in measured:
             raise ValueError(f"extra['perturbation'] reuses baseline method name {name!r}")
@@ -424,12 +427,13 @@ def _task12(inputs, sh, extra, fig_dir, figures):
         if fig_dir is not None and "task12_strip" not in figures:
             from . import plots
 
+            edited = {n: _as_uint8(out["after"][f], name) for n, f in zip(names, inputs.folds)}
             figures["task12_strip"] = plots.plot_perturbation_strip(
-                _as_uint8(out["before"], name), {n: _as_uint8(out["after"][f], name) for n, f in zip(names, inputs.folds)},
-                fig_dir / "task12_strip.png", title=f"{name}: {gene} edits, same noise")
+                _as_uint8(out["before"], name), edited, fig_dir / "task12_strip.png",
+                title=f"{name}: {gene} edits, same noise")
     r = T.run_perturbation(measured, truth, names, kinds=kinds)
     r.notes.append(f"truth: {gene} drives nucleus area with exponent {gt['morphology_genes'][gene]['exponent']}; "
-                   "nucleus area measured from crops at half maximum of the DAPI channel")
+                   "nucleus area measured from crops by evaluation.generation.nucleus_area")
     return r
 
 

@@ -12,8 +12,9 @@ Protocols fixed here so that every method gets the same treatment:
 - clustering: PCA to 50 dimensions when wider, then Leiden on a 15-NN graph with the resolution
   bisected to give the true number of groups (when ``leidenalg`` and ``igraph`` are installed,
   ``pip install spatia-hf[leiden]``), otherwise k-means with that number of clusters (10 restarts);
-- section classification: leave-one-section-out with the same probe (a fold whose training
-  sections hold one class predicts that class);
+- section classification: leave-one-section-out with the same probe, but one global scale instead of
+  per-feature standardisation (few sections, many features); a fold whose training sections hold
+  one class predicts that class;
 - correlations are per gene across the scored cells (see the ``per_gene_correlation`` metric).
 """
 
@@ -171,18 +172,33 @@ def _codes(*label_arrays: Sequence) -> tuple[np.ndarray, list[np.ndarray]]:
     return classes, [np.searchsorted(classes, a) for a in arrays]
 
 
-def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Standardised multinomial logistic regression fitted on the training rows; predicted labels
-    of the test rows. With a single training class it predicts that class."""
+def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, seed: int = 0,
+                 scaling: str = "feature") -> np.ndarray:
+    """Multinomial logistic regression (C=1) fitted on the training rows; predicted labels of the
+    test rows. With a single training class it predicts that class.
+
+    ``scaling``: "feature" standardises each column (cells: many rows per column); "global" centres
+    the columns and divides by one overall standard deviation, keeping the relative spread of the
+    columns (sections: with fewer rows than columns, per-column standardisation lets noise columns
+    drown the informative ones, measured 0.5 vs 1.0 leave-one-out accuracy on 8 synthetic sections).
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if scaling not in ("feature", "global"):
+        raise ValueError(f"scaling={scaling!r}: expected 'feature' or 'global'")
     train_y = np.asarray(train_y).astype(str)
     if np.unique(train_y).size < 2:
         return np.full(len(test_x), train_y[0])
+    train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+    if scaling == "global":
+        mean = train_x.mean(axis=0)
+        scale = float((train_x - mean).std()) or 1.0
+        model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
+        return model.fit((train_x - mean) / scale, train_y).predict((test_x - mean) / scale)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
-    return model.fit(np.asarray(train_x, np.float64), train_y).predict(np.asarray(test_x, np.float64))
+    return model.fit(train_x, train_y).predict(test_x)
 
 
 def _classification_scores(pred: Sequence, truth: Sequence) -> dict[str, float]:
@@ -371,11 +387,12 @@ def run_section_classification(features: Mapping[str, np.ndarray], labels: Seque
         x = np.asarray(x)
         pred = np.empty(len(labels), dtype=object)
         for f in folds:
-            pred[f.test] = linear_probe(x[f.train], labels[f.train], x[f.test], seed)
+            pred[f.test] = linear_probe(x[f.train], labels[f.train], x[f.test], seed, scaling="global")
         preds[name] = pred.astype(str)
         _, (p, t) = _codes(preds[name], labels)
         scores[name] = {"accuracy": compute_metric("accuracy", predictions=p, references=t)["accuracy"]}
-    notes = [f"leave-one-section-out over {len(labels)} sections: accuracy moves in steps of {1 / len(labels):.2f}"]
+    notes = [f"leave-one-section-out over {len(labels)} sections: accuracy moves in steps of {1 / len(labels):.2f}",
+             "probe: logistic regression on features centred and divided by one global scale"]
     return _result(6, scores, kinds, {"kind": "leave-one-section-out", "n_sections": int(len(labels))},
                    details={"predictions": {m: p.tolist() for m, p in preds.items()}, "labels": labels.tolist(),
                             "sample_ids": sample_ids.tolist()}, notes=notes)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -41,7 +42,6 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -80,16 +80,16 @@ class StoredFile:
     data: bytes
     lfs: bool
 
-    @property
+    @functools.cached_property  # hashed once per stored file, not per listing
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @functools.cached_property
     def blob_id(self) -> str:
         # the Hub's blob id of an LFS file is the git id of its pointer file
         return git_blob_sha1(_lfs_pointer(self.sha256, len(self.data)) if self.lfs else self.data)
 
-    @property
+    @functools.cached_property
     def etag(self) -> str:
         return self.sha256 if self.lfs else git_blob_sha1(self.data)
 
@@ -304,7 +304,9 @@ class LoopbackHub:
         if header and header.lower().startswith("bearer "):
             token = header[7:].strip()
         if token is not None and token not in (self.token, self.read_token):
-            raise HubError(401, "Invalid credentials in Authorization header")
+            if write:
+                raise HubError(401, "Invalid credentials in Authorization header")
+            token = None  # e.g. a real HF_TOKEN sent along by the client: read as anonymous
         if write and token is None:
             raise HubError(401, "You must be authenticated to write: pass a token (Authorization: Bearer hf_...)")
         if write and token != self.token:

@@ -291,6 +291,8 @@ def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[
         raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
                          "re-copy the file") from None
     with tf:
+        if not tf.series:
+            raise ValueError(f"image {path}: not a readable TIFF (no image in it). Fix: re-export or re-copy the file")
         if not 0 <= series < len(tf.series):
             raise ValueError(f"image {path}: series={series} but the file has {len(tf.series)} series")
         s = tf.series[series]

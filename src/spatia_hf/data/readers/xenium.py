@@ -308,9 +308,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
     """Sections of ``spatia convert xenium`` (one bundle in memory at a time)."""
     n = len(args.input)
-    sids = C.per_section(args.sample_id, n, "--sample-id") if args.sample_id else [None] * n
-    if args.sample_id and len(args.sample_id) != n:
-        raise ValueError(f"--sample-id: {len(args.sample_id)} ids for {n} folders. Fix: one id per folder")
+    sids = args.sample_id or [None] * n
+    if len(sids) != n:
+        raise ValueError(f"--sample-id: {len(sids)} ids for {n} folders. Fix: one id per folder")
     labels = C.per_section(args.labels, n, "--labels")
     chans = [c.strip() for c in args.channels.split(",")] if args.channels else None
     sec_labels = C.parse_section_labels(args.section_label)

@@ -36,7 +36,8 @@ class AdjustedRandIndex(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Value("int64"),
                                         "references": datasets.Value("int64")}),
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.adjusted_rand_score.html"],
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.adjusted_rand_score.html"],
         )
 
     def _compute(self, predictions, references) -> dict:

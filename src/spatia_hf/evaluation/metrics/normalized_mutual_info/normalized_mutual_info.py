@@ -38,7 +38,8 @@ class NormalizedMutualInfo(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Value("int64"),
                                         "references": datasets.Value("int64")}),
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.normalized_mutual_info_score.html"],
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.normalized_mutual_info_score.html"],
         )
 
     def _compute(self, predictions, references, average_method: str = "arithmetic") -> dict:

@@ -1,0 +1,415 @@
+"""SpatiaGenerationPipeline, its condition encoder and the generator training loop (tiny sizes, CPU)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+from spatia_hf import SpatiaCellConfig, SpatiaCellModel
+from spatia_hf.condition_encoder import SpatiaConditionEncoder, log1p_normalize
+from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput, render_rgb
+
+GENES = [f"G{i}" for i in range(12)]
+STEPS = 3
+
+
+def _pipe(**kwargs) -> SpatiaGenerationPipeline:
+    torch.manual_seed(0)
+    pipe = SpatiaGenerationPipeline.from_genes(GENES, image_size=16, size="tiny", **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _counts(n: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(3.0, size=(n, len(GENES))).astype(np.float32) + 1
+
+
+def _run(pipe, expression=None, seed: int = 0, **kwargs):
+    expression = _counts() if expression is None else expression
+    kwargs.setdefault("output_type", "pt")
+    return pipe(expression, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny convolutions run ~8x faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return _pipe()
+
+
+# ------------------------------------------------------------------ save / load
+def test_save_load_round_trip_gives_identical_images(pipe, tmp_path):
+    before = _run(pipe).images
+    pipe.save_pretrained(tmp_path / "gen")
+    index = json.loads((tmp_path / "gen" / "model_index.json").read_text())
+    assert index["condition_encoder"] == ["spatia_hf.condition_encoder", "SpatiaConditionEncoder"]
+    assert index["vae"] == [None, None] and index["channel_names"] == ["DAPI", "boundary"]
+    weights = sorted(p.name for p in (tmp_path / "gen").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+    assert weights == ["diffusion_pytorch_model.safetensors"] * 2
+    assert not (tmp_path / "gen.tmp-save").exists()
+    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "gen")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.genes == GENES
+    assert torch.equal(_run(loaded).images, before)
+
+
+def test_save_pretrained_replaces_an_existing_folder_whole(pipe, tmp_path):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    pipe.save_pretrained(out)
+    assert (out / "model_index.json").is_file() and not (out / "stale.txt").exists()
+    with pytest.raises(ValueError, match="safetensors only"):
+        pipe.save_pretrained(out, safe_serialization=False)
+
+
+def test_hub_layout_accepts_the_module_path_component():
+    """A Hub repo's model_index.json names our encoder by module path; diffusers must accept it."""
+    from diffusers.pipelines.pipeline_loading_utils import _get_custom_components_and_folders
+
+    config = {"_class_name": "SpatiaGenerationPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+              "condition_encoder": ["spatia_hf.condition_encoder", "SpatiaConditionEncoder"], "vae": [None, None]}
+    custom, folders = _get_custom_components_and_folders("org/gen", config, ["model_index.json"])
+    assert custom == {} and "condition_encoder" in folders
+
+
+# ------------------------------------------------------------------ outputs
+def test_output_types(pipe):
+    pt = _run(pipe, output_type="pt").images
+    assert pt.shape == (2, 2, 16, 16) and pt.dtype == torch.float32 and 0 <= pt.min() and pt.max() <= 1
+    np_images = _run(pipe, output_type="np").images
+    assert np_images.shape == (2, 16, 16, 2)
+    np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy())
+    pil = _run(pipe, output_type="pil").images
+    assert len(pil) == 2 and pil[0].mode == "RGB" and pil[0].size == (16, 16)
+    assert np.array_equal(np.asarray(pil[0]), render_rgb(pt[:1], ["DAPI", "boundary"])[0])
+    latent = _run(pipe, output_type="latent").images
+    assert latent.shape == (2, 2, 16, 16)
+    tup = _run(pipe, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 1 and torch.equal(tup[0], pt)
+
+
+def test_render_rgb_puts_dapi_in_blue_and_boundary_in_green():
+    img = torch.zeros(1, 2, 4, 4)
+    img[0, 0, 0, 0] = 1.0  # DAPI only
+    img[0, 1, 3, 3] = 1.0  # boundary only
+    rgb = render_rgb(img, ["DAPI", "boundary"])
+    assert rgb[0, 0, 0, 2] == 255 and rgb[0, 0, 0, 1] < 128 and rgb[0, 0, 0, 0] == 0
+    assert tuple(rgb[0, 3, 3]) == (0, 255, 0)
+    assert tuple(rgb[0, 1, 1]) == (0, 0, 0)
+
+
+def test_num_images_per_expression_and_generator_determinism(pipe):
+    a = _run(pipe, num_images_per_expression=2).images
+    assert a.shape[0] == 4
+    assert torch.equal(a, _run(pipe, num_images_per_expression=2).images)
+    assert not torch.equal(a, _run(pipe, seed=1, num_images_per_expression=2).images)
+
+
+# ------------------------------------------------------------------ expression inputs
+def test_gene_names_are_mapped_onto_the_panel(pipe):
+    x = _counts()
+    order = np.random.default_rng(1).permutation(len(GENES))
+    shuffled = _run(pipe, x[:, order], gene_names=[GENES[j] for j in order]).images
+    assert torch.equal(shuffled, _run(pipe, x).images)
+
+
+def test_unknown_genes_are_reported_by_name(pipe):
+    x = np.c_[_counts(), np.full((2, 1), 5.0)]
+    with pytest.warns(UserWarning, match="NOTAGENE"):
+        out = _run(pipe, x, gene_names=GENES + ["NOTAGENE"])
+    assert out.unknown_genes == ["NOTAGENE"]
+    assert torch.equal(out.images, _run(pipe).images)
+
+
+def test_anndata_and_pandas_inputs(pipe):
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    x = _counts()
+    expected = _run(pipe, x).images
+    adata = ad.AnnData(X=sp.csr_matrix(x), var=pd.DataFrame(index=GENES))
+    assert torch.equal(_run(pipe, adata).images, expected)
+    assert torch.equal(_run(pipe, pd.DataFrame(x, columns=GENES)).images, expected)
+    assert torch.equal(_run(pipe, torch.from_numpy(x)).images, expected)
+    assert torch.equal(_run(pipe, x[0]).images, _run(pipe, x[:1]).images)
+
+
+@pytest.mark.parametrize(
+    "expression, kwargs, match",
+    [
+        (np.ones(5), {}, "gene panel has 12 genes"),
+        (np.ones((1, 12)), {"gene_names": GENES[:11]}, "11 names for 12"),
+        (np.r_[np.ones(11), np.nan], {}, "non-finite.*'G11'"),
+        (np.r_[np.ones(11), -2.0], {}, "negative.*'G11'"),
+        (np.ones(12), {"perturbation": {"NOTAGENE": 2.0}}, "'NOTAGENE' is not in the model's gene panel"),
+        (np.ones(12), {"perturbation": {"G3": 0.0}}, "fold must be a finite number > 0"),
+        (np.ones(12), {"perturbation": {"G3": float("nan")}}, "fold must be"),
+        (np.ones(11), {"gene_names": GENES[:11], "perturbation": {"G11": 2.0}}, "'G11' is not among gene_names"),
+        (np.ones(12), {"num_inference_steps": 0}, "num_inference_steps"),
+        (np.ones(12), {"output_type": "jpeg"}, "output_type"),
+        (np.ones((1, 2)), {"gene_names": ["X", "Y"]}, "none of the 2 genes"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pipe, expression, kwargs, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(ValueError, match=match):
+            pipe(expression, **{"num_inference_steps": 1, "output_type": "pt", **kwargs})
+
+
+# ------------------------------------------------------------------ perturbation
+def test_perturbation_pairs_share_noise(pipe):
+    same = _run(pipe, perturbation={"G3": 1.0})
+    assert isinstance(same, SpatiaPipelineOutput)
+    assert torch.equal(same.images, same.perturbed_images)
+    assert torch.equal(same.images, _run(pipe).images)  # the control is the unperturbed generation
+    edited = _run(pipe, perturbation={"G3": 16.0}, output_type="latent")  # unclamped: any change shows
+    assert torch.equal(edited.images, _run(pipe, output_type="latent").images)
+    assert (edited.images - edited.perturbed_images).abs().max() > 1e-4
+    control, perturbed = _run(pipe, perturbation={"G3": 16.0}, return_dict=False, output_type="latent")
+    assert torch.equal(perturbed, edited.perturbed_images)
+
+
+def test_perturbation_with_a_stochastic_sampler_replays_the_same_sampler_noise():
+    pipe = _pipe()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    out = _run(pipe, perturbation={"G0": 1.0})
+    assert torch.equal(out.images, out.perturbed_images)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    listed = pipe(_counts(), perturbation={"G0": 1.0}, num_inference_steps=STEPS, generator=gens, output_type="pt")
+    assert torch.equal(listed.images, listed.perturbed_images)
+
+
+def test_perturbation_changes_only_the_edited_gene(pipe):
+    x = _counts(1)
+    counts, _, index = pipe.prepare_expression(x)
+    doubled = x.copy()
+    doubled[0, 5] *= 4.0
+    assert torch.allclose(_run(pipe, x, perturbation={"G5": 4.0}, output_type="latent").perturbed_images,
+                          _run(pipe, doubled, output_type="latent").images, rtol=1e-4, atol=1e-2)
+    assert index["G5"] == 5 and counts.shape == (1, 12)
+
+
+# ------------------------------------------------------------------ schedulers, guidance, merging
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, EulerDiscreteScheduler, DDPMScheduler])
+def test_scheduler_swap(scheduler_cls):
+    pipe = _pipe()
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    assert type(pipe.scheduler) is scheduler_cls
+    a = _run(pipe).images
+    assert a.shape == (2, 2, 16, 16) and torch.isfinite(a).all()
+    assert torch.equal(a, _run(pipe).images)
+
+
+def test_guidance_uses_the_null_condition(pipe):
+    plain = _run(pipe, guidance_scale=1.0, output_type="latent").images
+    guided = _run(pipe, guidance_scale=4.0, output_type="latent").images
+    assert (plain - guided).abs().max() > 1e-4
+    enc = pipe.condition_encoder
+    cond = pipe.encode_expression(torch.from_numpy(_counts()), do_classifier_free_guidance=True)
+    assert torch.equal(cond[:2], enc.null_tokens.expand(2, -1, -1))
+
+
+def test_token_merging_is_recorded_saved_and_reversible(tmp_path):
+    pipe = _pipe()
+    base = _run(pipe).images
+    latent = _run(pipe, output_type="latent").images
+    pipe.set_token_merging(0.5)
+    assert pipe.config.token_merging_ratio == 0.5
+    assert hasattr(pipe.unet, "_spatia_token_merging")
+    merged = _run(pipe).images
+    assert merged.shape == base.shape
+    assert (_run(pipe, output_type="latent").images - latent).abs().max() > 1e-5
+    pipe.save_pretrained(tmp_path / "gen")
+    assert json.loads((tmp_path / "gen" / "model_index.json").read_text())["token_merging_ratio"] == 0.5
+    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "gen")
+    loaded.set_progress_bar_config(disable=True)
+    assert hasattr(loaded.unet, "_spatia_token_merging")
+    assert torch.equal(_run(loaded).images, merged)
+    pipe.set_token_merging(0.0)
+    assert not hasattr(pipe.unet, "_spatia_token_merging")
+    assert torch.equal(_run(pipe).images, base)
+    with pytest.raises(ValueError, match="token_merging_ratio"):
+        pipe.set_token_merging(1.5)
+
+
+def test_callback_on_step_end_sees_every_step(pipe):
+    seen = []
+
+    def cb(p, i, t, kwargs):
+        seen.append((i, kwargs["latents"].shape))
+        return {}
+
+    _run(pipe, callback_on_step_end=cb)
+    assert [i for i, _ in seen] == list(range(STEPS)) and seen[0][1] == (2, 2, 16, 16)
+
+
+# ------------------------------------------------------------------ condition encoder
+def test_condition_encoder_normalises_like_the_processor():
+    from spatia_hf import SpatiaProcessor
+
+    counts = np.array([[3.0, 0.0, 1.0, 6.0]])
+    proc = SpatiaProcessor(["A", "B", "C", "D"], zero_ratio=0.0)
+    proc.map_panel(["A", "B", "C", "D"])
+    enc = proc.encode_dense(counts)
+    mine = log1p_normalize(torch.from_numpy(counts), 1e4)[0]
+    expected = {int(i) - 4: float(v) for i, v in zip(enc["gene_ids"][0], enc["gene_values"][0])}
+    for j, v in expected.items():
+        assert mine[j].item() == pytest.approx(v, rel=1e-5)
+
+
+def test_condition_encoder_keeps_the_most_expressed_genes_of_a_large_panel():
+    enc = SpatiaConditionEncoder.from_genes(GENES, hidden_size=16, num_attention_heads=2, num_expression_layers=1,
+                                            cross_attention_dim=8, num_condition_tokens=2, max_gene_tokens=4)
+    counts = torch.zeros(1, 12)
+    counts[0, [2, 7, 9]] = torch.tensor([5.0, 1.0, 9.0])
+    ids, values, mask = enc.gene_tokens_from_counts(counts)
+    assert ids.shape == (1, 4) and mask.tolist() == [[True, True, True, False]]
+    assert (ids[0, :3] - 4).tolist() == [9, 2, 7]
+    assert enc(counts).shape == (1, 2, 8)
+    with pytest.raises(ValueError, match="expected shape \\[batch, 12\\]"):
+        enc(torch.zeros(1, 5))
+
+
+def test_condition_encoder_from_spatia_model_copies_the_expression_branch(tmp_path):
+    config = SpatiaCellConfig(gene_vocab=GENES, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                              num_expression_layers=1, num_image_layers=1, num_fusion_layers=1, image_size=16,
+                              patch_size=8)
+    model = SpatiaCellModel(config)
+    model.save_pretrained(tmp_path / "cell")
+    for source in (model, tmp_path / "cell"):
+        enc = SpatiaConditionEncoder.from_spatia_model(source, cross_attention_dim=16, num_condition_tokens=4)
+        assert enc.genes == GENES
+        theirs = model.expression_encoder.state_dict()
+        for k, v in enc.expression_encoder.state_dict().items():
+            assert torch.equal(v, theirs[k]), k
+    pipe = SpatiaGenerationPipeline.from_genes(GENES, image_size=16, size="tiny", condition_encoder=enc)
+    pipe.set_progress_bar_config(disable=True)
+    assert _run(pipe).images.shape == (2, 2, 16, 16)
+
+
+def test_mismatched_components_are_refused():
+    pipe = _pipe()
+    other = SpatiaConditionEncoder.from_genes(GENES, hidden_size=16, num_attention_heads=2, num_expression_layers=1,
+                                              cross_attention_dim=24, num_condition_tokens=2)
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        SpatiaGenerationPipeline(unet=pipe.unet, scheduler=pipe.scheduler, condition_encoder=other)
+    with pytest.raises(ValueError, match="channel_names"):
+        SpatiaGenerationPipeline(unet=pipe.unet, scheduler=pipe.scheduler, condition_encoder=pipe.condition_encoder,
+                                 channel_names=["DAPI"])
+
+
+def test_latent_generation_with_a_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=2, out_channels=2, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=32)
+    pipe = SpatiaGenerationPipeline.from_genes(GENES, image_size=32, size="tiny", vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.in_channels == 4 and pipe.unet.config.sample_size == 16
+    out = _run(pipe).images
+    assert out.shape == (2, 2, 32, 32)
+
+
+# ------------------------------------------------------------------ training
+def test_a_few_training_steps_reduce_the_loss():
+    from spatia_hf.pipeline_spatia import training_scheduler
+    from spatia_hf.training.generator import diffusion_loss
+
+    pipe = _pipe()
+    unet, enc = pipe.unet, pipe.condition_encoder
+    sched = training_scheduler()
+    rng = np.random.default_rng(0)
+    clean = torch.from_numpy(rng.uniform(-1, 1, size=(8, 2, 16, 16)).astype(np.float32))
+    clean[:, :, 4:12, 4:12] = 1.0
+    counts = torch.from_numpy(_counts(8))
+
+    def fixed_loss():
+        with torch.no_grad():
+            return diffusion_loss(unet, enc, sched, clean, counts, torch.Generator().manual_seed(123)).item()
+
+    before = fixed_loss()
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(enc.parameters()), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        loss = diffusion_loss(unet, enc, sched, clean, counts, gen, condition_dropout=0.1, snr_gamma=5.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert fixed_loss() < 0.7 * before
+
+
+def test_train_generator_end_to_end_and_exact_resume(tmp_path):
+    from spatia_hf.data.synthetic import build_tiny_dataset
+    from spatia_hf.training.generator import train_generator
+
+    data = build_tiny_dataset(tmp_path / "data", n_sections=2, n_cells=40, crop_px=16, niche_px=16, thumb_px=32)
+    common = dict(size="tiny", batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1, progress=False, seed=3)
+    full = train_generator(data, tmp_path / "full", max_steps=4, **common)
+    assert full.global_step == 4 and full.eval_sections == ["synth_s01"] and full.train_sections == ["synth_s00"]
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    log = [json.loads(line) for line in (tmp_path / "full" / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+    train_generator(data, tmp_path / "part", max_steps=2, **common)
+    resumed = train_generator(data, tmp_path / "part", max_steps=4, resume_from_checkpoint="latest", **common)
+    assert resumed.global_step == 4
+    np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-5)
+
+    pipe = SpatiaGenerationPipeline.from_pretrained(full.pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.image_size == 16 and pipe.config.channel_names == ["DAPI", "boundary"]
+    assert isinstance(pipe.scheduler, type(SpatiaGenerationPipeline.from_genes(GENES, size="tiny").scheduler))
+    out = pipe(np.ones(len(pipe.genes)), num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 16, 16, 2)
+    with pytest.raises(ValueError, match="would never stop"):
+        train_generator(data, tmp_path / "never", size="tiny")
+
+
+# ------------------------------------------------------------------ evaluation helpers
+def _disks(radii_px, size=24, brightness=0.8):
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    images = np.zeros((len(radii_px), 2, size, size))
+    for i, rad in enumerate(radii_px):
+        images[i, 0] = brightness / (1 + np.exp((r - rad) / 0.3))
+        images[i, 1] = 0.5 * np.exp(-0.5 * ((r - rad - 2) / 0.6) ** 2)
+    return images
+
+
+def test_nucleus_area_measures_disks_in_um2():
+    from spatia_hf.evaluation.generation import nucleus_area
+
+    px = 0.5
+    areas = nucleus_area(_disks([3.0, 5.0, 7.0]), px)
+    np.testing.assert_allclose(areas, np.pi * (np.array([3.0, 5.0, 7.0]) * px) ** 2, rtol=0.12)
+    assert nucleus_area(np.zeros((1, 2, 24, 24)), px)[0] == 0
+
+
+def test_perturbation_area_shift_and_type_accuracy():
+    from spatia_hf.evaluation.generation import (fit_type_classifier, perturbation_area_shift,
+                                                 type_accuracy_of_generated)
+
+    shift = perturbation_area_shift(_disks([3.0, 4.0]), _disks([3.0 * 2**0.5, 4.0 * 2**0.5]), 0.5, fold=4.0,
+                                    exponent=0.5)
+    assert shift["true_ratio"] == 2.0 and shift["measured_ratio"] == pytest.approx(2.0, rel=0.15)
+    rng = np.random.default_rng(0)
+    small, big = rng.uniform(2.5, 3.5, 30), rng.uniform(6, 7, 30)
+    clf = fit_type_classifier(_disks(np.r_[small, big]), ["small"] * 30 + ["big"] * 30, 0.5)
+    scored = type_accuracy_of_generated(clf, _disks([3.0, 6.5, 6.6]), ["small", "big", "small"], 0.5)
+    assert scored["accuracy"] == pytest.approx(2 / 3) and scored["chance_uniform"] == 0.5
+    assert scored["per_type"] == {"big": 1.0, "small": 0.5}
