@@ -6,7 +6,9 @@ never exists in memory), a 10x ``cell_feature_matrix.h5`` and ``cells.parquet``;
 with ``spatia_hf`` in a child process and reports, from inside that process:
 
 - ``peak_rss_gb``: the child's peak resident memory (``resource.getrusage``; goal < 2 GB);
-- ``cells_per_s``: cells converted per second, reading included (goal >= 2,000 on 2 cores);
+- ``cells_per_s``: cells converted per second, reading included (goal >= 2,000 on 2 cores), and
+  ``cells_per_cpu_s`` (per CPU-second, all threads: robust to other load on a shared machine; the
+  1-minute load average at start and end is reported too);
 - ratios against baselines run in the same process: peak RSS / RSS after imports, and conversion
   time / the time to merely decode every tile of the image once (the I/O floor);
 - with ``--profile``, the functions taking the most cumulative time.
@@ -106,7 +108,7 @@ def write_bundle(folder: Path, n_cells: int, size: int, n_genes: int, compressio
 
 
 CHILD = r"""
-import cProfile, io, json, pstats, resource, sys, time
+import cProfile, io, json, os, pstats, resource, sys, time
 import numpy as np
 folder, out, profile = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
@@ -123,6 +125,8 @@ for r0 in range(0, h, 2048):
 scan_s = time.perf_counter() - t
 rss_scan = rss()
 prof = cProfile.Profile() if profile else None
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system seconds, all threads
+load0, cpu0 = os.getloadavg()[0], cpu()
 t = time.perf_counter()
 if prof: prof.enable()
 section = read_xenium(folder, quiet=True)
@@ -130,7 +134,9 @@ read_s = time.perf_counter() - t
 build_multiscale_dataset([section], out, progress=False)
 if prof: prof.disable()
 total_s = time.perf_counter() - t
-report = {"n_cells": section.n_cells, "read_s": read_s, "convert_s": total_s, "scan_s": scan_s,
+cpu_s = cpu() - cpu0
+report = {"n_cells": section.n_cells, "read_s": read_s, "convert_s": total_s, "convert_cpu_s": cpu_s,
+          "loadavg_1min_start_end": [load0, os.getloadavg()[0]], "scan_s": scan_s,
           "rss_after_import_gb": rss_import, "rss_after_scan_gb": rss_scan, "peak_rss_gb": rss()}
 if prof:
     s = io.StringIO()
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode
     rep = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT "))[7:])
     rep.update({"bundle": info, "cells_per_s": rep["n_cells"] / rep["convert_s"],
+                "cells_per_cpu_s": rep["n_cells"] / rep["convert_cpu_s"],
                 "peak_rss_over_import": rep["peak_rss_gb"] / rep["rss_after_import_gb"],
                 "convert_over_scan": rep["convert_s"] / rep["scan_s"],
                 "dataset_gb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30,

@@ -510,6 +510,15 @@ def test_cell_model_loads_from_a_composite_checkpoint(tmp_path):
     assert torch.equal(cell(**x).cell_embeds, model(**x).cell_embeds)
 
 
+def test_scale_model_from_a_head_checkpoint_is_refused_with_the_fix(tmp_path):
+    pre = SpatiaForPretraining(tiny_config())
+    pre.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"SpatiaForPretraining \(a SPATIA head\).*SpatiaModel.from_pretrained\(path\)\.cell"):
+        SpatiaCellModel.from_pretrained(tmp_path)
+    base = SpatiaModel.from_pretrained(tmp_path)
+    assert torch.equal(base.cell.pool_proj.weight, pre.spatia.cell.pool_proj.weight)
+
+
 def test_package_exports():
     for name in spatia_hf.__all__:
         assert hasattr(spatia_hf, name), name

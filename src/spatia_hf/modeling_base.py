@@ -186,6 +186,14 @@ def _check_checkpoint_kind(cls, path, kwargs: dict) -> None:
     except OSError:
         return  # let transformers raise its own "not found" error
     found = config_dict.get("model_type")
+    architectures = config_dict.get("architectures") or []
+    if found == "spatia" and expected != "spatia" and any(a != "SpatiaModel" for a in architectures):
+        # a head checkpoint stores the scales under "spatia.<scale>.": only SpatiaModel strips that prefix
+        scale = expected.removeprefix("spatia_")
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} holds {architectures[0]} (a SPATIA head); its weights would not load "
+            f"into {cls.__name__}. Fix: SpatiaModel.from_pretrained(path).{scale}"
+        )
     if found is None or found in _COMPATIBLE[expected]:
         return
     what = _KIND_NAMES.get(found, f"a {found!r} model")

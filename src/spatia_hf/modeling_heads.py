@@ -211,9 +211,9 @@ class SpatiaForPretraining(SpatiaHeadModel):
             value_mask = (random_token_mask(gene_attention_mask, cfg.mgm_mask_ratio) if gene_value_mask is None
                           else _given_mask("gene_value_mask", gene_value_mask, gene_ids.shape) & gene_attention_mask.bool())
         if pixel_values is not None and cfg.mim_weight > 0:
-            shape = (pixel_values.shape[0], self.spatia.cell.num_patches)
-            patch_mask = (random_patch_mask(*shape, cfg.mim_mask_ratio, device=pixel_values.device)
-                          if image_patch_mask is None else _given_mask("image_patch_mask", image_patch_mask, shape))
+            grid = (pixel_values.shape[0], self.spatia.cell.num_patches)
+            patch_mask = (random_patch_mask(*grid, cfg.mim_mask_ratio, device=pixel_values.device)
+                          if image_patch_mask is None else _given_mask("image_patch_mask", image_patch_mask, grid))
         out = self.spatia.cell(pixel_values, gene_ids, gene_values, gene_attention_mask,
                                gene_value_mask=value_mask, image_patch_mask=patch_mask, return_dict=True)
         losses: dict[str, torch.Tensor] = {}

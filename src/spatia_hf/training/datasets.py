@@ -89,7 +89,10 @@ def load_spatia_dataset(dataset_dir: str | Path, configs: Sequence[str] = schema
         if not any((dataset_dir / name).glob("*.parquet")):
             raise FileNotFoundError(f"dataset_dir={str(dataset_dir)!r}: config {name!r} has no Parquet shards under "
                                     f"{name}/. Fix: rebuild the dataset")
-        loaded[name] = load_dataset(str(dataset_dir), name, split="train")
+        # load_dataset(DIR, name) caches by folder *name* only (two datasets in folders called "data"
+        # share stale cache files); the parquet builder hashes the shard files (paths and mtimes).
+        files = sorted(str(p) for p in (dataset_dir / name).glob("*.parquet"))
+        loaded[name] = load_dataset("parquet", data_files={"train": files}, split="train")
     return SpatiaDataset(dataset_dir, list(panel["genes"]), panel.get("gene_ids"), loaded, panel)
 
 
