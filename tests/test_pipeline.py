@@ -395,8 +395,9 @@ def test_nucleus_area_measures_disks_in_um2():
     from spatia_hf.evaluation.generation import nucleus_area
 
     px = 0.5
-    areas = nucleus_area(_disks([3.0, 5.0, 7.0]), px)
-    np.testing.assert_allclose(areas, np.pi * (np.array([3.0, 5.0, 7.0]) * px) ** 2, rtol=0.12)
+    radii = np.array([4.0, 6.0, 8.0])
+    areas = nucleus_area(_disks(radii, size=32), px)
+    np.testing.assert_allclose(areas, np.pi * (radii * px) ** 2, rtol=0.1)
     assert nucleus_area(np.zeros((1, 2, 24, 24)), px)[0] == 0
 
 
@@ -404,9 +405,11 @@ def test_perturbation_area_shift_and_type_accuracy():
     from spatia_hf.evaluation.generation import (fit_type_classifier, perturbation_area_shift,
                                                  type_accuracy_of_generated)
 
-    shift = perturbation_area_shift(_disks([3.0, 4.0]), _disks([3.0 * 2**0.5, 4.0 * 2**0.5]), 0.5, fold=4.0,
+    radii = np.array([5.0, 6.0])
+    shift = perturbation_area_shift(_disks(radii, size=32), _disks(radii * 2**0.5, size=32), 0.5, fold=4.0,
                                     exponent=0.5)
-    assert shift["true_ratio"] == 2.0 and shift["measured_ratio"] == pytest.approx(2.0, rel=0.15)
+    assert shift["true_ratio"] == 2.0 and shift["measured_ratio"] == pytest.approx(2.0, rel=0.1)
+    assert shift["fraction_increased"] == 1.0 and shift["n_pairs"] == 2
     rng = np.random.default_rng(0)
     small, big = rng.uniform(2.5, 3.5, 30), rng.uniform(6, 7, 30)
     clf = fit_type_classifier(_disks(np.r_[small, big]), ["small"] * 30 + ["big"] * 30, 0.5)

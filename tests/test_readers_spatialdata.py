@@ -37,7 +37,6 @@ def sdio():
 
 def test_spatialdata_store_in_um_converts_with_the_marker_centred(sdio, tmp_path):
     import anndata as ad
-    import geopandas  # noqa: F401  (a spatialdata dependency)
     import spatialdata as sd
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Scale

@@ -47,7 +47,14 @@ def _register_auto_classes() -> None:
 
 _register_auto_classes()
 
+# --- generation (issue 4): the diffusers pipeline and its condition encoder -------------------
+from .condition_encoder import SpatiaConditionEncoder  # noqa: E402
+from .pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput  # noqa: E402
+
 __all__ = [
+    "SpatiaGenerationPipeline",
+    "SpatiaPipelineOutput",
+    "SpatiaConditionEncoder",
     "__version__",
     "SpatiaCellConfig",
     "SpatiaNicheConfig",

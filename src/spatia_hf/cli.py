@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # user errors: one line, no traceback
         print(f"spatia {args.command}: error: {err}", file=sys.stderr)
         return 1
     return int(result or 0)

@@ -144,7 +144,7 @@ def embed_sections(model: SpatiaModel, niche_embeddings: np.ndarray, niche_posit
 def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: str | Path, *,
                   sample_ids: Sequence[str] | None = None, modalities: Sequence[str] = ("fused",),
                   niche_aware: bool = True, tissue: bool = True, batch_size: int = 64, seed: int = 0,
-                  progress: bool = True) -> DatasetEmbeddings:
+                  progress: bool = True, min_gene_coverage: float | None = None) -> DatasetEmbeddings:
     """Embed a dataset directory written by the builder, at every scale the arguments ask for.
 
     Args:
@@ -155,11 +155,13 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
         modalities: cell-embedding variants to compute (``fused``, ``image``, ``expression``).
         niche_aware: also run the niche model (niche embeddings, context-aware cells).
         tissue: also run the tissue model (one embedding per section); needs ``niche_aware``.
+        min_gene_coverage: refuse a dataset panel of which less than this fraction is in the model
+            vocabulary (default: the processor's ``min_coverage``); the report is ``gene_coverage``.
     """
     from spatia_hf.training.datasets import load_spatia_dataset
 
     data = load_spatia_dataset(dataset_dir, configs=("cells", "niches") if niche_aware else ("cells",))
-    coverage = processor.map_dataset_panel(dataset_dir).report()
+    coverage = processor.map_dataset_panel(dataset_dir, min_coverage=min_gene_coverage).report()
     cells = _restrict(data.configs["cells"], sample_ids)
     result = DatasetEmbeddings(cell_ids=np.asarray(cells[schema.CELL_ID]).astype(str),
                                cell_sample_ids=np.asarray(cells[schema.SAMPLE_ID]).astype(str),

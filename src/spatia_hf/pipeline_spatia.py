@@ -106,11 +106,14 @@ class SpatiaPipelineOutput(BaseOutput):
         perturbed_images: with ``perturbation``: the same cells generated from the same noise after the
             edit, aligned one to one with ``images``; None otherwise.
         unknown_genes: genes of ``gene_names`` the model's panel does not have (ignored, warned about).
+        gene_coverage: the given genes against the model's panel: ``n_panel_genes`` (given), ``n_kept``,
+            ``coverage``, ``unknown_genes``, ``missing_model_genes`` (panel genes not given, counted as 0).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     perturbed_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     unknown_genes: list[str] | None = None
+    gene_coverage: dict[str, Any] | None = None
 
 
 def default_channel_names(n_channels: int) -> list[str]:
@@ -387,12 +390,14 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
 
     # ------------------------------------------------------------------ inputs
     def prepare_expression(
-        self, expression: Any, gene_names: Sequence[str] | None = None
+        self, expression: Any, gene_names: Sequence[str] | None = None, min_gene_coverage: float = 0.0
     ) -> tuple[torch.Tensor, list[str], dict[str, int]]:
         """Expression -> ``[B, n_panel_genes]`` float32 counts on the model's panel.
 
-        Returns the counts, the unknown genes (in ``gene_names``, not in the panel; ignored) and the
-        panel index of every given gene that is in the panel.
+        ``gene_names`` may be symbols or, when the panel records them, Ensembl ids. Returns the counts,
+        the unknown genes (in ``gene_names``, not in the panel; ignored) and the panel index of every
+        given gene that is in the panel (by the given name and by the panel symbol). Raises when less
+        than ``min_gene_coverage`` of the given genes is in the panel, naming the first unknown genes.
         """
         x, names = _expression_matrix(expression, gene_names)
         panel = self.genes
@@ -421,7 +426,8 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"expression: {int(neg.sum())} negative values, e.g. cell {r}, gene {names[c]!r} = "
                              f"{x[r, c]}. Fix: pass raw (non-negative) counts, not scaled or centred values")
         processor = SpatiaProcessor(panel, self.condition_encoder.gene_ensembl_ids)
-        vocab_ids = processor.map_panel(names, min_coverage=0.0).vocab_ids
+        ids = names if processor.gene_ensembl_ids else None  # a column may be named by its Ensembl id
+        vocab_ids = processor.map_panel(names, ids, min_coverage=min_gene_coverage).vocab_ids
         cmap = np.where(vocab_ids >= 0, vocab_ids - NUM_SPECIAL_TOKENS, -1)
         known = np.flatnonzero(cmap >= 0)
         unknown = [names[j] for j in np.flatnonzero(cmap < 0)]
@@ -439,6 +445,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         counts = np.zeros((x.shape[0], len(panel)), dtype=np.float32)
         counts[:, cmap[known]] = x[:, known]
         index = {names[j]: int(cmap[j]) for j in known}
+        index.update({panel[int(cmap[j])]: int(cmap[j]) for j in known})
         return torch.from_numpy(counts), unknown, index
 
     def check_inputs(
@@ -542,6 +549,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        min_gene_coverage: float = 0.0,
     ) -> SpatiaPipelineOutput | tuple:
         """Generate cell images from expression.
 
@@ -566,8 +574,10 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
             return_dict: return a :class:`SpatiaPipelineOutput` (else a tuple).
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step;
                 a returned ``latents`` replaces the current one.
+            min_gene_coverage: refuse the call when less than this fraction of ``gene_names`` is in the
+                model's panel (the error names the first unknown genes); 0 accepts any overlap.
         """
-        counts, unknown, gene_index = self.prepare_expression(expression, gene_names)
+        counts, unknown, gene_index = self.prepare_expression(expression, gene_names, min_gene_coverage)
         self.check_inputs(perturbation, gene_index, num_inference_steps, guidance_scale, num_images_per_expression,
                           output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
@@ -635,7 +645,18 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
             control, edited = images, None
         if not return_dict:
             return (control, edited) if perturbed else (control,)
-        return SpatiaPipelineOutput(images=control, perturbed_images=edited, unknown_genes=unknown)
+        return SpatiaPipelineOutput(images=control, perturbed_images=edited, unknown_genes=unknown,
+                                    gene_coverage=_coverage_report(self.genes, unknown, gene_index))
+
+
+def _coverage_report(panel: Sequence[str], unknown: list[str], gene_index: Mapping[str, int]) -> dict[str, Any]:
+    """Given genes against the panel, with the keys of ``PanelMapping.report``."""
+    kept = set(gene_index.values())
+    missing = [g for i, g in enumerate(panel) if i not in kept]
+    given = len(kept) + len(unknown)
+    return {"n_panel_genes": given, "n_kept": len(kept), "coverage": round(len(kept) / max(given, 1), 4),
+            "n_unknown": len(unknown), "unknown_genes": list(unknown), "n_missing_model_genes": len(missing),
+            "missing_model_genes": missing}
 
 
 def _generator_states(generator) -> list[torch.Tensor] | None:

@@ -58,6 +58,7 @@ def embed(
     seed: int = 0,
     copy: bool = False,
     progress: bool = True,
+    min_gene_coverage: float | None = None,
 ):
     """Embed every cell of ``adata`` with SPATIA and write the results into it.
 
@@ -71,6 +72,9 @@ def embed(
         cluster_method: ``"auto"`` (Leiden when installed, else k-means), ``"leiden"`` or ``"kmeans"``.
         crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
         copy: return a modified copy instead of writing into ``adata``.
+        min_gene_coverage: refuse the AnnData when less than this fraction of its genes is in the model
+            vocabulary, naming the first unknown genes (default: the processor's ``min_coverage``, 0.5).
+            Genes match by Ensembl id (``var["gene_ids"]``) where both sides have one, else by symbol.
 
     Returns:
         None, or the annotated copy when ``copy=True``. Also sets ``uns["spatia"]`` (parameters and the
@@ -83,13 +87,15 @@ def embed(
     spatia_model, processor = load_model_and_processor(model, device)
     section = read_anndata(adata, image, pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units,
                            layer=layer, label_keys=[])
+    processor.map_panel(section.genes, section.gene_ids, min_coverage=min_gene_coverage)  # refuse before building
     sizes = {k: v for k, v in {"crop_um": crop_um, "niche_um": niche_um}.items() if v is not None}
     image_size = spatia_model.config.cell_config.image_size
     with tempfile.TemporaryDirectory(prefix="spatia-embed-") as tmp:
         dataset_dir = build_multiscale_dataset([section], Path(tmp) / "dataset", crop_px=image_size,
                                                progress=progress, **sizes)
         emb = embed_dataset(spatia_model, processor, dataset_dir, modalities=("fused",), niche_aware=True,
-                            tissue=False, batch_size=batch_size, seed=seed, progress=progress)
+                            tissue=False, batch_size=batch_size, seed=seed, progress=progress,
+                            min_gene_coverage=min_gene_coverage)
     order = _positions(emb.cell_ids, adata.obs_names)
     adata.obsm[key_added] = emb.cells["fused"][order]
     adata.obsm[niche_key_added] = emb.cells_in_niche[order]

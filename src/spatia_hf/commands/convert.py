@@ -42,6 +42,12 @@ def add_builder_arguments(parser: argparse.ArgumentParser) -> None:
                    help="dataset genes: the first section's panel (default) or the union of all sections")
     g.add_argument("--outside", choices=("error", "drop"), default="error",
                    help="cells whose centroid is off the image: error (default) or drop and count them")
+    if "--vocabulary" not in parser._option_string_actions:  # the instrument readers define it themselves
+        g.add_argument("--vocabulary", metavar="PATH",
+                       help="model folder (config.json) or gene list to report each section's gene coverage against")
+    g.add_argument("--min-gene-coverage", type=float, default=0.0,
+                   help="refuse a section when less than this fraction of its genes is in --vocabulary "
+                        "(default 0: report only)")
     g.add_argument("--resume", action="store_true", help="reuse finished sections of an interrupted build")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             niche_px=args.niche_px, thumb_px=args.thumb_px, label_keys=_keys(args.label_keys),
             value_keys=_keys(args.value_keys), gene_panel=args.gene_panel, outside=args.outside,
             resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+            vocabulary=getattr(args, "vocabulary", None), min_gene_coverage=args.min_gene_coverage,
         )
     except FileExistsError as err:
         raise ValueError(str(err)) from None
@@ -85,5 +92,9 @@ def run(args: argparse.Namespace) -> int:
         dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "none"
         print(f"  {s['sample_id']}: {s['n_cells']} cells, {s['n_niches']} niches, {s['n_crops_padded']} crops "
               f"padded at the border, dropped: {dropped}")
+        if s.get("gene_coverage"):
+            cov = s["gene_coverage"]
+            print(f"    gene coverage: {len(cov['kept'])}/{cov['n_panel']} genes in the vocabulary, "
+                  f"{len(cov['unknown'])} unknown (first: {cov['unknown'][:5]})")
     print(f'load with: datasets.load_dataset("{out}", "cells")  (configs: cells, niches, tissues)')
     return 0

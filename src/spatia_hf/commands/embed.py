@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--layer", default=None, help="layer with raw counts (default X)")
     parser.add_argument("--n-domains", type=int, default=5, help="number of spatial domains (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    parser.add_argument("--min-gene-coverage", type=float, default=None,
+                        help="refuse the input when less than this fraction of its genes is in the model "
+                             "vocabulary (default: the model processor's, 0.5)")
     add_device_and_seed(parser)
     parser.set_defaults(func=run)
 
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     adata = ad.read_h5ad(args.adata)
     embed(adata, args.image, args.model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
-          batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed)
+          batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
+          min_gene_coverage=args.min_gene_coverage)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     adata.write_h5ad(tmp)

@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="cells per pipeline call (default 32)")
     parser.add_argument("--token-merging", type=float, default=None, help="token merging ratio in the denoiser's "
                                                                           "self-attention (default: as saved)")
+    parser.add_argument("--min-gene-coverage", type=float, default=0.0,
+                        help="refuse expression of which less than this fraction of genes is in the pipeline's "
+                             "panel (default 0: any overlap)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_device_and_seed(parser)
     parser.set_defaults(func=run)
@@ -153,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     for k, s in enumerate(tqdm(batches, desc="generating", unit="batch")):
         result = pipe(expression[s : s + args.batch_size], gene_names=names, perturbation=perturbation,
                       num_inference_steps=args.steps, num_images_per_expression=args.images_per_cell,
-                      generator=torch.Generator().manual_seed(args.seed + k), output_type="pt", **kwargs)
+                      generator=torch.Generator().manual_seed(args.seed + k), output_type="pt",
+                      min_gene_coverage=args.min_gene_coverage, **kwargs)
         images.append(result.images)
         unknown = result.unknown_genes or unknown
         if perturbation:

@@ -478,6 +478,8 @@ def build_multiscale_dataset(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    vocabulary: Any = None,
+    min_gene_coverage: float = 0.0,
 ) -> Path:
     """Build the ``cells`` / ``niches`` / ``tissues`` dataset of ``sections`` into ``out_dir``.
 
@@ -500,6 +502,12 @@ def build_multiscale_dataset(
         resume: reuse the finished sections of an interrupted build with the same parameters.
         overwrite: replace an existing ``out_dir`` (only once the new build is complete).
         progress: show progress bars.
+        vocabulary: a model's gene vocabulary (model folder / ``config.json``, dataset folder, gene list;
+            see :func:`spatia_hf.data.panel.load_vocabulary`): each section's coverage by it (kept /
+            unknown genes, matched by Ensembl id where both sides have one, else by symbol) is stored
+            in ``sections.json`` (``gene_coverage``). None: no report.
+        min_gene_coverage: refuse a section when less than this fraction of its genes is in
+            ``vocabulary`` (the error names the first unknown genes); 0 only reports.
 
     Returns:
         ``out_dir`` as a Path; ``datasets.load_dataset(str(out_dir), "cells")`` loads it.
@@ -511,6 +519,11 @@ def build_multiscale_dataset(
     p = _as_params(crop_um, crop_px, niche_um, niche_px, thumb_px, label_keys, value_keys, section_label_keys,
                    gene_panel, outside, percentiles, tile_px, cell_shard_rows, niche_shard_rows)
     p.check()
+    if not 0.0 <= float(min_gene_coverage) <= 1.0:
+        raise ValueError(f"min_gene_coverage={min_gene_coverage!r}: expected a fraction in [0, 1]")
+    if min_gene_coverage > 0 and vocabulary is None:
+        raise ValueError(f"min_gene_coverage={min_gene_coverage}: needs a vocabulary to measure coverage against. "
+                         "Fix: pass vocabulary= (CLI: --vocabulary MODEL_DIR)")
     tmp = out.with_name(out.name + TMP_SUFFIX)
     prog = tmp / PROGRESS_DIR
     if tmp.exists() and not resume:
@@ -540,6 +553,7 @@ def build_multiscale_dataset(
                 raise ValueError(f"section {sid!r}: sample_id: used by an earlier section. Fix: give every "
                                  "section a unique sample id (CLI: --sample-id)")
             seen.add(sid)
+            coverage = _gene_coverage(section, vocabulary, float(min_gene_coverage))
             if layout is None:
                 layout = _layout_for(section, p)
                 if panel is None:
@@ -556,12 +570,12 @@ def build_multiscale_dataset(
             fp = _section_fingerprint(section)
             done = _read_json(marker) if marker.exists() else None
             if done is not None and done.get("fingerprint") == fp:
-                summaries.append(done["summary"])
+                summary = done["summary"]
             else:
                 _remove_section_shards(tmp, sid)
                 summary = _build_section(section, panel, layout, p, tmp, progress)
                 _write_json(marker, {"fingerprint": fp, "summary": summary})
-                summaries.append(summary)
+            summaries.append({**summary, "gene_coverage": coverage} if coverage is not None else summary)
             bar.update(1)
         bar.close()
         if not summaries:
@@ -584,6 +598,23 @@ def build_multiscale_dataset(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _gene_coverage(section: Section, vocabulary: Any, min_coverage: float) -> dict | None:
+    """Coverage of a section's genes by a model vocabulary (None without one); refused below ``min_coverage``."""
+    if vocabulary is None:
+        return None
+    from .panel import panel_coverage
+
+    cov = panel_coverage(section.genes, vocabulary, gene_ids=section.gene_ids, counts=section.counts,
+                         dropped=section.dropped)
+    if cov.fraction_kept < min_coverage:
+        first = ", ".join(repr(g) for g in cov.unknown[:10])
+        raise ValueError(f"section {section.sample_id!r}: genes: coverage {cov.fraction_kept:.2f} by the vocabulary is "
+                         f"below min_gene_coverage={min_coverage:.2f}: {len(cov.unknown)} of {cov.n_panel} genes are "
+                         f"unknown to it (first: {first}). Fix: check the gene naming (symbols / Ensembl ids), use a "
+                         "model whose vocabulary fits this panel, or lower min_gene_coverage (--min-gene-coverage)")
+    return cov.to_json()
 
 
 def _finish(tmp: Path, panel: GenePanel, layout: _Layout, p: BuildParams, summaries: list[dict]) -> None:

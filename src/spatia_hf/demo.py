@@ -1,0 +1,240 @@
+"""The main job: SPATIA end to end on the built-in synthetic tissue, on a laptop CPU.
+
+``run_demo(out)`` synthesises sections, builds the multi-scale datasets, pretrains, fine-tunes
+annotation, trains the generator briefly, evaluates the 12 tasks against baselines, and writes a
+report, model cards and Hub-ready folders. Each step writes into its own sub-folder of ``out`` and
+is skipped when its output already exists, so an interrupted demo picks up where it stopped.
+The last section is held out from every training step and used for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """Sizes and time budgets of one demo run (minutes are wall-clock caps on 2 CPU cores)."""
+
+    sections: int
+    cells: int
+    genes: int
+    preset: str
+    pretrain_minutes: float
+    pretrain_steps: int
+    finetune_minutes: float
+    finetune_epochs: float
+    generator_minutes: float
+    generator_size: str
+    generation_steps: int
+
+
+FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=2.5, pretrain_steps=400,
+                finetune_minutes=1.0, finetune_epochs=3.0, generator_minutes=2.5, generator_size="small",
+                generation_steps=20)
+QUICK = DemoSize(sections=3, cells=400, genes=80, preset="tiny", pretrain_minutes=0.4, pretrain_steps=60,
+                 finetune_minutes=0.3, finetune_epochs=2.0, generator_minutes=0.4, generator_size="tiny",
+                 generation_steps=8)
+
+
+@dataclass
+class DemoResult:
+    """Where everything went and how long each step took (seconds)."""
+
+    out_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Steps:
+    """Runs named steps in order, timing them and skipping those whose output exists."""
+
+    def __init__(self, result: DemoResult, total: int, echo: Callable[[str], None]):
+        self.result, self.total, self.echo, self.k = result, total, echo, 0
+
+    def run(self, name: str, done: Path, fn: Callable[[], Any]) -> Any:
+        self.k += 1
+        if done.exists():
+            self.echo(f"[{self.k}/{self.total}] {name}: already done ({done})")
+            self.result.timings[name] = 0.0
+            return None
+        self.echo(f"[{self.k}/{self.total}] {name} ...")
+        start = time.perf_counter()
+        out = fn()
+        self.result.timings[name] = round(time.perf_counter() - start, 1)
+        self.echo(f"[{self.k}/{self.total}] {name}: {self.result.timings[name]:.1f} s")
+        return out
+
+
+def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, device: str = "auto",
+             progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
+    """Run the whole demo into ``out_dir`` (see the module docstring); returns what it did."""
+    import torch
+
+    from spatia_hf.commands._common import resolve_device
+
+    size = QUICK if quick else FULL
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    use_cpu = resolve_device(device).type == "cpu"
+    result = DemoResult(out_dir=out)
+    p = {name: out / name for name in ("synthetic", "dataset", "pretrained", "finetuned", "generator", "report", "hub")}
+    result.paths = {k: str(v) for k, v in p.items()}
+    steps = _Steps(result, total=7, echo=echo)
+
+    steps.run("synthesise tissue", p["synthetic"] / "synthetic.json", lambda: _synthesise(p["synthetic"], size, seed,
+                                                                                            progress))
+    steps.run("build multi-scale datasets", p["dataset"] / "gene_panel.json",
+              lambda: _build(p["synthetic"], p["dataset"], progress))
+    held_out = _last_section(p["dataset"])
+    steps.run("pretrain SPATIA", p["pretrained"] / "config.json",
+              lambda: _pretrain(p["dataset"], p["pretrained"], size, seed, held_out, use_cpu, progress))
+    steps.run("fine-tune cell-type annotation", p["finetuned"] / "config.json",
+              lambda: _finetune(p["dataset"], p["pretrained"], p["finetuned"], size, seed, held_out, use_cpu,
+                                progress))
+    steps.run("train the generator", p["generator"] / "pipeline" / "model_index.json",
+              lambda: _train_generator(p["dataset"], p["pretrained"], p["generator"], size, seed, held_out, use_cpu,
+                                       progress))
+    steps.run("evaluate the 12 tasks", p["report"] / "results.json",
+              lambda: _evaluate(p, size, seed, device, progress))
+    steps.run("write model cards and Hub-ready folders", p["hub"] / "model" / "README.md",
+              lambda: _hub_folders(p))
+    result.summary = _summary(p)
+    _write_json(out / "demo_summary.json", {"timings_s": result.timings, "paths": result.paths,
+                                            "size": asdict(size), "seed": seed, "held_out_section": held_out,
+                                            **result.summary})
+    return result
+
+
+# ----------------------------------------------------------------------------- steps
+def _synthesise(folder: Path, size: DemoSize, seed: int, progress: bool) -> None:
+    from spatia_hf.data.synthetic import write_synthetic
+
+    write_synthetic(folder, size.sections, size.cells, seed, n_genes=size.genes, progress=progress, overwrite=True)
+
+
+def _build(synthetic: Path, dataset: Path, progress: bool) -> None:
+    from spatia_hf.data.builder import build_multiscale_dataset
+    from spatia_hf.data.readers.anndata_reader import read_synthetic_dir
+
+    build_multiscale_dataset(read_synthetic_dir(synthetic), dataset, progress=progress, overwrite=True)
+
+
+def _last_section(dataset: Path) -> str:
+    from spatia_hf.data.builder import load_sections_info
+
+    info = load_sections_info(dataset)
+    sections = info.get("sections", info) if isinstance(info, dict) else info
+    ids = [s["sample_id"] if isinstance(s, dict) else str(s) for s in sections]
+    return sorted(ids)[-1]
+
+
+def _pretrain(dataset: Path, out: Path, size: DemoSize, seed: int, held_out: str, use_cpu: bool,
+              progress: bool) -> None:
+    from spatia_hf.training.pretrain import pretrain
+
+    pretrain(dataset, out, preset=size.preset, max_steps=size.pretrain_steps, max_minutes=size.pretrain_minutes,
+             batch_size=16, learning_rate=1e-3, seed=seed, eval_sections=held_out, progress=progress,
+             use_cpu=use_cpu, do_eval=False)
+
+
+def _finetune(dataset: Path, pretrained: Path, out: Path, size: DemoSize, seed: int, held_out: str, use_cpu: bool,
+              progress: bool) -> None:
+    from spatia_hf.training.finetune import finetune
+
+    finetune(dataset, out, "annotation", model_name_or_path=str(pretrained), num_train_epochs=size.finetune_epochs,
+             max_minutes=size.finetune_minutes, batch_size=32, learning_rate=1e-3, seed=seed, eval_sections=held_out,
+             progress=progress, use_cpu=use_cpu)
+
+
+def _train_generator(dataset: Path, pretrained: Path, out: Path, size: DemoSize, seed: int, held_out: str,
+                     use_cpu: bool, progress: bool) -> None:
+    from spatia_hf.training.generator import train_generator
+
+    train_generator(dataset, out, size=size.generator_size, max_minutes=size.generator_minutes,
+                    spatia_model=str(pretrained), eval_sections=[held_out], seed=seed, cpu=use_cpu,
+                    progress=progress, checkpoint_every=0)
+
+
+def _evaluate(p: dict[str, Path], size: DemoSize, seed: int, device: str, progress: bool) -> None:
+    from spatia_hf.evaluation.evaluate import evaluate
+
+    evaluate(p["pretrained"], p["dataset"], p["report"], pipeline=p["generator"] / "pipeline",
+             finetuned=p["finetuned"], seed=seed, device=device, num_inference_steps=size.generation_steps,
+             progress=progress)
+
+
+def _hub_folders(p: dict[str, Path]) -> None:
+    """Hub-ready copies: model (+processor, card with the evaluation), pipeline, dataset (+card)."""
+    from spatia_hf.hub import render_dataset_card, render_pipeline_card, write_model_card
+    from spatia_hf.modeling_spatia import SpatiaModel
+    from spatia_hf.processing_spatia import SpatiaProcessor
+
+    hub = p["hub"]
+    tmp = hub.with_name(hub.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    results = p["report"] / "results.json"
+    eval_results = results if results.exists() else None
+    model = SpatiaModel.from_pretrained(p["pretrained"])
+    model.save_pretrained(tmp / "model")
+    SpatiaProcessor.from_pretrained(p["pretrained"]).save_pretrained(tmp / "model")
+    write_model_card(tmp / "model", model, eval_results=eval_results)
+    shutil.copytree(p["generator"] / "pipeline", tmp / "pipeline")
+    (tmp / "pipeline" / "README.md").write_text(str(render_pipeline_card(tmp / "pipeline",
+                                                                         eval_results=eval_results)))
+    shutil.copytree(p["dataset"], tmp / "dataset")
+    (tmp / "dataset" / "README.md").write_text(str(render_dataset_card(tmp / "dataset")))
+    shutil.rmtree(hub, ignore_errors=True)
+    tmp.replace(hub)
+
+
+def _summary(p: dict[str, Path]) -> dict[str, Any]:
+    """Per task: the primary metric, SPATIA's best variant and the best baseline."""
+    results = p["report"] / "results.json"
+    if not results.exists():
+        return {}
+    from spatia_hf.evaluation.report import load_results
+
+    tasks, _ = load_results(results)
+    rows = []
+    for t in tasks:
+        s_name, s_val = t.best("spatia")
+        b_name, b_val = t.best("baseline")
+        rows.append({"task": t.task, "title": t.title, "metric": t.primary_metric, "spatia": s_val,
+                     "spatia_method": s_name, "best_baseline": b_val, "baseline_method": b_name})
+    return {"report": str(p["report"] / "report.md"), "tasks": rows}
+
+
+def format_summary(result: DemoResult) -> str:
+    """The one-screen summary printed at the end of ``spatia demo``."""
+    lines = [f"SPATIA demo finished in {sum(result.timings.values()):.0f} s -> {result.out_dir}", ""]
+    lines += [f"  {name:<42} {sec:7.1f} s" for name, sec in result.timings.items()]
+    tasks = result.summary.get("tasks", [])
+    if tasks:
+        lines += ["", f"  {'#':>2}  {'task':<44} {'metric':<22} {'SPATIA':>8} {'best baseline':>14}"]
+        for r in tasks:
+            lines.append(f"  {r['task']:>2}  {r['title'][:44]:<44} {r['metric'][:22]:<22} {_num(r['spatia']):>8} "
+                         f"{_num(r['best_baseline']):>14}")
+    lines += ["", f"  report:   {result.summary.get('report', '(not written)')}",
+              f"  model:    {result.paths['hub']}/model   (SpatiaModel.from_pretrained)",
+              f"  pipeline: {result.paths['hub']}/pipeline   (SpatiaGenerationPipeline.from_pretrained)",
+              f"  dataset:  {result.paths['hub']}/dataset   (datasets.load_dataset(path, 'cells'))",
+              f"  publish:  spatia push model {result.paths['hub']}/model --repo-id ORG/NAME"]
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else f"{float(v):.3f}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp.replace(path)
