@@ -151,17 +151,26 @@ def _matching_fn(name: str, n: int, seed: int) -> Callable[[], object]:
     return lambda: _dense_matching(metric, r)
 
 
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _measure_peak_in_child(name: str, n: int, seed: int) -> None:
-    """Child-process entry: print the peak RSS growth (bytes) while one matching runs."""
-    import resource
+    """Child-process entry: print the peak resident-memory growth (bytes) while one matching runs.
 
-    import psutil
-
+    Linux only: the peak (VmHWM) is reset to the current RSS just before the call."""
+    small = _matching_fn(name, 1000, seed)
+    small()  # first-call set-up (thread pools, kernels) is not part of the measurement
     fn = _matching_fn(name, n, seed)
-    before = psutil.Process().memory_info().rss
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _vm_kib("VmRSS")
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(max(0, peak - before))
+    print(max(0, _vm_kib("VmHWM") - before) * 1024)
 
 
 def _peak_bytes(name: str, n: int, seed: int) -> int:

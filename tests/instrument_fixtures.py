@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 MARKER_VALUE = 60000
+XENIUM_STAINS = ("DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin")
 MARKER_HALF = 1  # 3 x 3 px marker
 
 
@@ -71,6 +72,38 @@ def write_ome_tiff(path: Path, image: np.ndarray, axes: str, pixel_size_um: floa
             tw.write(lvl, subfiletype=1, photometric="minisblack", **opts)
 
 
+def write_multifile_ome(folder: Path, planes: list[np.ndarray], names: list[str], pixel_size_um: float, *,
+                        pattern: str = "morphology_focus_{:04d}.ome.tif", levels: int = 2, tile: int = 64,
+                        compression: str | None = "zlib") -> list[Path]:
+    """One stain per pyramidal OME-TIFF, every file carrying the OME-XML of the whole set (``TiffData``
+    entries pointing at each file by UUID), as Xenium >= 2.0 writes ``morphology_focus/``."""
+    import uuid
+
+    import tifffile
+
+    h, w = planes[0].shape
+    files = [pattern.format(k) for k in range(len(planes))]
+    uuids = [f"urn:uuid:{uuid.UUID(int=k + 1)}" for k in range(len(planes))]
+    chans = "".join(f'<Channel ID="Channel:{i}" Name="{n}" SamplesPerPixel="1"/>' for i, n in enumerate(names))
+    tds = "".join(f'<TiffData FirstC="{i}" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1"><UUID FileName="{f}">{u}'
+                  "</UUID></TiffData>" for i, (f, u) in enumerate(zip(files, uuids)))
+    opts = {"tile": (tile, tile), "compression": compression, "photometric": "minisblack", "metadata": None}
+    if compression == "jpeg2000":
+        opts["compressionargs"] = {"reversible": True}
+    for k, (plane, name) in enumerate(zip(planes, files)):
+        xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+               f'UUID="{uuids[k]}"><Image ID="Image:0" Name="morphology_focus"><Pixels ID="Pixels:0" '
+               f'DimensionOrder="XYZCT" Type="uint16" SizeX="{w}" SizeY="{h}" SizeC="{len(planes)}" SizeZ="1" SizeT="1" '
+               f'PhysicalSizeX="{pixel_size_um}" PhysicalSizeY="{pixel_size_um}">{chans}{tds}</Pixels></Image></OME>')
+        with tifffile.TiffWriter(folder / name, bigtiff=True) as tw:
+            tw.write(plane, subifds=levels - 1, description=xml, **opts)
+            lvl = plane
+            for _ in range(levels - 1):
+                lvl = lvl[::2, ::2]
+                tw.write(lvl, subfiletype=1, **opts)
+    return [folder / f for f in files]
+
+
 def write_10x_h5(path: Path, counts: sp.spmatrix, barcodes, feature_ids, feature_names, feature_types) -> None:
     """A 10x feature-barcode matrix (v3 layout): genes x cells CSC under ``matrix/``."""
     import h5py
@@ -100,7 +133,8 @@ def write_xenium(folder: Path, *, n_cells: int = 40, n_genes: int = 12, pixel_si
     """A Xenium output folder.
 
     Args:
-        layout: "v2" (``morphology_focus/morphology_focus_000N.ome.tif``, one stain per file),
+        layout: "v2" (``morphology_focus/morphology_focus_000N.ome.tif``, one stain per file, a
+            multi-file OME set), "v4" (the same named ``chNNNN_<stain>.ome.tif``),
             "v1" (``morphology_focus.ome.tif``, DAPI only) or "zstack" (``morphology.ome.tif``, Z x Y x X).
         cells_format: "parquet" or "csv.gz".
         shuffle_matrix: list the matrix's cells in another order than ``cells.parquet`` (real
@@ -152,13 +186,12 @@ def write_xenium(folder: Path, *, n_cells: int = 40, n_genes: int = 12, pixel_si
     dapi = _noise(rng, (h, w))
     col, row = (xy[marker_cell] / pixel_size_um).astype(int)
     _draw_marker(dapi, row, col)
-    if layout == "v2":
+    if layout in ("v2", "v4"):
         d = folder / "morphology_focus"
         d.mkdir(exist_ok=True)
-        stains = [dapi, _noise(rng, (h, w)), _noise(rng, (h, w))]
-        for i, (img, name) in enumerate(zip(stains, ("DAPI", "ATP1A1/CD45/E-Cadherin", "18S"))):
-            write_ome_tiff(d / f"morphology_focus_{i:04d}.ome.tif", img, "YX", pixel_size_um, channel_names=[name],
-                           compression=compression)
+        stains = [dapi] + [_noise(rng, (h, w)) for _ in range(3)]
+        pattern = "morphology_focus_{:04d}.ome.tif" if layout == "v2" else "ch{:04d}_stain.ome.tif"
+        write_multifile_ome(d, stains, list(XENIUM_STAINS), pixel_size_um, pattern=pattern, compression=compression)
     elif layout == "v1":
         write_ome_tiff(folder / "morphology_focus.ome.tif", dapi, "YX", pixel_size_um, compression=compression)
     elif layout == "zstack":

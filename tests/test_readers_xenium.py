@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from instrument_fixtures import CROP_PX, cell_image, crop_args, aligned_counts, marker_offset, reorder, write_xenium
+from instrument_fixtures import XENIUM_STAINS, CROP_PX, cell_image, crop_args, aligned_counts, marker_offset, reorder, write_xenium
 from spatia_hf.cli import main
 from spatia_hf.data.builder import build_multiscale_dataset, load_gene_panel, load_sections_info
 from spatia_hf.data.readers.xenium import read_10x_h5, read_xenium
@@ -40,7 +40,8 @@ def test_counts_equal_scanpy_read_10x_h5(bundle):
     np.testing.assert_allclose(section.centroids_um, truth.centroids_um[o])
     assert section.dropped == {f"features:{t}": n for t, n in truth.n_controls.items()}
     assert section.technology == "xenium" and section.sample_id == "region_A"
-    assert section.channel_names == ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S"]
+    assert section.channel_names == list(XENIUM_STAINS) and section.image.shape == (4, 256, 320)
+    assert section.uns["images"][0]["pixel_size_um"] == PX
     assert set(section.obs.columns) == {"transcript_counts", "control_probe_counts", "cell_area", "nucleus_area"}
 
 
@@ -48,7 +49,7 @@ def test_marker_lands_at_the_centre_of_its_cells_crop(bundle, tmp_path):
     folder, truth = bundle
     out = build_multiscale_dataset([read_xenium(folder)], tmp_path / "ds", **crop_args(PX))
     crop = cell_image(out, truth.marker_cell)
-    assert crop.shape == (3, CROP_PX, CROP_PX)
+    assert crop.shape == (4, CROP_PX, CROP_PX)
     assert np.abs(marker_offset(crop)).max() <= 0.5
     other = cell_image(out, truth.cell_ids[0])  # a cell far from the marker has no bright centre
     assert other[0, CROP_PX // 2, CROP_PX // 2] < 200
@@ -62,6 +63,7 @@ def test_marker_lands_at_the_centre_of_its_cells_crop(bundle, tmp_path):
     ("zstack", {}),
     ("v2", {"cells_format": "csv.gz", "binary_ids": False}),
     ("v2", {"binary_ids": True, "compression": "jpeg2000"}),
+    ("v4", {}),
 ])
 def test_bundle_variants_read_the_marker_at_the_centroid(tmp_path, layout, kwargs):
     truth = write_xenium(tmp_path / "outs", layout=layout, pixel_size_um=PX, **kwargs)
@@ -71,6 +73,8 @@ def test_bundle_variants_read_the_marker_at_the_centroid(tmp_path, layout, kwarg
     col, row = section.centroids_px()[i].astype(int)
     window = np.asarray(section.image[:, row - 5 : row + 6, col - 5 : col + 6])
     assert np.abs(marker_offset(window)).max() <= 0.5
+    if layout in ("v2", "v4"):  # one stain per file, not the whole multi-file OME set per file
+        assert section.image.shape[0] == 4 and section.channel_names == list(XENIUM_STAINS)
     if layout == "zstack":
         assert section.uns["image_kind"] == "zstack"  # max projection over z finds the marker on plane 1
 

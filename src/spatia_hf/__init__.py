@@ -51,7 +51,11 @@ _register_auto_classes()
 from .condition_encoder import SpatiaConditionEncoder  # noqa: E402
 from .pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput  # noqa: E402
 
+# --- scanpy-style tools: spatia_hf.tl.embed(adata, image, model) --------------------------------
+from . import tl  # noqa: E402
+
 __all__ = [
+    "tl",
     "SpatiaGenerationPipeline",
     "SpatiaPipelineOutput",
     "SpatiaConditionEncoder",

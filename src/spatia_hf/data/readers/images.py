@@ -234,6 +234,14 @@ class ChannelSelect(LazyImage):
 # ----------------------------------------------------------------------------- opening files
 
 
+def ome_pixels(path: str | Path) -> tuple[float | None, list[str] | None]:
+    """OME ``PhysicalSizeX`` (µm) and channel names recorded in a TIFF's OME-XML (None when absent)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        return _ome_pixels(tf)
+
+
 def _ome_pixels(tf) -> tuple[float | None, list[str] | None]:
     """OME ``PhysicalSizeX`` (µm) and channel names of the first image, when recorded."""
     if not tf.is_ome or not tf.ome_metadata:
@@ -266,7 +274,7 @@ def _check_codec(path: Path, compression) -> None:
 
 
 def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[str, int] | None = None,
-              project: str | None = None, memmap: bool = True) -> tuple[Any, ImageInfo]:
+              project: str | None = None, memmap: bool = True, ome: bool = True) -> tuple[Any, ImageInfo]:
     """Open a (OME-)TIFF lazily as ``(C, H, W)``; level 0 of a pyramid unless ``level`` is given.
 
     Uncompressed contiguous data becomes an ``np.memmap``; anything else a zarr array over
@@ -279,6 +287,9 @@ def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[
         project: an extra axis to max-project lazily (``"Z"`` for a z-stack such as Xenium's
             ``morphology.ome.tif``).
         memmap: allow the memory-map fast path (set False to force zarr, e.g. to test it).
+        ome: interpret OME metadata. A file of a multi-file OME set (Xenium >= 2.0 writes one
+            stain per file, each carrying the XML of all) opens as the whole set; ``ome=False``
+            reads only this file's own planes and pyramid.
     """
     import tifffile
 
@@ -286,7 +297,7 @@ def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist. Fix: check the path (and the instrument bundle layout)")
     try:
-        tf = tifffile.TiffFile(path)
+        tf = tifffile.TiffFile(path, is_ome=ome)
     except Exception as err:  # tifffile raises TiffFileError, struct.error, ValueError on broken files
         raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
                          "re-copy the file") from None
@@ -312,7 +323,7 @@ def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[
     else:
         import zarr
 
-        store = tifffile.imread(path, aszarr=True, series=series, level=level)
+        store = tifffile.imread(path, aszarr=True, series=series, level=level, is_ome=ome)
         array, access = zarr.open(store, mode="r"), "zarr"
     image = AxesView(array, axes, fixed=fixed, project=project, source=f"image {path}")
     if names is not None and len(names) != image.shape[0]:

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from ..section import Section
 from . import _common as C
-from .images import ChannelSelect, ChannelStack, open_tiff
+from .images import ChannelSelect, ChannelStack, ome_pixels, open_tiff
 
 GENE_EXPRESSION = "Gene Expression"
 MATRIX_FILE = "cell_feature_matrix.h5"
@@ -158,8 +158,17 @@ def open_xenium_image(folder: str | Path, image: str = "auto", *, level: int = 0
                                 "the Xenium output folder, or an image path (--image PATH)")
     kind, files = candidates[0]
     project = "Z" if kind == "zstack" else None
-    opened = [open_tiff(f, level=level, project=project) for f in files]
+    # one stain per file (Xenium >= 2.0): each file carries the OME-XML of the whole set, so read
+    # every file's own planes (ome=False) and take the names and pixel size from the set's XML
+    multi = len(files) > 1
+    opened = [open_tiff(f, level=level, project=project, ome=not multi) for f in files]
     infos = [info for _, info in opened]
+    if multi:
+        px, set_names = ome_pixels(files[0])
+        infos[0].pixel_size_um = px
+        if set_names and len(set_names) == len(files) and all(i.shape[0] == 1 for i in infos):
+            for info, name in zip(infos, set_names):
+                info.channel_names = [name]
     if len(opened) == 1:
         img = opened[0][0]
         names = infos[0].channel_names or ([_channel_name(files[0], 0, None)] if img.shape[0] == 1 else
