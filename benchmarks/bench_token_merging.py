@@ -3,9 +3,13 @@ tomesd, (2) the matching step alone at growing token counts against a dense (tom
 
 Ratios, not seconds, are the result: every variant runs in this process on the same inputs,
 round-robin, and each is timed by its fastest repeat (the least disturbed by other work on a
-shared machine). Output change is the relative L2 distance to the unmerged UNet's output.
+shared machine), in wall time and in this process's CPU time. On a busy machine use
+``--threads 1``: then CPU time is pure work (no OpenMP spin-waiting) and its ratios are stable.
+Output change is the relative L2 distance to the unmerged UNet's output. Peak memory of the
+matching is measured in a fresh process (Linux: VmHWM reset through /proc/self/clear_refs).
 
     python benchmarks/bench_token_merging.py                 # both parts, batch 8, 64 px
+    python benchmarks/bench_token_merging.py --threads 1     # stable ratios on a shared CPU
     python benchmarks/bench_token_merging.py --part matching --sizes 1000 4000 16000 64000
     python benchmarks/bench_token_merging.py --json out.json
 
@@ -26,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from spatia_hf.denoiser_merging import apply_token_merging, remove_token_merging
-from spatia_hf.token_merging import grid_destination_mask, grid_positions, spatial_bipartite_matching
+from spatia_hf.denoiser_merging import apply_token_merging
+from spatia_hf.token_merging import spatial_bipartite_matching
 
 
 def build_unet(size: int, cross_dim: int, heads: int, seed: int):

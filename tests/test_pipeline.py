@@ -416,3 +416,56 @@ def test_perturbation_area_shift_and_type_accuracy():
     scored = type_accuracy_of_generated(clf, _disks([3.0, 6.5, 6.6]), ["small", "big", "small"], 0.5)
     assert scored["accuracy"] == pytest.approx(2 / 3) and scored["chance_uniform"] == 0.5
     assert scored["per_type"] == {"big": 1.0, "small": 0.5}
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_generate_from_a_dataset_and_from_a_csv(tmp_path, capsys):
+    import pandas as pd
+
+    from spatia_hf.cli import main
+    from spatia_hf.data.synthetic import build_tiny_dataset
+    from spatia_hf.training.datasets import read_gene_panel
+
+    data = build_tiny_dataset(tmp_path / "data", n_sections=1, n_cells=20, crop_px=16, niche_px=16, thumb_px=32)
+    genes = read_gene_panel(data)["genes"]
+    torch.manual_seed(0)
+    SpatiaGenerationPipeline.from_genes(genes, image_size=16, size="tiny").save_pretrained(tmp_path / "gen")
+    out = tmp_path / "out"
+    argv = ["generate", "--pipeline", str(tmp_path / "gen"), "--dataset", str(data), "--cells", "3", "--steps", "2",
+            "--perturb", "NUCSIZE=4", "--out", str(out)]
+    assert main(argv) == 0
+    images, edited = np.load(out / "images.npy"), np.load(out / "perturbed.npy")
+    assert images.shape == edited.shape == (3, 2, 16, 16) and images.dtype == np.uint8
+    meta = json.loads((out / "generation.json").read_text())
+    assert meta["perturbation"] == {"NUCSIZE": 4.0} and len(meta["cell_ids"]) == 3
+    assert (out / "grid.png").is_file() and not (tmp_path / "out.tmp").exists()
+    assert main(argv) == 1 and "exists" in capsys.readouterr().err  # no silent overwrite
+
+    csv = tmp_path / "x.csv"
+    pd.DataFrame(np.ones((2, 3)), columns=[genes[0], genes[1], "NOTAGENE"], index=["a", "b"]).to_csv(csv)
+    with pytest.warns(UserWarning, match="NOTAGENE"):
+        assert main(["generate", "--pipeline", str(tmp_path / "gen"), "--expression", str(csv), "--steps", "1",
+                     "--out", str(tmp_path / "csv")]) == 0
+    assert np.load(tmp_path / "csv" / "images.npy").shape == (2, 2, 16, 16)
+    assert json.loads((tmp_path / "csv" / "generation.json").read_text())["unknown_genes"] == ["NOTAGENE"]
+    assert main(["generate", "--pipeline", str(tmp_path / "gen"), "--expression", str(csv), "--perturb", "X",
+                 "--out", str(tmp_path / "bad")]) == 1
+    assert "GENE=FOLD" in capsys.readouterr().err
+
+
+def test_default_sampler_keeps_pixel_predictions_in_range():
+    """DPM-Solver++ on the cosine schedule needs thresholding in pixel space (else noise comes out)."""
+    from spatia_hf.pipeline_spatia import sampling_scheduler, training_scheduler
+
+    sched = sampling_scheduler(training_scheduler())
+    assert sched.config.thresholding and sched.config.sample_max_value == 1.0
+    assert sched.config.lambda_min_clipped == -5.1
+    x0 = torch.full((1, 2, 4, 4), 0.5)
+    sched.set_timesteps(10)
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    alphas = training_scheduler().alphas_cumprod
+    for t in sched.timesteps:  # an oracle denoiser of a constant image, slightly wrong
+        a = alphas[int(t)]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt() + 0.01
+        x = sched.step(eps, t, x).prev_sample
+    assert torch.allclose(x, x0, atol=0.05)

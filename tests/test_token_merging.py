@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from spatia_hf.token_merging import (
-    MergeInfo,
     MergeTracker,
     grid_destination_mask,
     grid_positions,

@@ -148,6 +148,19 @@ def test_time_budget_stops_training_and_saves(tmp_path):
     assert (tmp_path / "out" / "checkpoint-1" / "model.safetensors").is_file()
 
 
+def test_epoch_seed_callback_sets_the_epoch_of_collators_also_after_a_resume():
+    from transformers import TrainerControl, TrainerState
+
+    class _C:
+        epoch = 0
+
+    a, b = _C(), _C()
+    cb = EpochSeedCallback(a, b, None)
+    for state_epoch, expected in ((None, 0), (2.0, 2), (1.5, 1)):  # 1.5: resumed mid-epoch 1
+        cb.on_epoch_begin(None, TrainerState(epoch=state_epoch), TrainerControl())
+        assert a.epoch == b.epoch == expected
+
+
 def test_time_budget_rejects_non_positive_minutes():
     with pytest.raises(ValueError, match="max_minutes=0"):
         TimeBudgetCallback(0)
@@ -236,6 +249,17 @@ def test_arrow_rows_keep_uint8_images_and_match_rows(tiny):
     np.testing.assert_array_equal(batch[schema.IMAGE][1], ref[schema.IMAGE])
     np.testing.assert_array_equal(batch[schema.GENE_INDICES][1], ref[schema.GENE_INDICES])
     assert batch[schema.CELL_ID][1] == ref[schema.CELL_ID]
+
+
+def test_arrow_rows_follow_the_rows_of_a_split(tiny):
+    train, held = split_by_section(tiny["cells"], None)
+    rows = ArrowRows(held, [schema.CELL_ID, schema.GENE_COUNTS])
+    batch = rows.__getitems__([3, 0, -1])
+    ref = held.with_format("numpy")
+    assert list(batch[schema.CELL_ID]) == [ref[3][schema.CELL_ID], ref[0][schema.CELL_ID], ref[-1][schema.CELL_ID]]
+    np.testing.assert_array_equal(batch[schema.GENE_COUNTS][1], ref[0][schema.GENE_COUNTS])
+    with pytest.raises(IndexError):
+        rows.__getitems__([len(held)])
 
 
 def test_token_mask_hides_the_ratio_of_real_tokens_only():
@@ -514,3 +538,34 @@ def test_pretraining_script_runs_two_process_ddp(tiny_dir, tmp_path):
     summary = json.loads((out / "spatia_training.json").read_text())
     assert summary["world_size"] == 2
     assert summary["global_step"] == 3 and set(summary["objectives_first_last"]) >= {"loss_mgm", "loss_niche"}
+
+
+def test_pretraining_batches_carry_seeded_masks_the_model_uses(tiny, tiny_dir):
+    from spatia_hf.training.pretrain import build_pretraining_data, load_pretraining_model
+    from spatia_hf.training.setup import build_processor
+
+    model_args, data_args = ModelArguments(preset="tiny"), DataArguments(dataset_dir=str(tiny_dir), max_cells_per_niche=4)
+    model = load_pretraining_model(model_args, data_args, tiny, seed=0)
+    train, _, collator = build_pretraining_data(data_args, tiny, build_processor(model_args, model.config, tiny, 0),
+                                                model, seed=0)
+    batch = collator(train.__getitems__([0, 1]))
+    assert {"gene_value_mask", "image_patch_mask", "niche_cell_mask"} <= set(batch)
+    n_real = int(batch["cell_attention_mask"].sum())
+    assert batch["image_patch_mask"].shape == (n_real, model.spatia.cell.num_patches)
+    out = model(**batch)
+    assert torch.equal(out.image_patch_mask, batch["image_patch_mask"])
+    assert out.niche_loss is not None and out.mgm_loss is not None
+
+
+def test_push_to_hub_passes_through_to_the_trainer(tiny_dir, tmp_path):
+    from spatia_hf.testing import LoopbackHub
+    from spatia_hf.training.pretrain import run_pretraining
+
+    with LoopbackHub() as hub, hub.client():
+        args = _training_args(tmp_path, max_steps=1, push_to_hub=True, hub_model_id="lab/spatia-tiny",
+                              hub_token=hub.token)
+        run_pretraining(ModelArguments(preset="tiny"), DataArguments(dataset_dir=str(tiny_dir), max_cells_per_niche=4),
+                        args)
+        files = hub.files("lab/spatia-tiny")
+    assert {"config.json", "model.safetensors", "spatia_processor.json", "spatia_training.json"} <= set(files)
+    assert files["model.safetensors"] == (tmp_path / "run" / "model.safetensors").read_bytes()

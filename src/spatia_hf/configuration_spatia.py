@@ -12,6 +12,8 @@ are plain dicts of overrides: ``SpatiaConfig.from_preset("tiny", gene_vocab=[...
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -31,6 +33,37 @@ PRESETS = ("tiny", "small", "base", "large")
 def _check(cond: bool, field: str, value: Any, fix: str) -> None:
     if not cond:
         raise ValueError(f"{field}={value!r} is invalid. Fix: {fix}")
+
+
+# Keys transformers itself may hand a config besides its dataclass fields (load-time arguments, and
+# attributes of the transformers 4 base config that older config.json files still carry).
+_TRANSFORMERS_KWARGS = frozenset({
+    "model_type", "torch_dtype", "num_labels", "name_or_path", "_name_or_path", "_commit_hash", "auto_map",
+    "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+    "_attn_implementation_internal", "_experts_implementation_internal", "_attn_implementation_autoset",
+    "use_cache", "tie_word_embeddings", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "pruned_heads", "torchscript", "use_bfloat16", "tf_legacy_loss", "finetuning_task",
+    "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+})
+
+
+def _reject_unknown_fields(config: PretrainedConfig, kwargs: dict[str, Any]) -> None:
+    """A field the class does not define is a typo or a config of another version: fail loudly instead
+    of keeping a value no model reads (transformers would store it silently)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(k for k in kwargs if k not in fields and k not in _TRANSFORMERS_KWARGS)
+    if unknown:
+        named = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, fields, n=1)) else repr(k)
+                 for k in unknown]
+        raise ValueError(f"{type(config).__name__} (model_type={config.model_type!r}): unknown field(s) "
+                         f"{', '.join(named)}. Fix: correct or remove them; the fields are documented in "
+                         f"{type(config).__name__}'s docstring")
 
 
 def _check_heads(prefix: str, hidden_size: int, num_heads: int) -> None:
@@ -95,6 +128,7 @@ class SpatiaCellConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        _reject_unknown_fields(self, kwargs)
         self.gene_vocab = [str(g) for g in (self.gene_vocab or [])]
         if len(set(self.gene_vocab)) != len(self.gene_vocab):
             seen: set[str] = set()
@@ -176,6 +210,7 @@ class SpatiaNicheConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        _reject_unknown_fields(self, kwargs)
         _check_heads("", self.hidden_size, self.num_attention_heads)
         _check(self.cell_embed_dim > 0, "cell_embed_dim", self.cell_embed_dim, "use the cell model's hidden_size")
         _check(0 < self.position_min_wavelength_um < self.position_max_wavelength_um, "position_min_wavelength_um",
@@ -234,6 +269,7 @@ class SpatiaTissueConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        _reject_unknown_fields(self, kwargs)
         _check_heads("", self.hidden_size, self.num_attention_heads)
         _check(0 < self.position_min_wavelength_um < self.position_max_wavelength_um, "position_min_wavelength_um",
                self.position_min_wavelength_um, "use 0 < position_min_wavelength_um < position_max_wavelength_um")
@@ -320,6 +356,7 @@ class SpatiaConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        _reject_unknown_fields(self, kwargs)
         super().__post_init__(**kwargs)
         cell, niche, tissue = self.cell_config, self.niche_config, self.tissue_config
         _check(niche.cell_embed_dim == cell.hidden_size, "niche_config.cell_embed_dim", niche.cell_embed_dim,

@@ -32,14 +32,17 @@ class DemoSize:
     generator_minutes: float
     generator_size: str
     generation_steps: int
+    max_generation: int
+    max_perturbation: int
+    generation_variants: bool
 
 
 FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=2.5, pretrain_steps=400,
                 finetune_minutes=1.0, finetune_epochs=3.0, generator_minutes=2.5, generator_size="small",
-                generation_steps=20)
+                generation_steps=20, max_generation=96, max_perturbation=32, generation_variants=True)
 QUICK = DemoSize(sections=3, cells=400, genes=80, preset="tiny", pretrain_minutes=0.4, pretrain_steps=60,
                  finetune_minutes=0.3, finetune_epochs=2.0, generator_minutes=0.4, generator_size="tiny",
-                 generation_steps=8)
+                 generation_steps=8, max_generation=32, max_perturbation=12, generation_variants=False)
 
 
 @dataclass
@@ -168,7 +171,8 @@ def _evaluate(p: dict[str, Path], size: DemoSize, seed: int, device: str, progre
 
     evaluate(p["pretrained"], p["dataset"], p["report"], pipeline=p["generator"] / "pipeline",
              finetuned=p["finetuned"], seed=seed, device=device, num_inference_steps=size.generation_steps,
-             progress=progress)
+             generation_variants=size.generation_variants, max_generation=size.max_generation,
+             max_perturbation=size.max_perturbation, progress=progress)
 
 
 def _hub_folders(p: dict[str, Path]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -75,8 +76,14 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
         of SPATIA model (e.g. a cell checkpoint loaded as a tissue model)."""
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             _check_checkpoint_kind(cls, pretrained_model_name_or_path, kwargs)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a pytorch_model.bin is code run on load
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as err:  # a truncated or overwritten weight file: say which checkpoint
+            raise ValueError(
+                f"checkpoint {os.fspath(pretrained_model_name_or_path)!r}: its safetensors weights cannot be read "
+                f"({err}); the file is corrupt or truncated. Fix: re-download or re-save the checkpoint"
+            ) from err
         except RuntimeError as err:
             if "mismatched" not in str(err):
                 raise

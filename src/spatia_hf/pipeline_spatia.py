@@ -72,6 +72,8 @@ PALETTE = ((1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0))
 
 # Denoiser sizes: ``tiny`` for tests (seconds on CPU), ``small`` for the CPU demo (32-64 px pixel space,
 # attention only at 1/2 and 1/4 resolution, where it is cheap on a CPU), ``base`` for GPUs.
+# NB: diffusers' UNet2DConditionModel reads ``attention_head_dim`` as the number of heads (a legacy
+# naming); ``small`` uses 2 heads (head width 16 and 32): many narrow heads are slow on a CPU.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=8,
@@ -79,7 +81,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(block_out_channels=(16, 32, 64),
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                  attention_head_dim=8, norm_num_groups=8),
+                  attention_head_dim=2, norm_num_groups=8),
     "base": dict(block_out_channels=(128, 256, 256, 512),
                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                    "DownBlock2D"),
@@ -164,9 +166,18 @@ def training_scheduler(prediction_type: str = "epsilon", num_train_timesteps: in
 
 
 def sampling_scheduler(train_scheduler: SchedulerMixin) -> DPMSolverMultistepScheduler:
-    """The default sampler of a trained pipeline: DPM-Solver++ (2nd order) on the training schedule."""
+    """The default sampler of a trained pipeline: DPM-Solver++ (2nd order) on the training schedule.
+
+    In pixel space the data lie in [-1, 1]; at the first steps of the cosine schedule the predicted
+    clean image is ``(x_t - sigma * eps) / alpha`` with ``alpha`` ~ 1e-4, so a small noise-prediction
+    error becomes a huge, multistep-propagated x0 error (pure noise comes out). Dynamic thresholding
+    (``thresholding=True``, ``sample_max_value=1``) clips those predictions to the data range, as
+    DDPM/DDIM's ``clip_sample`` does; ``lambda_min_clipped=-5.1`` (diffusers' IF/unCLIP setting)
+    skips the last, worst-conditioned steps of the cosine schedule.
+    """
+    extra = {"lambda_min_clipped": -5.1} if train_scheduler.config.get("beta_schedule") == "squaredcos_cap_v2" else {}
     return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
-                                                   solver_order=2)
+                                                   solver_order=2, thresholding=True, sample_max_value=1.0, **extra)
 
 
 def _expression_matrix(expression: Any, gene_names: Sequence[str] | None) -> tuple[np.ndarray, list[str] | None]:
@@ -433,7 +444,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         unknown = [names[j] for j in np.flatnonzero(cmap < 0)]
         if unknown:
             warnings.warn(f"gene_names: {len(unknown)} genes are not in the model's panel and are ignored: "
-                          f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}", UserWarning, stacklevel=3)
+                          f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}", UserWarning, stacklevel=4)
         if len(known) == 0:
             raise ValueError(f"gene_names: none of the {len(names)} genes is in the model's panel (e.g. "
                              f"{names[:5]}; panel starts {panel[:5]}). Fix: use the gene symbols of pipe.genes")
@@ -441,7 +452,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         if missing:
             warnings.warn(f"expression: {missing} of the model's {len(panel)} panel genes were not given and count as "
                           "0 (e.g. " + str([g for g in panel if g not in set(names)][:10]) + ")", UserWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         counts = np.zeros((x.shape[0], len(panel)), dtype=np.float32)
         counts[:, cmap[known]] = x[:, known]
         index = {names[j]: int(cmap[j]) for j in known}
@@ -591,7 +602,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                 j = gene_index[gene]
                 if bool((pcounts[:, j] == 0).any()):
                     warnings.warn(f"perturbation: gene {gene!r} has 0 counts in some cells; a fold leaves those "
-                                  "unchanged", UserWarning, stacklevel=2)
+                                  "unchanged", UserWarning, stacklevel=3)
                 pcounts[:, j] *= float(fold)
             counts = torch.cat([counts, pcounts], dim=0)
 

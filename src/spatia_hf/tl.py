@@ -83,6 +83,9 @@ def embed(
     from spatia_hf.evaluation.tasks import cluster
     from spatia_hf.inference import embed_dataset
 
+    if adata.n_obs < 2:  # fail before any work, not in the domain clustering at the end
+        raise ValueError(f"adata: {adata.n_obs} cell(s); spatial domains are clustered from at least 2 cells. Fix: "
+                         "embed a whole section (all its cells in one AnnData)")
     adata = adata.copy() if copy else adata
     spatia_model, processor = load_model_and_processor(model, device)
     section = read_anndata(adata, image, pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units,

@@ -61,9 +61,13 @@ def apply_device(device: str) -> dict[str, Any]:
         if not index.isdigit():
             raise ValueError(f"--device {device!r}: expected cuda:N with N a GPU index")
         os.environ["CUDA_VISIBLE_DEVICES"] = index
-        return {}
-    if device not in ("auto", "cuda", "mps"):
+    elif device not in ("auto", "cuda", "mps"):
         raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda"):  # after CUDA_VISIBLE_DEVICES is set; else training would fall back to the CPU
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: no CUDA GPU is available here. Fix: use --device cpu or auto")
     return {}
 
 

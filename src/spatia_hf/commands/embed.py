@@ -52,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix != ".h5ad":
         raise ValueError(f"--out {out}: expected a .h5ad path")
     start = time.perf_counter()
-    adata = ad.read_h5ad(args.adata)
+    try:
+        adata = ad.read_h5ad(args.adata)
+    except (OSError, KeyError, ValueError) as err:  # truncated / not HDF5
+        raise ValueError(f"--adata {args.adata}: not a readable .h5ad ({type(err).__name__}: {err}). Fix: re-copy "
+                         "or re-export the file") from None
     embed(adata, args.image, args.model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,

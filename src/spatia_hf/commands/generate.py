@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--expression", help="counts file: .h5ad, .csv/.tsv (cells x genes, header = genes) or .npy")
     source.add_argument("--dataset", help="built dataset folder: condition on its cells")
+    parser.add_argument("--out", required=True, help="output folder (images.npy, grid.png, generation.json)")
     parser.add_argument("--gene-names", help="text file, one gene per line (for .npy expression; default: the "
                                              "pipeline's panel order)")
     parser.add_argument("--sections", nargs="*", help="with --dataset: only these sample_ids")

@@ -28,6 +28,7 @@ import math
 import re
 import shutil
 import sys
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ CELL_SHARD_ROWS = 4096
 NICHE_SHARD_ROWS = 1024
 CROP_BATCH = 256
 CROP_BATCH_BYTES = 64 * 2**20
+# Threads of the crop loop (2 cores): one reads the next tile, CROP_THREADS crop the current one
+# (BLAS and numpy release the GIL), and up to SHARDS_IN_FLIGHT shards per config are encoded at once.
+CROP_THREADS = 2
+SHARDS_IN_FLIGHT = 2
 SECTIONS_FILE = "sections.json"
 TMP_SUFFIX = ".tmp-build"
 PROGRESS_DIR = "_progress"
@@ -202,15 +207,17 @@ def _remove_section_shards(root: Path, sample_id: str) -> None:
 class _ShardWriter:
     """Buffers rows (as source indices + images) and writes ``rows`` per Parquet shard.
 
-    Shards are assembled and written on a background thread (Arrow and Parquet release the GIL),
-    overlapping with the cropping of the next rows; at most one shard is in flight, so memory
-    stays bounded.
+    Shards are assembled and written on background threads (Arrow and Parquet release the GIL;
+    encoding the nested image lists is the largest single cost of a build), overlapping with the
+    cropping of the next rows; at most ``SHARDS_IN_FLIGHT`` shards per writer are queued or being
+    written, so memory stays bounded. Each shard is one file written by one thread: the bytes do
+    not depend on how many are in flight.
     """
 
     def __init__(self, features, directory: Path, sample_id: str, rows: int, columns, pool: ThreadPoolExecutor):
         self.features, self.dir, self.sample_id, self.rows, self.columns = features, directory, sample_id, rows, columns
         self.pool = pool
-        self.pending: Future | None = None
+        self.pending: deque[Future] = deque()
         self.idx: list[np.ndarray] = []
         self.images: list[np.ndarray] = []
         self.buffered = 0
@@ -226,13 +233,13 @@ class _ShardWriter:
     def close(self) -> list[str]:
         if self.buffered:
             self._flush(self.buffered)
-        self._wait()
+        self._wait(0)
         return self.paths
 
-    def _wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()  # re-raises a failed write
-            self.pending = None
+    def _wait(self, at_most: int) -> None:
+        """Wait (oldest first) until at most ``at_most`` shards are pending."""
+        while len(self.pending) > at_most:
+            self.pending.popleft().result()  # re-raises a failed write
 
     def _write(self, idx: np.ndarray, images: np.ndarray, path: Path) -> None:
         write_parquet(table_from_columns(self.features, self.columns(idx, images), len(idx)), path)
@@ -242,8 +249,8 @@ class _ShardWriter:
         self.idx, self.images = [idx[n:]], [images[n:]]
         self.buffered = len(idx) - n
         path = self.dir / _shard_name(self.sample_id, len(self.paths))
-        self._wait()
-        self.pending = self.pool.submit(self._write, idx[:n], images[:n], path)
+        self._wait(SHARDS_IN_FLIGHT - 1)
+        self.pending.append(self.pool.submit(self._write, idx[:n], images[:n], path))
         self.paths.append(f"{self.dir.name}/{path.name}")
 
 
@@ -354,47 +361,76 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
 
     cell_feats = schema.cell_features(c, p.crop_px, layout.label_keys, layout.value_keys)
     niche_feats = schema.niche_features(c, p.niche_px, layout.label_keys)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spatia-shards")
+    pool = ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT, thread_name_prefix="spatia-shards")
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spatia-tiles")
+    cropper = ThreadPoolExecutor(max_workers=CROP_THREADS, thread_name_prefix="spatia-crops")
     cells_w = _ShardWriter(cell_feats, root / "cells", sid, p.cell_shard_rows, cell_columns, pool)
     niches_w = _ShardWriter(niche_feats, root / "niches", sid, p.niche_shard_rows, niche_columns, pool)
 
     resample_cell, resample_niche = CropResampler(s_cell, p.crop_px), CropResampler(s_niche, p.niche_px)
     cell_batch, niche_batch = _batch_size(c, s_cell), _batch_size(c, s_niche)
 
-    def crops(tile, idx, r0, c0, size, resample) -> np.ndarray:
-        return resample(tile.gather(r0[idx], c0[idx], size), norm.low, norm.high)
+    def crops(tile, idx, r0, c0, resample) -> np.ndarray:
+        with torch.inference_mode():  # thread-local: entered on the crop thread
+            return resample.from_tile(tile, r0[idx], c0[idx], norm.low, norm.high)
+
+    big, small = 1 << 62, -(1 << 62)
+
+    def tile_members(j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cells and niches whose centre lies in the ``j``-th visited tile."""
+        return (cell_order[cell_bounds[j] : cell_bounds[j + 1]], niche_order[niche_bounds[j] : niche_bounds[j + 1]])
+
+    def load(j: int):
+        """Read, convert and thumbnail the ``j``-th tile (on the reader thread, one tile ahead of the
+        cropping: zlib / JPEG 2000 decoding and numpy's conversion release the GIL)."""
+        tc, tn = tile_members(j)
+        need = (min(cr0[tc].min(initial=big), nr0[tn].min(initial=big)),
+                min(cc0[tc].min(initial=big), nc0[tn].min(initial=big)),
+                max(cr0[tc].max(initial=small) + s_cell, nr0[tn].max(initial=small) + s_niche),
+                max(cc0[tc].max(initial=small) + s_cell, nc0[tn].max(initial=small) + s_niche))
+        tile = grid.read(int(tiles[j]), need)
+        tile.data = tile.data.astype(np.float32)  # once per tile, not once per (overlapping) crop
+        thumb.add(*grid.inner(tile))  # tiles reach the accumulator in order, from this thread only
+        return tile
 
     visited: set[int] = set()
     bar = tqdm(total=n, desc=f"{sid}: cells", unit="cell", disable=not progress, leave=False)
-    big, small = 1 << 62, -(1 << 62)
+    cropping: deque[tuple[_ShardWriter, np.ndarray, Future]] = deque()
+
+    def collect(at_most: int) -> None:
+        """Hand finished crop batches to their writers in submission order (the shard rows do not
+        depend on which thread cropped them) until at most ``at_most`` are pending."""
+        while len(cropping) > at_most:
+            writer, idx, done = cropping.popleft()
+            writer.add(idx, done.result())  # re-raises a failed crop
+            if writer is cells_w:
+                bar.update(len(idx))
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core crops, the shard writer thread uses the other
+    torch.set_num_threads(1)  # each crop / reader / writer thread runs single-threaded kernels
     try:
-        with torch.inference_mode():
-            for j, t in enumerate(tiles):
-                tc = cell_order[cell_bounds[j] : cell_bounds[j + 1]]
-                tn = niche_order[niche_bounds[j] : niche_bounds[j + 1]]
-                need = (min(cr0[tc].min(initial=big), nr0[tn].min(initial=big)),
-                        min(cc0[tc].min(initial=big), nc0[tn].min(initial=big)),
-                        max(cr0[tc].max(initial=small) + s_cell, nr0[tn].max(initial=small) + s_niche),
-                        max(cc0[tc].max(initial=small) + s_cell, nc0[tn].max(initial=small) + s_niche))
-                tile = grid.read(int(t), need)
-                visited.add(int(t))
-                tile.data = tile.data.astype(np.float32)  # once per tile, not once per (overlapping) crop
-                thumb.add(*grid.inner(tile))
-                for k in range(0, len(tc), cell_batch):
-                    idx = tc[k : k + cell_batch]
-                    cells_w.add(idx, crops(tile, idx, cr0, cc0, s_cell, resample_cell))
-                    bar.update(len(idx))
-                for k in range(0, len(tn), niche_batch):
-                    idx = tn[k : k + niche_batch]
-                    niches_w.add(idx, crops(tile, idx, nr0, nc0, s_niche, resample_niche))
-                del tile
+        ahead = reader.submit(load, 0)
+        for j, t in enumerate(tiles):
+            tile = ahead.result()  # re-raises a failed read
+            collect(0)  # the previous tile's last batches: from here on only this tile and the next are held
+            if j + 1 < len(tiles):
+                ahead = reader.submit(load, j + 1)
+            visited.add(int(t))
+            tc, tn = tile_members(j)
+            jobs = ([(cells_w, tc[k : k + cell_batch], cr0, cc0, resample_cell) for k in range(0, len(tc), cell_batch)]
+                    + [(niches_w, tn[k : k + niche_batch], nr0, nc0, resample_niche)
+                       for k in range(0, len(tn), niche_batch)])
+            for writer, idx, r0, c0, resample in jobs:
+                cropping.append((writer, idx, cropper.submit(crops, tile, idx, r0, c0, resample)))
+                collect(2 * CROP_THREADS)
+            del tile
+        collect(0)
         bar.close()
         cell_paths, niche_paths = cells_w.close(), niches_w.close()
     finally:
         torch.set_num_threads(threads)
-        pool.shutdown(wait=True)
+        for executor in (cropper, reader, pool):
+            executor.shutdown(wait=True, cancel_futures=True)
 
     raw_thumb = thumb.finish(section.image, grid, visited)
     thumbnail = np.zeros((1, c, p.thumb_px, p.thumb_px), dtype=np.uint8)

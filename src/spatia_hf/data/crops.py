@@ -3,8 +3,9 @@
 The image is only ever sliced as ``image[:, r0:r1, c0:c1]`` (works for ``np.memmap``, zarr and
 tifffile's zarr store). It is visited one tile of ``tile_px`` (plus a margin of half a crop) at
 a time; every crop whose centre lies in the tile is cut from that one buffer with a single
-vectorised gather, resized with area averaging and normalised. Crops that reach past the image
-border are zero-padded and counted. A thumbnail is accumulated from the same tiles.
+vectorised gather (large windows are resized in place instead, see
+:meth:`CropResampler.from_tile`), resized with area averaging and normalised. Crops that reach
+past the image border are zero-padded and counted. A thumbnail is accumulated from the same tiles.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_TILE_PX = 2048
+# Windows this large are resized in place in their tile (one GEMM per window on a strided view)
+# instead of being copied out first: measured on 2 cores, 151 px -> 64 px took 26 µs per window
+# this way against 51 µs with the copy; below ~96 px the copy plus one batched GEMM is cheaper.
+WINDOW_GEMM_MIN_PX = 96
 
 
 def window_px(size_um: float, pixel_size_um: float) -> int:
@@ -76,13 +81,47 @@ class CropResampler:
         ``round((x - low) / (high - low) * 255)`` clipped to [0, 255], per channel."""
         n, c, s, _ = raw.shape
         x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
-        o = s
-        if self.weights is not None:
-            o = self.size_out
-            x = (x.reshape(-1, s) @ self.weights).reshape(n * c, s, o)  # columns: one GEMM
-            x = torch.matmul(self.weights.T, x).reshape(n, c, o, o)  # rows: batched GEMM
-        else:
-            x = x.clone()
+        if self.weights is None:
+            return self._to_uint8(x.clone(), low, high)
+        y = (x.reshape(-1, s) @ self.weights).reshape(n, c, s, self.size_out)  # columns: one GEMM
+        return self._to_uint8(self._rows(y), low, high)
+
+    def from_tile(self, tile: "Tile", rows0: np.ndarray, cols0: np.ndarray, low: np.ndarray,
+                  high: np.ndarray) -> np.ndarray:
+        """The same bytes as ``self(tile.gather(rows0, cols0, S), low, high)``, for windows with absolute
+        top-left corners ``rows0, cols0`` inside ``tile`` (whose data should already be float32).
+
+        Windows of at least :data:`WINDOW_GEMM_MIN_PX` are not copied out of the tile: the column
+        pass runs as one small GEMM per window straight on its strided view (BLAS takes the tile's
+        row stride as the leading dimension), which halves the cost of 151 px windows. Each output
+        is the same sequence of multiply-adds as in the batched GEMM, so the bytes do not change.
+        """
+        rows0, cols0 = np.asarray(rows0, dtype=np.int64), np.asarray(cols0, dtype=np.int64)
+        s = self.size_in
+        if self.weights is None or s < WINDOW_GEMM_MIN_PX or len(rows0) == 0:
+            return self(tile.gather(rows0, cols0, s), low, high)
+        c, h, w = tile.data.shape
+        r, q = rows0 - tile.r0, cols0 - tile.c0
+        if r.min() < 0 or q.min() < 0 or r.max() + s > h or q.max() + s > w:
+            raise ValueError(f"windows of {s} px at rows {int(rows0.min())}..{int(rows0.max())}, cols "
+                             f"{int(cols0.min())}..{int(cols0.max())} leave the tile (rows {tile.r0}..{tile.r0 + h}, "
+                             f"cols {tile.c0}..{tile.c0 + w}). Fix: read the tile with need= covering them")
+        data = torch.from_numpy(np.asarray(tile.data, dtype=np.float32))
+        weights = self.weights.expand(c, s, self.size_out)  # one GEMM per window for all its channels
+        y = torch.empty((len(r), c, s, self.size_out))
+        for i, (a, b) in enumerate(zip(r.tolist(), q.tolist())):
+            torch.bmm(data[:, a : a + s, b : b + s], weights, out=y[i])
+        return self._to_uint8(self._rows(y), low, high)
+
+    def _rows(self, y: torch.Tensor) -> torch.Tensor:
+        """Second (row) pass of the separable resize: ``(n, C, S, out)`` -> ``(n, C, out, out)``."""
+        n, c, s, o = y.shape
+        return torch.matmul(self.weights.T, y.reshape(n * c, s, o)).reshape(n, c, o, o)  # batched GEMM
+
+    @staticmethod
+    def _to_uint8(x: torch.Tensor, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """Per-channel affine normalisation of float ``(n, C, o, o)`` (in place), rounded half up, clipped."""
+        c = x.shape[1]
         low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
         scale = torch.as_tensor(255.0 / (high - low), dtype=torch.float32).view(1, c, 1, 1)
         bias = torch.as_tensor(0.5 - low * 255.0 / (high - low), dtype=torch.float32).view(1, c, 1, 1)

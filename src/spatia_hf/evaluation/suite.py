@@ -174,10 +174,21 @@ def _merge(base: dict, extra: Mapping[str, Mapping[str, Any]] | None, key: str) 
     return {**base, **added}
 
 
+def _kinds(kinds: Mapping[str, Mapping[str, str]] | None, key: str, base: Mapping[str, str] | None = None
+           ) -> dict[str, str]:
+    """The method kinds of task ``key``: the suite's references plus those the caller gave."""
+    return {**dict(base or {}), **dict((kinds or {}).get(key, {}))}
+
+
 def run_suite(inputs: SuiteInputs, extra: Mapping[str, Mapping[str, Any]] | None = None,
               tasks: Sequence[int] | None = None, cnn_epochs: int = 8, figures_dir: str | Path | None = None,
-              progress: bool = False, num_threads: int | None = None) -> tuple[list[T.TaskResult], dict[str, Path]]:
+              progress: bool = False, num_threads: int | None = None,
+              kinds: Mapping[str, Mapping[str, str]] | None = None) -> tuple[list[T.TaskResult], dict[str, Path]]:
     """Run the baselines (and ``extra`` methods) on the tasks ``tasks`` (default all 12).
+
+    ``kinds`` maps a task key to ``{method_name: kind}`` ("spatia", "baseline" or "reference") for
+    methods whose name alone would misclassify them, e.g. a SPATIA ablation ("SPATIA cell-only")
+    that is a baseline of the full model.
 
     ``num_threads`` caps BLAS/OpenMP threads (threadpoolctl) while it runs: the matrices here are
     small, and on a shared CPU several BLAS threads were measured 20-40x slower than one (a 240 x 200
@@ -190,15 +201,16 @@ def run_suite(inputs: SuiteInputs, extra: Mapping[str, Mapping[str, Any]] | None
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=num_threads):
-        return _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress)
+        return _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress, kinds)
 
 
-def _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress):
+def _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress, kinds=None):
     from tqdm.auto import tqdm
 
-    unknown = sorted(set(extra or {}) - set(T.TASK_KEYS))
-    if unknown:
-        raise ValueError(f"extra has unknown task keys {unknown}; expected keys from {sorted(T.TASK_KEYS)}")
+    for what, given in (("extra", extra), ("kinds", kinds)):
+        unknown = sorted(set(given or {}) - set(T.TASK_KEYS))
+        if unknown:
+            raise ValueError(f"{what} has unknown task keys {unknown}; expected keys from {sorted(T.TASK_KEYS)}")
     wanted = sorted(set(tasks or T.TASKS))
     shared = _shared(inputs, cnn_epochs)
     c, sec = inputs.cells, inputs.section_split
@@ -211,7 +223,7 @@ def _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress):
                10: _task10, 11: _task11, 12: _task12}
     for number in tqdm(wanted, desc="evaluation tasks", disable=not progress):
         t0 = time.perf_counter()
-        out = runners[number](inputs, shared, extra, fig_dir, figures)
+        out = runners[number](inputs, shared, extra, fig_dir, figures, kinds)
         timings[number] = time.perf_counter() - t0
         if out is not None:
             out.details["seconds"] = round(timings[number], 2)
@@ -235,20 +247,20 @@ def _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress):
 
 
 # ----------------------------------------------------------------------------- per-task runners
-def _task1(inputs, sh, extra, fig_dir, figures):
+def _task1(inputs, sh, extra, fig_dir, figures, kinds=None):
     c = inputs.cells
     feats = {"PCA": sh.pca, "log1p": inputs.log1p, "PCA + image-CNN (concat)": np.hstack([sh.pca, sh.cnn_features])}
     return T.run_cell_annotation(_merge(feats, extra, "cell_annotation"), c.label(inputs.cell_type_key),
-                                 inputs.section_split, inputs.seed)
+                                 inputs.section_split, inputs.seed, kinds=_kinds(kinds, "cell_annotation"))
 
 
-def _task2(inputs, sh, extra, fig_dir, figures):
+def _task2(inputs, sh, extra, fig_dir, figures, kinds=None):
     feats = {"image-CNN": sh.cnn_features, "pixels (8x8)": sh.pixels}
     return T.run_image_annotation(_merge(feats, extra, "image_annotation"), inputs.cells.label(inputs.cell_type_key),
-                                  inputs.section_split, inputs.seed)
+                                  inputs.section_split, inputs.seed, kinds=_kinds(kinds, "image_annotation"))
 
 
-def _task3(inputs, sh, extra, fig_dir, figures):
+def _task3(inputs, sh, extra, fig_dir, figures, kinds=None):
     c, s = inputs.cells, inputs.section_split
     types = c.label(inputs.cell_type_key)
     from sklearn.linear_model import LogisticRegression
@@ -256,17 +268,18 @@ def _task3(inputs, sh, extra, fig_dir, figures):
     lr = LogisticRegression(max_iter=2000, random_state=inputs.seed).fit(inputs.log1p[s.train], types[s.train])
     preds = {"image-CNN (trained end to end)": sh.cnn.predict(c.images[s.test]),
              "log1p + logistic regression": lr.predict(inputs.log1p[s.test])}
-    return T.run_finetuned_annotation(_merge(preds, extra, "finetuned_annotation"), types, s)
+    return T.run_finetuned_annotation(_merge(preds, extra, "finetuned_annotation"), types, s,
+                                      kinds=_kinds(kinds, "finetuned_annotation"))
 
 
-def _task4(inputs, sh, extra, fig_dir, figures):
+def _task4(inputs, sh, extra, fig_dir, figures, kinds=None):
     feats = {"PCA": sh.pca, "image-CNN": sh.cnn_features,
              "PCA + image-CNN (concat)": np.hstack([sh.pca, sh.cnn_features])}
     return T.run_cell_clustering(_merge(feats, extra, "cell_clustering"), inputs.cells.label(inputs.cell_type_key),
-                                 inputs.section_split.test, seed=inputs.seed)
+                                 inputs.section_split.test, seed=inputs.seed, kinds=_kinds(kinds, "cell_clustering"))
 
 
-def _task5(inputs, sh, extra, fig_dir, figures):
+def _task5(inputs, sh, extra, fig_dir, figures, kinds=None):
     if not inputs.domain_key:
         return None
     c = inputs.cells
@@ -274,7 +287,8 @@ def _task5(inputs, sh, extra, fig_dir, figures):
              "PCA, kNN spatial smoothing (30 µm)": B.spatial_smoothing(sh.pca, c.xy_um, c.sample_ids, 30.0),
              "PCA, kNN spatial smoothing (60 µm)": B.spatial_smoothing(sh.pca, c.xy_um, c.sample_ids, 60.0)}
     r = T.run_domain_clustering(_merge(feats, extra, "domain_clustering"), c.label(inputs.domain_key), c.sample_ids,
-                                inputs.section_split.test, seed=inputs.seed)
+                                inputs.section_split.test, seed=inputs.seed,
+                                kinds=_kinds(kinds, "domain_clustering"))
     if fig_dir is not None:
         from . import plots
 
@@ -286,7 +300,7 @@ def _task5(inputs, sh, extra, fig_dir, figures):
     return r
 
 
-def _task6(inputs, sh, extra, fig_dir, figures):
+def _task6(inputs, sh, extra, fig_dir, figures, kinds=None):
     s, c = inputs.sections, inputs.cells
     if not inputs.section_label_key or np.unique(s.labels[inputs.section_label_key]).size < 2:
         return None
@@ -294,10 +308,11 @@ def _task6(inputs, sh, extra, fig_dir, figures):
              "mean PCA of cells": T.section_means(sh.pca, c.sample_ids, s.sample_ids),
              "mean image-CNN of cells": T.section_means(sh.cnn_features, c.sample_ids, s.sample_ids)}
     return T.run_section_classification(_merge(feats, extra, "section_classification"),
-                                        s.labels[inputs.section_label_key], s.sample_ids, inputs.seed)
+                                        s.labels[inputs.section_label_key], s.sample_ids, inputs.seed,
+                                        kinds=_kinds(kinds, "section_classification"))
 
 
-def _imputation(inputs, genes, key, runner, fig_dir, figures, extra, fig_name):
+def _imputation(inputs, genes, key, runner, fig_dir, figures, extra, fig_name, kinds=None):
     c, s = inputs.cells, inputs.cell_split
     observed, target, _ = masked_log1p(inputs, genes)
     pcs = B.pca_features(observed, s.train, 30, inputs.seed)
@@ -306,7 +321,7 @@ def _imputation(inputs, genes, key, runner, fig_dir, figures, extra, fig_name):
              "spatial kNN smoothing (niche)": B.spatial_knn_imputation(c.xy_um[s.train], target[s.train],
                                                                        c.sample_ids[s.train], c.xy_um[s.test],
                                                                        c.sample_ids[s.test])}
-    r = runner(_merge(preds, extra, key), target[s.test], list(genes), s)
+    r = runner(_merge(preds, extra, key), target[s.test], list(genes), s, kinds=_kinds(kinds, key))
     if fig_dir is not None:
         from . import plots
 
@@ -318,19 +333,19 @@ def _imputation(inputs, genes, key, runner, fig_dir, figures, extra, fig_name):
     return r
 
 
-def _task7(inputs, sh, extra, fig_dir, figures):
+def _task7(inputs, sh, extra, fig_dir, figures, kinds=None):
     return _imputation(inputs, inputs.masked_genes, "gene_imputation", T.run_gene_imputation, fig_dir, figures, extra,
-                       "task07_imputation")
+                       "task07_imputation", kinds)
 
 
-def _task8(inputs, sh, extra, fig_dir, figures):
+def _task8(inputs, sh, extra, fig_dir, figures, kinds=None):
     if not inputs.neighbor_genes:
         return None
     return _imputation(inputs, inputs.neighbor_genes, "niche_imputation", T.run_niche_imputation, fig_dir, figures,
-                       extra, "task08_niche_imputation")
+                       extra, "task08_niche_imputation", kinds)
 
 
-def _task9(inputs, sh, extra, fig_dir, figures):
+def _task9(inputs, sh, extra, fig_dir, figures, kinds=None):
     s = inputs.section_split
     cols = inputs.cells.gene_index(inputs.target_genes)
     y = inputs.log1p[:, cols]
@@ -338,10 +353,11 @@ def _task9(inputs, sh, extra, fig_dir, figures):
                                                                 sh.cnn_features[s.test]),
              "ridge on pixels (8x8)": B.ridge_regression(sh.pixels[s.train], y[s.train], sh.pixels[s.test]),
              "mean expression": B.mean_imputation(y[s.train], len(s.test))}
-    return T.run_image_to_expression(_merge(preds, extra, "image_to_expression"), y[s.test], inputs.target_genes, s)
+    return T.run_image_to_expression(_merge(preds, extra, "image_to_expression"), y[s.test], inputs.target_genes, s,
+                                     kinds=_kinds(kinds, "image_to_expression"))
 
 
-def _task10(inputs, sh, extra, fig_dir, figures):
+def _task10(inputs, sh, extra, fig_dir, figures, kinds=None):
     s, idx = inputs.section_split, inputs.retrieval_idx
     pairs = {"random": B.random_embeddings(len(idx), 16, inputs.seed),
              "PCA-CCA (log1p, pixels)": B.pca_cca_embeddings(inputs.log1p, sh.pixels, s.train, idx, seed=inputs.seed),
@@ -349,10 +365,10 @@ def _task10(inputs, sh, extra, fig_dir, figures):
                                                                  seed=inputs.seed)}
     return T.run_retrieval(_merge(pairs, extra, "retrieval"), split={"kind": "section", "n_test": int(len(idx)),
                                                                      "held_out_sections": list(s.held_out_sections)},
-                           kinds={"random": "reference"})
+                           kinds=_kinds(kinds, "retrieval", {"random": "reference"}))
 
 
-def _task11(inputs, sh, extra, fig_dir, figures):
+def _task11(inputs, sh, extra, fig_dir, figures, kinds=None):
     c, s = inputs.cells, inputs.section_split
     types = c.label(inputs.cell_type_key)
     ref, gen_idx = inputs.generation_reference_idx, inputs.generation_idx
@@ -360,7 +376,7 @@ def _task11(inputs, sh, extra, fig_dir, figures):
     random_train = rng.choice(s.train, size=len(gen_idx), replace=len(s.train) < len(gen_idx))
     generated = {"real held-out crops": sh.cnn_features[gen_idx],
                  "random real crop (ignores expression)": sh.cnn_features[random_train]}
-    kinds = {"real held-out crops": "reference"}
+    kinds = _kinds(kinds, "generation", {"real held-out crops": "reference"})
     images = dict((extra or {}).get("generation", {}))
     clash = sorted(set(images) & set(generated))
     if clash:
@@ -395,7 +411,7 @@ def _as_uint8(images, name: str) -> np.ndarray:
     return x
 
 
-def _task12(inputs, sh, extra, fig_dir, figures):
+def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
     gene, gt = inputs.morphology_gene, inputs.ground_truth
     if gene is None or gt is None or gene not in gt.get("morphology_genes", {}):
         return None
@@ -411,7 +427,7 @@ def _task12(inputs, sh, extra, fig_dir, figures):
     measured = {"observational regression (real cells)": B.observational_shift(
         log_expr[ok], np.log(area[ok]), np.log(inputs.folds), B.one_hot(c.label(inputs.cell_type_key)[s.train][ok])),
         "no change": np.zeros(len(truth))}
-    kinds = {"no change": "reference"}
+    kinds = _kinds(kinds, "perturbation", {"no change": "reference"})
     for name, out in dict((extra or {}).get("perturbation", {})).items():
         before = nucleus_area(_as_uint8(out["before"], name), c.pixel_size_um[inputs.perturbation_idx])
         shifts = []
@@ -440,14 +456,15 @@ def _task12(inputs, sh, extra, fig_dir, figures):
 def evaluate_dataset(dataset_dir: str | Path, report_dir: str | Path, seed: int = 0,
                      extra: Mapping[str, Mapping[str, Any]] | None = None, tasks: Sequence[int] | None = None,
                      cnn_epochs: int = 8, progress: bool = False, num_threads: int | None = None,
-                     **prepare_kwargs) -> Path:
+                     kinds: Mapping[str, Mapping[str, str]] | None = None, **prepare_kwargs) -> Path:
     """Prepare, run the baselines (plus ``extra``), draw the pictures and write the report; returns
     the path of ``report.md``."""
     from .report import FIGURES_DIR, write_report
 
     report_dir = Path(report_dir)
     inputs = prepare_suite(dataset_dir, seed=seed, **prepare_kwargs)
-    results, figures = run_suite(inputs, extra, tasks, cnn_epochs, report_dir / FIGURES_DIR, progress, num_threads)
+    results, figures = run_suite(inputs, extra, tasks, cnn_epochs, report_dir / FIGURES_DIR, progress, num_threads,
+                                 kinds)
     meta = {"dataset": str(dataset_dir), **inputs.describe()}
     skipped = sorted(set(tasks or T.TASKS) - {r.task for r in results})
     if skipped:

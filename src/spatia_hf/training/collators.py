@@ -104,7 +104,7 @@ def image_patch_mask(num_patches: int, ratio: float, rngs: Sequence[np.random.Ge
 
 
 def encode_expression(processor: SpatiaProcessor, gene_indices: Sequence, gene_counts: Sequence,
-                      rngs: Sequence[np.random.Generator]) -> dict[str, np.ndarray]:
+                      rngs: Sequence[np.random.Generator]) -> list[dict[str, Any]]:
     """Per-cell token arrays from the processor (zeros sampled with each cell's own generator), unpadded."""
     return [processor.encode_cell(i, c, rng) for i, c, rng in zip(gene_indices, gene_counts, rngs)]
 

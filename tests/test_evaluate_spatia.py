@@ -1,0 +1,278 @@
+"""SPATIA in the 12-task evaluation: its outputs on the suite's rows, the split checks, `spatia evaluate`.
+
+Fast tests use randomly initialised tiny checkpoints (real models, saved and loaded like trained
+ones); the end-to-end test pretrains, fine-tunes and trains a generator for a few steps (slow).
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from spatia_hf.data import schema
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-section dataset, a random tiny pretraining checkpoint and a random annotation head."""
+    from spatia_hf import SpatiaConfig, SpatiaForCellClassification, SpatiaForPretraining
+    from spatia_hf.data.synthetic import build_tiny_dataset
+    from spatia_hf.processing_spatia import SpatiaProcessor
+    from spatia_hf.training.datasets import load_spatia_dataset
+
+    root = tmp_path_factory.mktemp("evaluate_spatia")
+    data = build_tiny_dataset(root / "data", n_sections=3, n_cells=70, seed=0)
+    ds = load_spatia_dataset(data, ("cells",))
+    c, size, _ = ds["cells"].features[schema.IMAGE].shape
+    torch.manual_seed(0)
+    config = SpatiaConfig.from_preset("tiny", gene_vocab=ds.genes, image_size=size, num_channels=c)
+    SpatiaForPretraining(config).save_pretrained(root / "pre")
+    SpatiaProcessor.from_config(config).save_pretrained(root / "pre")
+    types = sorted(set(ds["cells"]["cell_type"]))
+    head = SpatiaConfig.from_preset("tiny", gene_vocab=ds.genes, image_size=size, num_channels=c,
+                                    num_labels=len(types), id2label=dict(enumerate(types)),
+                                    label2id={t: i for i, t in enumerate(types)})
+    SpatiaForCellClassification(head).save_pretrained(root / "ft")
+    return {"data": data, "pre": root / "pre", "ft": root / "ft", "root": root, "types": types}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny):
+    from spatia_hf.evaluation.suite import prepare_suite
+
+    return prepare_suite(tiny["data"], seed=0, n_masked_genes=6, n_target_genes=8, max_generation=8,
+                         max_perturbation=4)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny):
+    from spatia_hf.evaluation.spatia_methods import load_checkpoint
+
+    return load_checkpoint(tiny["pre"], tiny["data"])
+
+
+def test_hidden_genes_are_neither_input_nor_sampled_as_zeros(inputs, ckpt):
+    from spatia_hf.evaluation.spatia_methods import cell_rows, hiding_processor
+    from spatia_hf.inference import encode_cells
+
+    hidden = inputs.cells.gene_index(inputs.masked_genes)
+    hidden_vocab = set(ckpt.processor.panel.vocab_ids[hidden].tolist())
+    idx = np.arange(40)
+    plain = encode_cells(ckpt.processor, cell_rows(inputs, idx), "expression")
+    masked = encode_cells(hiding_processor(ckpt.processor, hidden), cell_rows(inputs, idx, hidden), "expression")
+    assert hidden_vocab & set(plain["gene_ids"].unique().tolist())  # they are there without hiding
+    assert not hidden_vocab & set(masked["gene_ids"].unique().tolist())
+    # the library (hence every observed value) excludes the hidden genes, as the suite's truth does
+    from spatia_hf.evaluation.suite import masked_log1p
+
+    observed, _, obs_cols = masked_log1p(inputs, inputs.masked_genes)
+    vocab_to_col = {int(v): j for j, v in enumerate(ckpt.processor.panel.vocab_ids)}
+    gid, val = masked["gene_ids"][0].numpy(), masked["gene_values"][0].numpy()
+    expressed = val > 0
+    cols = np.array([vocab_to_col[int(g)] for g in gid[expressed]])
+    np.testing.assert_allclose(val[expressed], observed[0, np.searchsorted(obs_cols, cols)], rtol=1e-4)
+
+
+def test_zero_shot_imputation_cannot_read_the_masked_values(inputs, ckpt):
+    import copy
+
+    from spatia_hf.evaluation.spatia_methods import masked_gene_predictions
+
+    idx = inputs.cell_split.test[:12]
+    genes = inputs.masked_genes
+    base = masked_gene_predictions(ckpt, inputs, idx, genes)
+    assert base.shape == (len(idx), len(genes)) and np.isfinite(base).all()
+    import scipy.sparse as sp
+
+    changed = copy.copy(inputs)
+    changed.cells = copy.copy(inputs.cells)
+    counts = inputs.cells.counts.toarray()
+    counts[:, inputs.cells.gene_index(genes)] = counts[:, inputs.cells.gene_index(genes)] * 7 + 3
+    changed.cells.counts = sp.csr_matrix(counts)
+    np.testing.assert_allclose(masked_gene_predictions(ckpt, changed, idx, genes), base, atol=1e-5)
+    # a visible gene does move them (the check above could fail)
+    other = [g for g in inputs.cells.genes if g not in genes][:20]
+    counts[:, inputs.cells.gene_index(other)] = counts[:, inputs.cells.gene_index(other)] * 7 + 3
+    changed.cells.counts = sp.csr_matrix(counts)
+    assert not np.allclose(masked_gene_predictions(ckpt, changed, idx, genes), base, atol=1e-5)
+
+
+def test_spatia_outputs_match_the_suite_contract_for_every_slot(tiny, inputs, ckpt):
+    from spatia_hf.evaluation import spatia_methods as M
+
+    ft = M.load_checkpoint(tiny["ft"], tiny["data"], fallback_processor=ckpt.processor)
+    out = M.spatia_methods(ckpt, inputs, tiny["data"], finetuned=[ft])
+    n, sec, cel = inputs.cells.n_cells, inputs.section_split, inputs.cell_split
+    d = ckpt.backbone.config.cell_config.hidden_size
+    assert out.extra["cell_annotation"][M.FUSED].shape == (n, d)
+    assert out.extra["image_annotation"][M.IMAGE_BRANCH].shape == (n, d)
+    assert out.extra["domain_clustering"][M.NICHE_AWARE].shape == (n, d)
+    assert out.extra["section_classification"][M.TISSUE].shape[0] == len(inputs.sections.sample_ids)
+    pred = out.extra["finetuned_annotation"][M.FINETUNED_HEAD]
+    assert pred.shape == (len(sec.test),) and set(pred) <= set(tiny["types"])
+    for key, genes in (("gene_imputation", inputs.masked_genes), ("niche_imputation", inputs.neighbor_genes)):
+        for name, p in out.extra[key].items():
+            assert p.shape == (len(cel.test), len(genes)) and np.isfinite(p).all(), name
+    assert {M.MASKED_HEAD, M.RIDGE_FUSED} <= set(out.extra["gene_imputation"])
+    assert {M.NICHE_HEAD, M.RIDGE_NICHE, M.RIDGE_CELL_ONLY} <= set(out.extra["niche_imputation"])
+    assert out.extra["image_to_expression"][M.RIDGE_IMAGE].shape == (len(sec.test), len(inputs.target_genes))
+    e, m = out.extra["retrieval"][M.CONTRASTIVE]
+    assert e.shape == m.shape == (len(inputs.retrieval_idx), ckpt.model.config.contrastive_dim)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+    # ablations are baselines of the full model; the rest count as SPATIA
+    assert out.kinds["domain_clustering"] == {M.CELL_ONLY: "baseline"}
+    assert out.kinds["cell_annotation"][M.ABLATION_CONCAT] == "baseline"
+    assert M.FUSED not in out.kinds["cell_annotation"]
+    assert any("no concatenation-fusion checkpoint" in t for t in out.notes[1])
+    assert any("not run" in t for t in out.notes[11])
+
+
+def test_embeddings_are_aligned_by_section_and_cell_not_by_row(inputs):
+    from spatia_hf.evaluation.spatia_methods import align_rows
+
+    c = inputs.cells
+    perm = np.random.default_rng(0).permutation(c.n_cells)
+    order = align_rows(inputs, c.sample_ids[perm], c.cell_ids[perm])
+    assert np.array_equal(perm[order], np.arange(c.n_cells))
+    with pytest.raises(ValueError, match="missing from the embeddings"):
+        align_rows(inputs, c.sample_ids[perm[1:]], c.cell_ids[perm[1:]])
+
+
+def test_null_condition_ignores_the_expression():
+    from spatia_hf.evaluation.spatia_methods import null_condition
+    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+
+    torch.manual_seed(0)
+    pipe = SpatiaGenerationPipeline.from_genes([f"G{i}" for i in range(12)], image_size=16, size="tiny")
+    pipe.set_progress_bar_config(disable=True)
+    a, b = np.zeros((1, 12)), np.full((1, 12), 40.0)
+
+    def run(x):
+        return pipe(x, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    assert not np.allclose(run(a), run(b))
+    with null_condition(pipe):
+        np.testing.assert_array_equal(run(a), run(b))
+    assert not np.allclose(run(a), run(b))  # restored
+
+
+def test_section_overlap_is_reported_from_the_training_records(tmp_path):
+    from spatia_hf.evaluation.evaluate import section_overlap_warnings
+
+    sections = ["s0", "s1", "s2"]
+    pre, ft, gen, bare = tmp_path / "pre", tmp_path / "ft", tmp_path / "gen" / "pipeline", tmp_path / "bare"
+    for p in (pre, ft, gen, bare):
+        p.mkdir(parents=True)
+    (pre / "spatia_training.json").write_text(json.dumps({"train_sections": ["s0", "s1"], "eval_sections": ["s2"]}))
+    (ft / "spatia_training.json").write_text(json.dumps({"eval_sections": ["s1"]}))
+    (gen.parent / "generator_training.json").write_text(json.dumps({"train_sections": ["s0", "s1"]}))
+    assert section_overlap_warnings({"pretrained": pre, "generator": gen}, ["s2"], sections) == []
+    found = section_overlap_warnings({"pretrained": pre, "fine-tuned": ft, "other": bare}, ["s2"], sections)
+    assert len(found) == 2
+    assert "fine-tuned" in found[0] and "['s2']" in found[0] and "--eval_sections s2" in found[0]
+    assert "does not record" in found[1]
+
+
+def test_pretraining_records_its_sections_and_suite_default_agrees():
+    from spatia_hf.evaluation.splits import section_split
+    from spatia_hf.training.datasets import default_eval_sections
+    from spatia_hf.training.pretrain import _section_record
+
+    class Data:
+        sample_ids = ["b", "a", "c"]
+
+    assert _section_record(Data, None) == {"train_sections": ["b", "a"], "eval_sections": ["c"]}
+    assert _section_record(Data, ["a"]) == {"train_sections": ["b", "c"], "eval_sections": ["a"]}
+    assert list(section_split(["a", "b", "c", "c"]).held_out_sections) == default_eval_sections(["a", "b", "c"])
+
+
+def test_run_suite_takes_method_kinds_per_task(inputs):
+    from spatia_hf.evaluation.suite import run_suite
+
+    x = np.random.default_rng(0).normal(size=(inputs.cells.n_cells, 4))
+    extra = {"cell_annotation": {"SPATIA": x, "SPATIA ablation": x[:, :2]}}
+    results, _ = run_suite(inputs, extra, tasks=[1], cnn_epochs=1, num_threads=1,
+                           kinds={"cell_annotation": {"SPATIA ablation": "baseline"}})
+    kinds = results[0].method_kinds
+    assert kinds["SPATIA"] == "spatia" and kinds["SPATIA ablation"] == "baseline" and kinds["PCA"] == "baseline"
+    with pytest.raises(ValueError, match="kinds has unknown task keys"):
+        run_suite(inputs, extra, tasks=[1], cnn_epochs=1, kinds={"annotation": {}})
+
+
+def test_evaluate_writes_a_report_with_spatia_next_to_baselines_and_warns(tiny, tmp_path):
+    from spatia_hf.evaluation.evaluate import evaluate
+    from spatia_hf.evaluation.report import load_results
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(tiny["pre"], tiny["data"], tmp_path / "report", tasks=[1, 5, 6], cnn_epochs=1,
+                          progress=False, n_masked_genes=6, n_target_genes=8)
+    assert any("does not record its training sections" in str(w.message) for w in caught)
+    tasks, data = load_results(result.report.parent)
+    assert sorted(t.task for t in tasks) == [1, 5, 6]
+    for t in tasks:
+        kinds = set(t.method_kinds.values())
+        assert {"spatia", "baseline"} <= kinds, t.task
+    assert "does not record" in str(data["meta"]["training/evaluation section check"])
+    assert (result.report.parent / "figures" / "embedding_spatia_fused.png").is_file()
+    table = result.format_table()
+    assert "not run" in table and "SPATIA (niche-aware)" in table
+
+
+def test_cli_help_shows_an_example(capsys):
+    from spatia_hf.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "spatia evaluate --model" in text and "--finetuned" in text and "--pipeline" in text
+
+
+def test_cli_rejects_bad_task_numbers_and_checkpoints(tiny, tmp_path, capsys):
+    from spatia_hf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(tiny["pre"]), "--dataset", str(tiny["data"]), "--out", str(tmp_path),
+              "--tasks", "0,13"])
+    assert "task numbers run from 1 to 12" in capsys.readouterr().err
+    code = main(["evaluate", "--model", str(tmp_path), "--dataset", str(tiny["data"]), "--out", str(tmp_path / "r"),
+                 "--tasks", "1", "--no-progress"])
+    assert code == 1 and "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_spatia_evaluate_end_to_end_after_a_few_training_steps(tmp_path, capsys):
+    """Pretrain, fine-tune and train a generator for a few steps, then `spatia evaluate` all 12 tasks."""
+    from spatia_hf.cli import main
+    from spatia_hf.data.synthetic import build_tiny_dataset
+    from spatia_hf.evaluation.report import load_results, results_to_eval_results
+    from spatia_hf.training.finetune import finetune
+    from spatia_hf.training.generator import train_generator
+    from spatia_hf.training.pretrain import pretrain
+
+    data = build_tiny_dataset(tmp_path / "data", n_sections=4, n_cells=150, seed=0)
+    pretrain(data, tmp_path / "pre", preset="tiny", max_steps=10, batch_size=8, progress=False, use_cpu=True,
+             do_eval=False)
+    finetune(data, tmp_path / "ft", "annotation", model_name_or_path=str(tmp_path / "pre"), max_steps=5,
+             batch_size=16, progress=False, use_cpu=True, do_eval=False)
+    train_generator(data, tmp_path / "gen", size="tiny", max_steps=2, batch_size=8,
+                    spatia_model=str(tmp_path / "pre"), seed=0, cpu=True, progress=False, checkpoint_every=0)
+    code = main(["evaluate", "--model", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "ft"), "--pipeline",
+                 str(tmp_path / "gen"), "--dataset", str(data), "--out", str(tmp_path / "report"), "--steps", "2",
+                 "--cnn-epochs", "2", "--max-generation", "16", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "warning" not in printed  # every checkpoint held the last section out
+    tasks, _ = load_results(tmp_path / "report")
+    assert sorted(t.task for t in tasks) == list(range(1, 13))
+    for t in tasks:
+        assert "spatia" in t.method_kinds.values() and "baseline" in t.method_kinds.values(), t.task
+    by = {t.task: t for t in tasks}
+    assert "SPATIA (fine-tuned head)" in by[3].scores
+    assert {"SPATIA generator", "SPATIA generator (token merging 0.5)"} <= set(by[11].scores)
+    assert by[11].method_kinds["unconditional generator (same denoiser, null condition)"] == "baseline"
+    assert "pearson_held_out_sections" in by[7].details
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert results_to_eval_results(tmp_path / "report", "tiny")  # what the model card reads
