@@ -522,3 +522,24 @@ def test_scale_model_from_a_head_checkpoint_is_refused_with_the_fix(tmp_path):
 def test_package_exports():
     for name in spatia_hf.__all__:
         assert hasattr(spatia_hf, name), name
+
+
+def test_image_embeddings_of_distinct_crops_are_not_collapsed_at_init():
+    """Regression: the built-in ViT gave every crop ~the same image embedding at init (mean pairwise
+    cosine 0.998 on random crops), so image-expression InfoNCE could not leave chance."""
+    from spatia_hf.configuration_spatia import SpatiaCellConfig
+    from spatia_hf.modeling_cell import SpatiaCellModel
+    from spatia_hf.processing_spatia import SpatiaProcessor
+
+    torch.manual_seed(0)
+    config = SpatiaCellConfig(gene_vocab=["G0", "G1", "G2"], hidden_size=32, num_attention_heads=2,
+                              intermediate_size=128, num_expression_layers=1, num_image_layers=1,
+                              num_fusion_layers=1, image_size=32, patch_size=8, num_channels=2, max_genes=8)
+    model = SpatiaCellModel(config).eval()
+    crops = torch.randint(0, 256, (32, 2, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pixel_values = SpatiaProcessor.from_config(config).preprocess_images(crops.numpy())
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model(pixel_values=pixel_values).image_embeds, dim=-1)
+    n = emb.shape[0]
+    mean_cos = float(((emb @ emb.t()).sum() - n) / (n * (n - 1)))
+    assert mean_cos < 0.9, f"image embeddings collapsed: mean pairwise cosine {mean_cos:.4f}"

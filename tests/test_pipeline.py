@@ -283,6 +283,19 @@ def test_condition_encoder_keeps_the_most_expressed_genes_of_a_large_panel():
         enc(torch.zeros(1, 5))
 
 
+def test_expression_token_adds_a_direct_path_from_every_gene(tmp_path):
+    enc = SpatiaConditionEncoder.from_genes(GENES, hidden_size=16, num_attention_heads=2, num_expression_layers=1,
+                                            cross_attention_dim=8, num_condition_tokens=3, expression_token=True)
+    counts = torch.from_numpy(_counts(2))
+    out = enc(counts)
+    assert out.shape == (2, 4, 8) and enc.num_tokens == 4 and enc.null_condition(2).shape == (2, 4, 8)
+    edited = counts.clone()
+    edited[:, 7] *= 4
+    assert (enc(edited)[:, -1] - out[:, -1]).abs().max() > 1e-5
+    enc.save_pretrained(tmp_path / "enc")
+    assert torch.equal(SpatiaConditionEncoder.from_pretrained(tmp_path / "enc")(counts), out)
+
+
 def test_condition_encoder_from_spatia_model_copies_the_expression_branch(tmp_path):
     config = SpatiaCellConfig(gene_vocab=GENES, hidden_size=16, num_attention_heads=2, intermediate_size=32,
                               num_expression_layers=1, num_image_layers=1, num_fusion_layers=1, image_size=16,
@@ -469,3 +482,32 @@ def test_default_sampler_keeps_pixel_predictions_in_range():
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt() + 0.01
         x = sched.step(eps, t, x).prev_sample
     assert torch.allclose(x, x0, atol=0.05)
+
+
+def test_training_maps_the_dataset_panel_onto_a_pretrained_vocabulary(tmp_path):
+    """--spatia_model brings its own gene order (and genes the dataset lacks): columns are mapped."""
+    from spatia_hf.data.synthetic import build_tiny_dataset
+    from spatia_hf.training.datasets import read_gene_panel
+    from spatia_hf.training.generator import train_generator
+
+    data = build_tiny_dataset(tmp_path / "data", n_sections=1, n_cells=24, crop_px=16, niche_px=16, thumb_px=32)
+    genes = read_gene_panel(data)["genes"]
+    vocab = ["EXTRA1"] + genes[::-1]
+    config = SpatiaCellConfig(gene_vocab=vocab, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                              num_expression_layers=1, num_image_layers=1, num_fusion_layers=1, image_size=16,
+                              patch_size=8)
+    SpatiaCellModel(config).save_pretrained(tmp_path / "cell")
+    result = train_generator(data, tmp_path / "gen", size="tiny", spatia_model=str(tmp_path / "cell"), batch_size=4,
+                             max_steps=1, checkpoint_every=0, progress=False, eval_sections=[])
+    pipe = SpatiaGenerationPipeline.from_pretrained(result.pipeline_dir)
+    assert pipe.genes == vocab
+    from spatia_hf.training.generator import CellBatches, _panel_column_map
+    from spatia_hf.training.datasets import load_spatia_dataset
+
+    cmap = _panel_column_map(vocab, None, genes, None)
+    assert cmap[0] == len(vocab) - 1 and (cmap >= 1).all()
+    cells = load_spatia_dataset(data, ["cells"])["cells"]
+    _, mapped = CellBatches(cells, len(genes), 4, 0, column_map=cmap, n_model_genes=len(vocab)).read([0])
+    _, plain = CellBatches(cells, len(genes), 4, 0).read([0])
+    assert mapped.shape == (1, len(vocab)) and mapped[0, 0] == 0
+    assert torch.equal(mapped[0, 1:].flip(0), plain[0])

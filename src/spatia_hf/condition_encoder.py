@@ -7,6 +7,9 @@ encoding + self-attention) and adds what a diffusion denoiser needs from it:
 * a fixed number of condition tokens (``num_condition_tokens`` learned queries attend over the
   variable-length gene tokens), projected to the denoiser's ``cross_attention_dim``, so the UNet
   sees the same sequence length for every panel size and for the null condition;
+* optionally (``expression_token=True``) one more token, an MLP of the whole log1p profile: a
+  direct path from every panel gene to the denoiser, which a generator trained briefly learns far
+  faster than effects that must pass through attention over freshly initialised gene tokens;
 * a learned *null condition* (the same shape) for classifier-free guidance: training replaces the
   condition of a random fraction of cells by it, sampling mixes the two predictions;
 * the gene vocabulary (``genes``), so a saved pipeline knows which genes its inputs must be.
@@ -74,6 +77,8 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         normalize_total: counts per cell after library-size scaling, before log1p (None: no scaling).
         max_gene_tokens: at most this many gene tokens per cell (all panel genes when the panel is
             smaller; otherwise the most expressed genes).
+        expression_token: add a token computed by an MLP from the full log1p profile (the condition
+            then has ``num_condition_tokens + 1`` tokens).
     """
 
     config_name = "config.json"
@@ -87,6 +92,7 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         num_condition_tokens: int = 8,
         normalize_total: float | None = DEFAULT_NORMALIZE_TOTAL,
         max_gene_tokens: int = 512,
+        expression_token: bool = False,
     ):
         super().__init__()
         if not expression_config or not expression_config.get("gene_vocab"):
@@ -107,7 +113,11 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         self.pool_attention = nn.MultiheadAttention(d, heads, batch_first=True)
         self.pool_norm = nn.LayerNorm(d, eps=cell_config.layer_norm_eps)
         self.proj = nn.Linear(d, cross_attention_dim)
-        self.null_tokens = nn.Parameter(torch.empty(num_condition_tokens, cross_attention_dim))
+        n_genes = len(expression_config["gene_vocab"])
+        self.profile_mlp = (nn.Sequential(nn.Linear(n_genes, d), nn.GELU(), nn.Linear(d, d))
+                            if expression_token else None)
+        n_tokens = num_condition_tokens + (1 if expression_token else 0)
+        self.null_tokens = nn.Parameter(torch.empty(n_tokens, cross_attention_dim))
         self._reset_parameters(cell_config.initializer_range)
 
     @torch.no_grad()
@@ -202,8 +212,13 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         gene_ids = torch.where(mask, gene_ids, torch.full_like(gene_ids, PAD_TOKEN_ID))
         return gene_ids, top.values * mask, mask
 
+    @property
+    def num_tokens(self) -> int:
+        """Condition tokens per cell (``num_condition_tokens``, plus one with ``expression_token``)."""
+        return int(self.null_tokens.shape[0])
+
     def forward(self, counts: torch.Tensor, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
-        """Condition tokens ``[B, num_condition_tokens, cross_attention_dim]``.
+        """Condition tokens ``[B, num_tokens, cross_attention_dim]``.
 
         Args:
             counts: ``[B, n_genes]`` raw counts on :attr:`genes`.
@@ -213,14 +228,18 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         tokens, mask = self.expression_encoder(gene_ids, values.to(self.dtype), mask)
         queries = self.pool_queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         pooled, _ = self.pool_attention(queries, tokens, tokens, key_padding_mask=~mask, need_weights=False)
-        out = self.proj(self.pool_norm(pooled + queries))
+        pooled = pooled + queries
+        if self.profile_mlp is not None:
+            profile = log1p_normalize(counts, self.config.normalize_total).to(tokens.dtype)
+            pooled = torch.cat([pooled, self.profile_mlp(profile)[:, None]], dim=1)
+        out = self.proj(self.pool_norm(pooled))
         if drop_condition is not None:
             null = self.null_tokens.to(out.dtype).expand_as(out)
             out = torch.where(drop_condition.to(out.device).view(-1, 1, 1), null, out)
         return out
 
     def null_condition(self, batch_size: int) -> torch.Tensor:
-        """The learned null condition, ``[batch_size, num_condition_tokens, cross_attention_dim]``."""
+        """The learned null condition, ``[batch_size, num_tokens, cross_attention_dim]``."""
         return self.null_tokens.expand(batch_size, -1, -1)
 
 

@@ -135,6 +135,12 @@ class SpatiaImageEncoder(nn.Module):
 
     def _spatia_init(self, std: float) -> None:
         init.trunc_normal_(self.cls_token, std=std)
+        # MAE: the patch embedding is a Linear over flattened patches, xavier-uniform on [D, C*p*p].
+        # The default normal(0.02) made crop content ~4x weaker than the fixed sin-cos positions
+        # (norm sqrt(D/2)), so every crop embedded almost alike (mean pairwise cosine 0.999).
+        w = self.patch_embed.weight
+        bound = math.sqrt(6.0 / (w[0].numel() + w.shape[0]))
+        init.uniform_(w, -bound, bound)
 
     def forward(self, pixel_values: torch.Tensor, keep_index: torch.Tensor | None = None):
         """``[B, C, H, W]`` -> ``[B, 1 + P', D]`` (cls first); ``keep_index`` [B, P'] selects visible patches."""
@@ -306,7 +312,9 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
                 image_states = self.image_encoder(pixel_values, keep_index, image_patch_mask)
             else:
                 image_states = self.image_encoder(pixel_values, keep_index)
-            image_embeds = image_states[:, 0]
+            # mean of the patch tokens: the cls token after one or two blocks is ~the same vector for
+            # every crop (it averages position-dominated tokens), which left InfoNCE at chance
+            image_embeds = image_states[:, 1:].mean(dim=1)
 
         gene_states = expression_embeds = gene_mask = token_mask_out = None
         if gene_ids is not None:

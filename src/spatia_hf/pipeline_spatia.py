@@ -92,9 +92,9 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=16, num_attention_heads=2, num_expression_layers=1, cross_attention_dim=16,
                  num_condition_tokens=4),
     "small": dict(hidden_size=64, num_attention_heads=4, num_expression_layers=2, cross_attention_dim=64,
-                  num_condition_tokens=8, max_gene_tokens=64),
+                  num_condition_tokens=8, max_gene_tokens=64, expression_token=True),
     "base": dict(hidden_size=256, num_attention_heads=8, num_expression_layers=4, cross_attention_dim=256,
-                 num_condition_tokens=16),
+                 num_condition_tokens=16, expression_token=True),
 }
 
 

@@ -67,6 +67,7 @@ CROP_BATCH_BYTES = 64 * 2**20
 # (BLAS and numpy release the GIL), and up to SHARDS_IN_FLIGHT shards per config are encoded at once.
 CROP_THREADS = 2
 SHARDS_IN_FLIGHT = 2
+SHARD_THREADS = 2
 SECTIONS_FILE = "sections.json"
 TMP_SUFFIX = ".tmp-build"
 PROGRESS_DIR = "_progress"
@@ -361,7 +362,7 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
 
     cell_feats = schema.cell_features(c, p.crop_px, layout.label_keys, layout.value_keys)
     niche_feats = schema.niche_features(c, p.niche_px, layout.label_keys)
-    pool = ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT, thread_name_prefix="spatia-shards")
+    pool = ThreadPoolExecutor(max_workers=SHARD_THREADS, thread_name_prefix="spatia-shards")
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spatia-tiles")
     cropper = ThreadPoolExecutor(max_workers=CROP_THREADS, thread_name_prefix="spatia-crops")
     cells_w = _ShardWriter(cell_feats, root / "cells", sid, p.cell_shard_rows, cell_columns, pool)

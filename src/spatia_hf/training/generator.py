@@ -123,10 +123,12 @@ class CellBatches:
     """
 
     def __init__(self, cells, n_genes: int, batch_size: int, seed: int, process_index: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, column_map: np.ndarray | None = None, n_model_genes: int | None = None):
         self.cells = cells.with_format("numpy", columns=[schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS])
         self.n = len(cells)
         self.n_genes = n_genes
+        self.column_map = column_map  # dataset gene j -> model panel column (-1: unknown to the model)
+        self.n_model_genes = n_model_genes if n_model_genes is not None else n_genes
         self.batch_size = batch_size
         self.seed = seed
         self.process_index = process_index
@@ -150,6 +152,11 @@ class CellBatches:
         data = self.cells[np.asarray(rows, dtype=np.int64)]
         images = torch.from_numpy(np.asarray(data[schema.IMAGE]).astype(np.uint8))
         counts = dense_counts(data[schema.GENE_INDICES], data[schema.GENE_COUNTS], self.n_genes)
+        if self.column_map is not None:
+            known = np.flatnonzero(self.column_map >= 0)
+            mapped = torch.zeros(counts.shape[0], self.n_model_genes)
+            mapped[:, torch.from_numpy(self.column_map[known])] = counts[:, torch.from_numpy(known)]
+            counts = mapped
         return images, counts
 
 
@@ -284,16 +291,32 @@ def _build_pipeline(args: GeneratorTrainingArguments, genes: list[str], channel_
     encoder = None
     if args.spatia_model:
         preset = {k: v for k, v in ENCODER_PRESETS[args.size].items()
-                  if k in ("cross_attention_dim", "num_condition_tokens")}
+                  if k in ("cross_attention_dim", "num_condition_tokens", "max_gene_tokens", "expression_token")}
         encoder = SpatiaConditionEncoder.from_spatia_model(args.spatia_model, **preset)
-        missing = [g for g in genes if g not in set(encoder.genes)]
-        if encoder.genes != genes:
-            raise ValueError(f"spatia_model={args.spatia_model!r}: its gene vocabulary differs from the dataset panel "
-                             f"({len(missing)} dataset genes unknown, e.g. {missing[:5]}). Fix: pretrain on this panel "
-                             "or train the generator without --spatia_model")
     return SpatiaGenerationPipeline.from_genes(
-        genes, image_size=args.image_size or crop_px, channel_names=channel_names, size=args.size,
-        prediction_type=args.prediction_type, condition_encoder=encoder)
+        encoder.genes if encoder is not None else genes, image_size=args.image_size or crop_px,
+        channel_names=channel_names, size=args.size, prediction_type=args.prediction_type, condition_encoder=encoder)
+
+
+def _panel_column_map(model_genes: list[str], model_ids, dataset_genes: list[str], dataset_ids) -> np.ndarray | None:
+    """Column of each dataset gene in the model's panel (-1: unknown), or None when they are the same list.
+
+    A pretrained expression branch (``--spatia_model``) brings its own vocabulary; the dataset's
+    panel is mapped onto it by Ensembl id / symbol (the processor's mapping). Unknown genes are
+    dropped with a warning naming them; below 50% coverage training refuses to start.
+    """
+    import warnings
+
+    from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS
+    from spatia_hf.processing_spatia import SpatiaProcessor
+
+    if list(model_genes) == list(dataset_genes):
+        return None
+    mapping = SpatiaProcessor(model_genes, model_ids).map_panel(dataset_genes, dataset_ids)
+    if mapping.unknown:
+        warnings.warn(f"{len(mapping.unknown)} dataset genes are not in the condition encoder's vocabulary and are "
+                      f"ignored: {mapping.unknown[:20]}", UserWarning, stacklevel=3)
+    return np.where(mapping.vocab_ids >= 0, mapping.vocab_ids - NUM_SPECIAL_TOKENS, -1).astype(np.int64)
 
 
 def train_generator(dataset_dir: str | Path, out_dir: str | Path, **kwargs) -> GeneratorTrainingResult:
@@ -354,8 +377,10 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     unet, encoder, optimizer = accelerator.prepare(unet, encoder, optimizer)
+    panel = pipe.condition_encoder  # unwrapped (prepare may wrap it for DDP)
+    column_map = _panel_column_map(panel.genes, panel.gene_ensembl_ids, genes, data.gene_ids)
     batches = CellBatches(train_cells, len(genes), args.batch_size, args.seed, accelerator.process_index,
-                          accelerator.num_processes)
+                          accelerator.num_processes, column_map, panel.num_genes)
     gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
 
     step, epoch, index = 0, 0, 0

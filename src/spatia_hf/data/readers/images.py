@@ -273,6 +273,19 @@ def _check_codec(path: Path, compression) -> None:
                          f"({err}). Fix: pip install imagecodecs (Xenium stains are JPEG 2000 compressed)") from None
 
 
+def _check_complete(level, path: Path) -> None:
+    """Refuse a truncated copy now: tiles/strips that end past the end of their file would otherwise
+    fail to decode (or decode as zeros) deep inside the builder, naming neither the file nor a fix."""
+    for page in level.pages:
+        if page is None or not len(page.dataoffsets):
+            continue
+        fh = page.parent.filehandle
+        end = int(max(int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)))
+        if end > fh.size:
+            raise ValueError(f"image {Path(fh.dirname) / fh.name if fh.dirname else path}: truncated: its pixel data "
+                             f"end at byte {end} but the file has {fh.size} bytes. Fix: re-copy or re-export the file")
+
+
 def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[str, int] | None = None,
               project: str | None = None, memmap: bool = True, ome: bool = True) -> tuple[Any, ImageInfo]:
     """Open a (OME-)TIFF lazily as ``(C, H, W)``; level 0 of a pyramid unless ``level`` is given.
@@ -310,6 +323,7 @@ def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[
         if not 0 <= level < len(s.levels):
             raise ValueError(f"image {path}: level={level} but the pyramid has {len(s.levels)} levels")
         lv = s.levels[level]
+        _check_complete(lv, path)
         axes, shape, n_levels = lv.axes.upper(), tuple(int(v) for v in lv.shape), len(s.levels)
         downsample = float(s.levels[0].shape[axes.index("X")]) / shape[axes.index("X")] if "X" in axes else 1.0
         page = lv.keyframe
