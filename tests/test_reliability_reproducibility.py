@@ -4,9 +4,10 @@ What is compared (``spatia_hf.inference.embed_dataset`` on a tiny synthetic data
 cell embeddings (fused / image / expression), context-aware cell embeddings (niche model), niche
 embeddings and tissue embeddings (tissue model with spatially guided token merging).
 
-Tolerance: ``ATOL = RTOL = 1e-5`` on float32 outputs of magnitude ~1 (LayerNorm-ed). Batch size
+Tolerance: ``ATOL = RTOL = 1e-5`` on float32 outputs. Batch size
 only changes padding lengths, which are masked; the residual differences are float32 reduction
-order (measured max |diff| ~1e-6). Two runs with the same seed are compared bit for bit.
+order (measured max |diff| 7.2e-7, batch 1 vs 64, outputs up to ~0.3 in magnitude). Two runs with the
+same seed in one process are compared bit for bit; a fresh process (another PYTHONHASHSEED) to ``ATOL``.
 """
 
 from __future__ import annotations
@@ -165,7 +166,11 @@ def test_model_initialisation_is_seeded():
 def test_a_fresh_process_with_another_hash_seed_gives_identical_embeddings(model_and_processor, dataset,
                                                                            reference, tmp_path):
     """Nothing depends on Python's per-process string hashing (set/dict order of ids) or on state
-    left in this process: a new interpreter with another PYTHONHASHSEED reproduces every bit."""
+    left in this process: a new interpreter with another PYTHONHASHSEED reproduces the embeddings.
+
+    Compared to ``ATOL`` rather than bit for bit: bitwise equality held in every run here (and across
+    four PYTHONHASHSEED values), but MKL does not promise it across processes; an ordering or seeding
+    bug changes values by orders of magnitude more than ``ATOL``."""
     model, processor = model_and_processor
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -191,4 +196,5 @@ def test_a_fresh_process_with_another_hash_seed_gives_identical_embeddings(model
                               niche_ids=out["niche_ids"], niches=out["niches"], tissue_sample_ids=out["tissue_ids"],
                               tissues=out["tissues"])
     np.testing.assert_array_equal(other.cell_ids, reference.cell_ids)
-    assert_same_embeddings(reference, other, exact=True)
+    np.testing.assert_array_equal(other.niche_ids, reference.niche_ids)
+    assert_same_embeddings(reference, other)

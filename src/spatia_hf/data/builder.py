@@ -49,6 +49,7 @@ from .crops import (
     ThumbnailAccumulator,
     TileGrid,
     overlaps_border,
+    storage_block,
     window_px,
     window_starts,
 )
@@ -309,7 +310,8 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
 
     s_cell, s_niche = window_px(p.crop_um, px), window_px(p.niche_um, px)
     thumb = ThumbnailAccumulator((c, h, w), p.thumb_px)
-    grid = TileGrid(section.image, thumb.aligned_tile_px(p.tile_px), max(s_cell, s_niche) // 2 + 2)
+    grid = TileGrid(section.image, thumb.aligned_tile_px(p.tile_px), max(s_cell, s_niche) // 2 + 2,
+                    block=storage_block(section.image))
     cell_tile, niche_tile = grid.tile_of(cpx), grid.tile_of(ncpx)
     cell_order = np.lexsort((np.arange(n), cell_tile))
     niche_order = np.lexsort((np.arange(niches.n_niches), niche_tile))

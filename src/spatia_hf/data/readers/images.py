@@ -161,6 +161,15 @@ class AxesView(LazyImage):
         self.shape = (c, int(array.shape[self._y]), int(array.shape[self._x]))
         self.dtype = np.dtype(array.dtype)
 
+    @property
+    def chunks(self) -> tuple[int, int, int] | None:
+        """(C, Y, X) shape of the stored chunks (TIFF tiles / strips), or None: the builder reads
+        whole chunks so that each is decoded once (``crops.storage_block``)."""
+        ch = getattr(self.array, "chunks", None)
+        if ch is None or len(ch) != len(self.axes):
+            return None
+        return (int(ch[self._c]) if self._c is not None else 1, int(ch[self._y]), int(ch[self._x]))
+
     def _read(self, c: slice, rows: slice, cols: slice) -> np.ndarray:
         index: list[Any] = [slice(None)] * len(self.axes)
         for i, v in self._index.items():
