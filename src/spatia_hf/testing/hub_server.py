@@ -271,6 +271,11 @@ class LoopbackHub:
             patches += [(df_constants, "HUGGINGFACE_CO_RESOLVE_ENDPOINT", endpoint),
                         (df_hub_utils, "HUGGINGFACE_CO_RESOLVE_ENDPOINT", endpoint),
                         (df_hub_utils, "HF_HUB_OFFLINE", False)]
+        if "transformers" in sys.modules:  # transformers keeps one shared HfApi bound to the endpoint it saw first
+            from transformers.utils import hub as tf_hub
+
+            if hasattr(tf_hub, "_hf_api"):
+                patches.append((tf_hub, "_hf_api", None))
         saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
         env_keys = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
                     "HF_DATASETS_OFFLINE": "0"}
