@@ -281,6 +281,17 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
             raise ValueError(f"pixel_values: dtype {pixel_values.dtype} is not floating point. "
                              "Fix: convert uint8 crops with SpatiaProcessor.preprocess_images")
 
+    def encode_image(self, pixel_values: torch.Tensor,
+                     image_patch_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image branch alone (no fusion): ``[B, 1 + P', D]`` tokens (pooled first) of the visible
+        patches and their indices ``[B, P']`` (None when nothing is hidden). Masked image modelling
+        runs this on the visible patches, apart from the fused pass, which sees the whole crop."""
+        self.check_pixel_values(pixel_values)
+        keep_index = _keep_index(image_patch_mask) if image_patch_mask is not None else None
+        if isinstance(self.image_encoder, SpatiaBackboneImageEncoder):
+            return self.image_encoder(pixel_values, keep_index, image_patch_mask), keep_index
+        return self.image_encoder(pixel_values, keep_index), keep_index
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -305,13 +316,7 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
 
         image_states = image_embeds = keep_index = image_mask = None
         if pixel_values is not None:
-            self.check_pixel_values(pixel_values)
-            if image_patch_mask is not None:
-                keep_index = _keep_index(image_patch_mask)
-            if isinstance(self.image_encoder, SpatiaBackboneImageEncoder):
-                image_states = self.image_encoder(pixel_values, keep_index, image_patch_mask)
-            else:
-                image_states = self.image_encoder(pixel_values, keep_index)
+            image_states, keep_index = self.encode_image(pixel_values, image_patch_mask)
             # mean of the patch tokens: the cls token after one or two blocks is ~the same vector for
             # every crop (it averages position-dominated tokens), which left InfoNCE at chance
             image_embeds = image_states[:, 1:].mean(dim=1)
@@ -331,8 +336,8 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
 
         ref = image_states if image_states is not None else gene_states
         zeros = ref.new_zeros(ref.shape[0], ref.shape[-1])
-        img_pool = self.image_norm(image_states[:, 0]) if image_states is not None else zeros
-        gene_pool = self.gene_norm(gene_states[:, 0]) if gene_states is not None else zeros
+        img_pool = self.image_norm(image_states[:, 1:].mean(dim=1)) if image_states is not None else zeros
+        gene_pool = self.gene_norm(_masked_mean(gene_states[:, 1:], token_mask_out)) if gene_states is not None else zeros
         cell_embeds = self.pool_proj(torch.cat([img_pool, gene_pool], dim=-1))
 
         out = SpatiaCellOutput(

@@ -66,11 +66,18 @@ class SpatiaMaskedGeneHead(nn.Module):
         self.mlp = SpatiaMLP(cell.hidden_size, cell.intermediate_size, cell.hidden_act)
         self.norm = nn.LayerNorm(cell.hidden_size, eps=cell.layer_norm_eps)
         self.out = nn.Linear(cell.hidden_size, n_out)
+        # per-gene offset of the prediction (mean log1p value, or log mean rate for NB/ZINB), set
+        # from data by SpatiaForPretraining.init_gene_value_biases
+        self.value_bias = GeneTable(cell.vocab_size, 1, new_rows="zeros")
         # per-gene log inverse dispersion of the NB/ZINB likelihoods
         self.log_theta = GeneTable(cell.vocab_size, 1, new_rows="zeros")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(tokens + self.mlp(tokens)))
+    def forward(self, tokens: torch.Tensor, gene_ids: torch.Tensor | None = None) -> torch.Tensor:
+        pred = self.out(self.norm(tokens + self.mlp(tokens)))
+        if gene_ids is None:
+            return pred
+        offset = self.value_bias(gene_ids)
+        return torch.cat([pred[..., :1] + offset, pred[..., 1:]], dim=-1)
 
     def loss(self, pred, gene_ids, gene_values, mask, gene_counts=None, size_factors=None) -> torch.Tensor:
         if self.likelihood == "mse":
@@ -176,6 +183,29 @@ class SpatiaForPretraining(SpatiaHeadModel):
     def _spatia_init(self, std: float) -> None:
         init.constant_(self.logit_scale, self.config.logit_scale_init_value)
 
+    @torch.no_grad()
+    def init_gene_value_biases(self, gene_ids, mean_values, mean_log_rates=None) -> None:
+        """Start every gene-value prediction at that gene's mean, measured on the training data.
+
+        Without it the regression heads begin ~4 log1p units below their targets; Adam moves a bias
+        ~``lr`` per step, so the network instead aligned every feature to output the constant, and
+        the cell embeddings collapsed (mean pairwise cosine 1.0, linear probe near chance).
+
+        Args:
+            gene_ids: ``[G]`` vocabulary ids.
+            mean_values: ``[G]`` mean log1p-normalised value of each gene's tokens (MSE heads).
+            mean_log_rates: ``[G]`` log mean normalised count (NB/ZINB token head); default
+                ``log(expm1(mean_values))``.
+        """
+        ids = torch.as_tensor(gene_ids, dtype=torch.long)
+        values = torch.as_tensor(mean_values, dtype=torch.float32)
+        if mean_log_rates is None:
+            mean_log_rates = torch.log(torch.expm1(values).clamp(min=1e-4))
+        token = values if self.config.expression_likelihood == "mse" else torch.as_tensor(mean_log_rates).float()
+        for table, v in ((self.mgm_head.value_bias, token), (self.cell_decoder.bias, values),
+                         (self.niche_decoder.bias, values)):
+            table.weight[ids, 0] = v.to(table.weight.dtype)
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -214,13 +244,15 @@ class SpatiaForPretraining(SpatiaHeadModel):
             grid = (pixel_values.shape[0], self.spatia.cell.num_patches)
             patch_mask = (random_patch_mask(*grid, cfg.mim_mask_ratio, device=pixel_values.device)
                           if image_patch_mask is None else _given_mask("image_patch_mask", image_patch_mask, grid))
+        # the fused pass sees the whole crop, as at inference: the contrastive and cell-level
+        # objectives on 25% of the patches stayed at chance; MIM encodes the visible patches apart
         out = self.spatia.cell(pixel_values, gene_ids, gene_values, gene_attention_mask,
-                               gene_value_mask=value_mask, image_patch_mask=patch_mask, return_dict=True)
+                               gene_value_mask=value_mask, return_dict=True)
         losses: dict[str, torch.Tensor] = {}
         gene_pred = pixel_pred = logits = None
 
         if value_mask is not None:
-            gene_pred = self.mgm_head(out.gene_tokens)
+            gene_pred = self.mgm_head(out.gene_tokens, gene_ids)
             token_loss = self.mgm_head.loss(gene_pred, gene_ids, gene_values, value_mask, gene_counts, size_factors)
             # the pooled cell embedding must carry the expression too (scGPT's GEPC): predict the
             # hidden values from it alone, MSE on log1p
@@ -229,7 +261,8 @@ class SpatiaForPretraining(SpatiaHeadModel):
             losses["mgm"] = token_loss + masked_mse(cell_pred, gene_values, value_mask)
             gene_pred = gene_pred[..., 0]
         if patch_mask is not None:
-            pixel_pred = self.mae_decoder(out.image_tokens, out.image_keep_index, patch_mask.shape[1])
+            visible, keep_index = self.spatia.cell.encode_image(pixel_values, patch_mask)
+            pixel_pred = self.mae_decoder(visible[:, 1:], keep_index, patch_mask.shape[1])
             losses["mim"] = self._mim_loss(pixel_values, pixel_pred, patch_mask)
         if out.image_embeds is not None and out.expression_embeds is not None and cfg.contrastive_weight > 0:
             zi = F.normalize(self.image_projection(out.image_embeds), dim=-1)

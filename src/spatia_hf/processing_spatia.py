@@ -316,6 +316,24 @@ class SpatiaProcessor:
         return {"gene_ids": ids, "gene_values": values.astype(np.float32), "gene_counts": counts.astype(np.float32),
                 "size_factor": size_factor}
 
+    def gene_value_statistics(self, gene_indices: Sequence, gene_counts: Sequence, *,
+                              seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-gene means of the tokens these cells encode to (expressed genes and sampled zeros):
+        ``(vocab ids [G], mean log1p value [G], log mean normalised count [G])``, for genes seen at
+        least once. Used to start the pretraining heads at the data's mean."""
+        rng = np.random.default_rng(seed)
+        size = NUM_SPECIAL_TOKENS + len(self.gene_vocab)
+        n, value_sum, rate_sum = np.zeros(size), np.zeros(size), np.zeros(size)
+        for idx, cnt in zip(gene_indices, gene_counts):
+            c = self.encode_cell(idx, cnt, rng)
+            ids = c["gene_ids"]
+            np.add.at(n, ids, 1.0)
+            np.add.at(value_sum, ids, c["gene_values"])
+            np.add.at(rate_sum, ids, c["gene_counts"] / c["size_factor"])
+        seen = np.nonzero(n)[0]
+        mean_rate = rate_sum[seen] / n[seen]
+        return seen, value_sum[seen] / n[seen], np.log(np.maximum(mean_rate, 1e-4))
+
     def encode_expression(
         self, gene_indices: Sequence, gene_counts: Sequence, *, seed: int | None = None
     ) -> dict[str, torch.Tensor]:

@@ -81,6 +81,19 @@ def load_pretraining_model(model_args: ModelArguments, data_args: DataArguments,
     return model
 
 
+def init_value_biases(model: SpatiaForPretraining, processor, dataset: SpatiaDataset,
+                      eval_sections: list[str] | None, seed: int, max_cells: int = 2000) -> None:
+    """Start the gene-value heads of a new model at the per-gene means of (up to ``max_cells``)
+    training cells, so the regression objectives do not collapse the embeddings (see
+    :meth:`SpatiaForPretraining.init_gene_value_biases`)."""
+    cells, _ = split_by_section(dataset["cells"], eval_sections)
+    cells = truncate(cells, max_cells, seed).select_columns([schema.GENE_INDICES, schema.GENE_COUNTS])
+    columns = cells.with_format("numpy")[:]
+    ids, values, log_rates = processor.gene_value_statistics(columns[schema.GENE_INDICES],
+                                                             columns[schema.GENE_COUNTS], seed=seed)
+    model.init_gene_value_biases(ids, values, log_rates)
+
+
 def build_pretraining_data(data_args: DataArguments, dataset: SpatiaDataset, processor, model, seed: int):
     """(train dataset, eval dataset or None, collator) for the chosen schedule."""
     cfg = model.config
@@ -140,6 +153,8 @@ def run_pretraining(
     dataset = dataset or load_spatia_dataset(data_args.dataset_dir, configs)
     model = load_pretraining_model(model_args, data_args, dataset, seed)
     processor = build_processor(model_args, model.config, dataset, seed)
+    if not model_args.model_name_or_path:
+        init_value_biases(model, processor, dataset, data_args.eval_section_list(), seed)
     train, evaluation, collator = build_pretraining_data(data_args, dataset, processor, model, seed)
     training_args = prepare_training_args(training_args, self_supervised=True)
 
