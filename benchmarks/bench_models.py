@@ -9,17 +9,22 @@
       - ``same tokens``: both read exactly the same number of tokens (isolates the
         implementation: SDPA, fused QKV projection, no token-type/position embeddings).
 (b) ``flops``: achieved GFLOP/s of the full cell model (image + expression + fusion) at batch 64
-    (FLOPs counted by ``torch.utils.flop_counter``), against a plain fp32 matmul in this process;
+    (FLOPs counted by ``torch.utils.flop_counter``: projections, MLPs, patch embedding and, with
+    a formula registered here for the CPU kernel, attention), against a plain fp32 matmul in this process;
     the ``small`` preset (d=128) and its geometry at wider ``--widths``.
-(c) ``tissue``: the tissue model at 1k/4k/16k niche tokens with and without token merging:
-    forward time (ratio, in this process) and peak tensor memory of the forward (CPU: the
-    profiler's allocator events; CUDA: ``max_memory_allocated``), both in inference mode.
+(c) ``tissue``: the tissue model at 1k/4k/16k niche tokens with and without token merging (same
+    weights, same config apart from merging): time (ratio, in this process) and peak tensor memory
+    (CPU: the profiler's allocator events; CUDA: ``max_memory_allocated``) of an inference forward,
+    or with ``--mode train`` of forward + backward. ``--merge-input`` adds the merged model's
+    pre-projection merge, ``--ff-chunk`` chunks both models' MLPs; the relative change of the
+    outputs caused by merging is reported next to the ratios.
 
 Every variant runs round-robin on the same inputs; each is timed by its fastest repeat (the one
 least disturbed by other work on a shared machine).
 
     python benchmarks/bench_models.py                      # all parts
     python benchmarks/bench_models.py --part tissue --sizes 1000 4000 16000
+    python benchmarks/bench_models.py --part tissue --merge-input 0.5 --ff-chunk 1024 --mode train
     python benchmarks/bench_models.py --json results.json --threads 2
 """
 
@@ -118,8 +123,24 @@ def matmul_gflops(n: int, device, repeats: int) -> float:
     return 2 * n**3 / t / 1e9
 
 
+def _count_cpu_sdpa_flops() -> None:
+    """Make ``FlopCounterMode`` count CPU attention: torch registers SDPA formulas for the CUDA
+    kernels only, so on CPU ``aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel SDPA
+    runs there) counted 0 FLOPs and every attention was left out of the achieved GFLOP/s."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op not in flop_registry:
+
+        @register_flop_formula(op)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)  # QK^T and AV, 2 FLOPs per MAC
+
+
 def bench_flops(args, device) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
+
+    _count_cpu_sdpa_flops()
 
     from spatia_hf import SpatiaConfig, SpatiaModel
 
@@ -146,10 +167,11 @@ def bench_flops(args, device) -> dict:
             with counter:
                 model(**inputs)
             flops = counter.get_total_flops()
-        rows[preset] = (model, inputs, flops, cell_cfg)
+            by_op = {str(k).split(".")[-1]: v for k, v in counter.get_flop_counts()["Global"].items()}
+        rows[preset] = (model, inputs, flops, cell_cfg, by_op)
     mm = {}
     fns = {}
-    for preset, (model, inputs, _, _) in rows.items():
+    for preset, (model, inputs, _, _, _) in rows.items():
         fns[preset] = (lambda m=model, x=inputs: m(**x))
     a = torch.randn(args.matmul_size, args.matmul_size, device=device)
     bm = torch.randn(args.matmul_size, args.matmul_size, device=device)
@@ -158,12 +180,13 @@ def bench_flops(args, device) -> dict:
         t = race(fns, args.repeats, _sync(device))
     mm = 2 * args.matmul_size**3 / t["matmul"] / 1e9
     out["matmul_gflops"] = round(mm, 1)
-    for preset, (_, _, flops, cell_cfg) in rows.items():
+    for preset, (_, _, flops, cell_cfg, by_op) in rows.items():
         g = flops / t[preset] / 1e9
         out["presets"][preset] = {
             "cell_model": f"d={cell_cfg.hidden_size}, {cell_cfg.image_size}px, {cell_cfg.max_genes} gene tokens, "
                           f"batch {args.flops_batch}",
             "gflop_per_forward": round(flops / 1e9, 2),
+            "gflop_by_op": {k: round(v / 1e9, 2) for k, v in by_op.items()},
             "seconds": round(t[preset], 4),
             "gflops": round(g, 1),
             "fraction_of_matmul": round(g / mm, 3),
@@ -172,11 +195,12 @@ def bench_flops(args, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------ (c) tissue
-def _tissue_model(args, ratio_total: float):
+def _tissue_model(args, ratio_total: float, merge_input: float = 0.0):
     from spatia_hf import SpatiaTissueConfig, SpatiaTissueModel
 
     cfg = SpatiaTissueConfig.from_preset(args.tissue_preset, merge_total_ratio=ratio_total if ratio_total > 0 else None,
-                                         merge_ratio=0.0)
+                                         merge_ratio=0.0, merge_input_ratio=merge_input,
+                                         chunk_size_feed_forward=args.ff_chunk)
     torch.manual_seed(args.seed)
     return SpatiaTissueModel(cfg).eval()
 
@@ -213,29 +237,54 @@ def peak_mib(fn: Callable[[], object], device) -> float:
     return peak / 2**20
 
 
+def _tissue_step(model, emb, pos, train: bool) -> Callable[[], object]:
+    """One inference forward, or (``train``) forward + backward of a loss on every niche output."""
+    if not train:
+        return lambda: model(emb, pos)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():  # gradients are returned and dropped: nothing persists between calls
+        return torch.autograd.grad(model(emb, pos).niche_embeds.square().mean(), params)
+
+    return step
+
+
 def bench_tissue(args, device) -> dict:
     results = {}
-    merged = _tissue_model(args, args.merge_total).to(device)
+    train = args.mode == "train"
+    merged = _tissue_model(args, args.merge_total, args.merge_input).to(device)
     plain = _tissue_model(args, 0.0).to(device)
     plain.load_state_dict(merged.state_dict())
     for m in args.sizes:
         emb, pos = _tissue_inputs(m, merged.config.niche_embed_dim, args.seed, device)
         with torch.inference_mode():
-            tokens = merged(emb, pos).num_tokens
-            t = race({"unmerged": lambda: plain(emb, pos), "merged": lambda: merged(emb, pos)},
-                     args.tissue_repeats, _sync(device))
-            mem_plain = peak_mib(lambda: plain(emb, pos), device)
-            mem_merged = peak_mib(lambda: merged(emb, pos), device)
+            out_m, out_p = merged(emb, pos), plain(emb, pos)
+            # how far merging moves the outputs (same weights; random weights, so only indicative)
+            rel = ((out_m.niche_embeds - out_p.niche_embeds).norm() / out_p.niche_embeds.norm()).item()
+            cos = torch.nn.functional.cosine_similarity(out_m.tissue_embeds, out_p.tissue_embeds).mean().item()
+            tokens = out_m.num_tokens
+            del out_m, out_p
+        with torch.inference_mode(not train), torch.set_grad_enabled(train):
+            fns = {"unmerged": _tissue_step(plain, emb, pos, train), "merged": _tissue_step(merged, emb, pos, train)}
+            t = race(fns, args.tissue_repeats, _sync(device))
+            mem_plain = peak_mib(fns["unmerged"], device)
+            mem_merged = peak_mib(fns["merged"], device)
         results[str(m)] = {
             "tokens_per_layer_merged": list(tokens),
             "seconds": {"unmerged": round(t["unmerged"], 4), "merged": round(t["merged"], 4)},
             "speedup": round(t["unmerged"] / t["merged"], 2),
             "peak_mib": {"unmerged": round(mem_plain, 1), "merged": round(mem_merged, 1)},
             "memory_ratio": round(mem_plain / max(mem_merged, 1e-3), 2),
+            "niche_embeds_rel_l2_vs_unmerged": round(rel, 4),
+            "tissue_embeds_cosine_vs_unmerged": round(cos, 4),
         }
     cfg = merged.config
     return {"model": f"{args.tissue_preset} tissue: d={cfg.hidden_size}, layers={cfg.num_hidden_layers}, "
-                     f"merge_total_ratio={args.merge_total}, merge_k={cfg.merge_k}",
+                     f"merge_total_ratio={args.merge_total}, merge_k={cfg.merge_k}, "
+                     f"merge_input_ratio={args.merge_input} (merged model only), "
+                     f"chunk_size_feed_forward={args.ff_chunk} (both models)",
+            "mode": "forward+backward" if train else "inference forward",
             "sizes": results}
 
 
@@ -267,6 +316,12 @@ def main(argv=None) -> int:
     p.add_argument("--tissue-preset", default="small")
     p.add_argument("--merge-total", type=float, default=0.9, help="fraction of tokens merged away by the last layer")
     p.add_argument("--tissue-repeats", type=int, default=2)
+    p.add_argument("--merge-input", type=float, default=0.0,
+                   help="merged model only: merge_input_ratio, niches merged before the input projection")
+    p.add_argument("--ff-chunk", type=int, default=0,
+                   help="both models: chunk_size_feed_forward (MLP over this many tokens at a time; 0 = off)")
+    p.add_argument("--mode", choices=("inference", "train"), default="inference",
+                   help="tissue: time/peak of an inference forward, or of forward + backward")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,79 +1,87 @@
 """spatia-hf: SPATIA multi-scale multimodal models for image-based spatial transcriptomics.
 
-Importing the package registers the SPATIA classes with transformers' Auto classes, so
-``AutoModel.from_pretrained(path)`` works without ``trust_remote_code``.
+The import is lazy (PEP 562), so ``import spatia_hf``, ``spatia --help`` and ``spatia_hf.data`` do not
+pay for torch, transformers' models, diffusers, datasets or scanpy: every public name below is
+imported from its module on first access (``from spatia_hf import SpatiaModel`` works as before).
+
+Importing the package still registers the SPATIA classes with transformers' Auto classes, so
+``AutoConfig``/``AutoModel.from_pretrained(path)`` work without ``trust_remote_code``: the
+registration runs as soon as transformers loads its Auto modules (see
+``spatia_hf.utils.auto_registration``), or at once with ``spatia_hf.register_auto_classes()``.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .utils.auto_registration import install as _install_auto_registration
+from .utils.auto_registration import register_auto_classes
+from .utils.progress import progress_bars
 
 __version__ = "0.1.0"
 
-# --- models (issue 3): exports and Auto-class registration -------------------------------
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining  # noqa: E402
+# public name -> module (relative to the package) that defines it; a submodule maps to itself.
+_LAZY: dict[str, str] = {
+    # models (issue 3)
+    "SpatiaCellConfig": "configuration_spatia",
+    "SpatiaNicheConfig": "configuration_spatia",
+    "SpatiaTissueConfig": "configuration_spatia",
+    "SpatiaConfig": "configuration_spatia",
+    "SpatiaCellModel": "modeling_cell",
+    "SpatiaExpressionEncoder": "modeling_cell",
+    "expression_encoder_state": "modeling_cell",
+    "SpatiaNicheModel": "modeling_niche",
+    "SpatiaTissueModel": "modeling_tissue",
+    "SpatiaModel": "modeling_spatia",
+    "SpatiaForPretraining": "modeling_heads",
+    "SpatiaForCellClassification": "modeling_heads",
+    "SpatiaForGeneImputation": "modeling_heads",
+    "SpatiaForExpressionPrediction": "modeling_heads",
+    "SpatiaForTissueClassification": "modeling_heads",
+    "SpatiaProcessor": "processing_spatia",
+    # generation (issue 4): the diffusers pipeline and its condition encoder
+    "SpatiaConditionEncoder": "condition_encoder",
+    "SpatiaGenerationPipeline": "pipeline_spatia",
+    "SpatiaPipelineOutput": "pipeline_spatia",
+    # scanpy-style tools: spatia_hf.tl.embed(adata, image, model)
+    "tl": "tl",
+}
 
-from .configuration_spatia import (  # noqa: E402
-    SpatiaCellConfig,
-    SpatiaConfig,
-    SpatiaNicheConfig,
-    SpatiaTissueConfig,
-)
-from .modeling_cell import SpatiaCellModel, SpatiaExpressionEncoder, expression_encoder_state  # noqa: E402
-from .modeling_heads import (  # noqa: E402
-    SpatiaForCellClassification,
-    SpatiaForExpressionPrediction,
-    SpatiaForGeneImputation,
-    SpatiaForPretraining,
-    SpatiaForTissueClassification,
-)
-from .modeling_niche import SpatiaNicheModel  # noqa: E402
-from .modeling_spatia import SpatiaModel  # noqa: E402
-from .modeling_tissue import SpatiaTissueModel  # noqa: E402
-from .processing_spatia import SpatiaProcessor  # noqa: E402
-
-
-def _register_auto_classes() -> None:
-    """Make ``AutoConfig``/``AutoModel``/``AutoModelForPreTraining`` know the SPATIA model types.
-
-    ``exist_ok=True`` keeps re-imports (and reloads in notebooks) harmless.
-    """
-    for config_cls, model_cls in (
-        (SpatiaCellConfig, SpatiaCellModel),
-        (SpatiaNicheConfig, SpatiaNicheModel),
-        (SpatiaTissueConfig, SpatiaTissueModel),
-        (SpatiaConfig, SpatiaModel),
-    ):
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModel.register(config_cls, model_cls, exist_ok=True)
-    AutoModelForPreTraining.register(SpatiaConfig, SpatiaForPretraining, exist_ok=True)
+__all__ = ["__version__", "register_auto_classes", "progress_bars", *_LAZY]
 
 
-_register_auto_classes()
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the value in the package namespace."""
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = module if module_name == name else getattr(module, name)
+    globals()[name] = value
+    return value
 
-# --- generation (issue 4): the diffusers pipeline and its condition encoder -------------------
-from .condition_encoder import SpatiaConditionEncoder  # noqa: E402
-from .pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput  # noqa: E402
 
-# --- scanpy-style tools: spatia_hf.tl.embed(adata, image, model) --------------------------------
-from . import tl  # noqa: E402
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
-__all__ = [
-    "tl",
-    "SpatiaGenerationPipeline",
-    "SpatiaPipelineOutput",
-    "SpatiaConditionEncoder",
-    "__version__",
-    "SpatiaCellConfig",
-    "SpatiaNicheConfig",
-    "SpatiaTissueConfig",
-    "SpatiaConfig",
-    "SpatiaCellModel",
-    "SpatiaExpressionEncoder",
-    "SpatiaNicheModel",
-    "SpatiaTissueModel",
-    "SpatiaModel",
-    "SpatiaForPretraining",
-    "SpatiaForCellClassification",
-    "SpatiaForGeneImputation",
-    "SpatiaForExpressionPrediction",
-    "SpatiaForTissueClassification",
-    "SpatiaProcessor",
-    "expression_encoder_state",
-]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from . import tl
+    from .condition_encoder import SpatiaConditionEncoder
+    from .configuration_spatia import SpatiaCellConfig, SpatiaConfig, SpatiaNicheConfig, SpatiaTissueConfig
+    from .modeling_cell import SpatiaCellModel, SpatiaExpressionEncoder, expression_encoder_state
+    from .modeling_heads import (
+        SpatiaForCellClassification,
+        SpatiaForExpressionPrediction,
+        SpatiaForGeneImputation,
+        SpatiaForPretraining,
+        SpatiaForTissueClassification,
+    )
+    from .modeling_niche import SpatiaNicheModel
+    from .modeling_spatia import SpatiaModel
+    from .modeling_tissue import SpatiaTissueModel
+    from .pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput
+    from .processing_spatia import SpatiaProcessor
+
+_install_auto_registration()

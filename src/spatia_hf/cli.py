@@ -2,18 +2,77 @@
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func`` to a callable taking the parsed ``argparse.Namespace``.
+
+Only the command being run is registered in full (``spatia convert`` loads every reader to build its
+flags); the others get a one-line entry, so ``spatia --help`` stays fast. ``--no-progress`` on any
+command hides every progress bar, including those of datasets, transformers, diffusers and
+huggingface_hub (see ``spatia_hf.utils.progress``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+from types import ModuleType
 
 COMMANDS = ("demo", "synth", "convert", "pretrain", "finetune", "embed", "generate", "evaluate", "push")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Registered(BaseException):
+    """Raised by ``_SummaryOnly.add_parser`` to stop a ``register`` once its one-line help is known
+    (a BaseException, so an ``except Exception`` inside a ``register`` cannot swallow it)."""
+
+
+class _SummaryOnly:
+    """Stands in for the sub-parsers object to read a command's ``help=`` without running the rest of
+    its ``register`` (which may import readers, pandas, ...)."""
+
+    def __init__(self) -> None:
+        self.help: str | None = None
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        self.help = kwargs.get("help")
+        raise _Registered(name)
+
+
+def _load(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"spatia_hf.commands.{name}")
+    except ModuleNotFoundError as err:  # a command not built yet
+        if err.name != f"spatia_hf.commands.{name}":
+            raise
+        return None
+
+
+def _summary(module: ModuleType) -> str | None:
+    recorder = _SummaryOnly()
+    with contextlib.suppress(_Registered):
+        module.register(recorder)
+    return recorder.help
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The sub-command named on the command line (the top-level parser takes no option values)."""
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("-"):
+            return token if token in COMMANDS else None
+    return None
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    """Every command accepts ``--no-progress`` (those that define it keep their own; a command with
+    sub-commands, like ``convert``, leaves it to them)."""
+    if parser._subparsers is None and "--no-progress" not in parser._option_string_actions:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``spatia`` parser. With ``argv``, only the command named there is registered in full;
+    without, every command is (slower: each may import its dependencies)."""
     parser = argparse.ArgumentParser(
         prog="spatia",
         description="SPATIA: multi-scale multimodal models for image-based spatial transcriptomics.",
@@ -21,14 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"spatia-hf {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = _chosen_command(argv) if argv is not None else None
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"spatia_hf.commands.{name}")
-        except ModuleNotFoundError as err:  # a command not built yet
-            if err.name != f"spatia_hf.commands.{name}":
-                raise
+        if argv is not None and chosen is not None and name != chosen:
+            subparsers.add_parser(name)  # known name, never parsed: no need to load it
+            continue
+        module = _load(name)
+        if module is None:
+            continue
+        if argv is not None and name != chosen:
+            subparsers.add_parser(name, help=_summary(module))
             continue
         module.register(subparsers)
+        _add_no_progress(subparsers.choices[name])
     return parser
 
 
@@ -39,17 +103,28 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    quiet = bool(getattr(args, "no_progress", False))
     try:
-        result = args.func(args)
+        with _progress(quiet):
+            result = args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:  # user errors: one line, no traceback
         print(f"spatia {args.command}: error: {err}", file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+def _progress(quiet: bool) -> contextlib.AbstractContextManager:
+    if not quiet:
+        return contextlib.nullcontext()
+    from spatia_hf.utils.progress import progress_bars
+
+    return progress_bars(False)
 
 
 if __name__ == "__main__":

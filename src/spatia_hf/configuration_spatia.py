@@ -242,8 +242,16 @@ class SpatiaTissueConfig(PretrainedConfig):
         merge_k: a token may merge only into one of its ``merge_k`` nearest spatial neighbours.
         merge_radius_um: optional maximum distance (µm) between merged tokens.
         proportional_attention: add ``log(size)`` of merged tokens to the attention logits (ToMe).
+        merge_input_ratio: fraction of the niches merged away *before* the input projection (spatial
+            neighbours with similar niche embeddings, by the same matching), so no layer and no
+            input feature runs at the full niche count: the memory option for very large sections.
+            ``0`` (default) = off, exactly the model without it. Approximate: the position
+            features and ``input_norm`` see merged niches. Above 0.5 it takes several bipartite
+            rounds (each merges at most half); at most 0.9. Every niche is still unmerged in
+            ``niche_embeds``.
         hidden_act, layer_norm_eps, hidden_dropout_prob, attention_dropout, initializer_range: as in
-            :class:`SpatiaCellConfig`.
+            :class:`SpatiaCellConfig`. ``chunk_size_feed_forward`` (transformers' field, 0 = off)
+            runs each layer's MLP on that many tokens at a time (same values, less memory).
     """
 
     model_type = "spatia_tissue"
@@ -262,6 +270,7 @@ class SpatiaTissueConfig(PretrainedConfig):
     merge_k: int = 8
     merge_radius_um: float | None = None
     proportional_attention: bool = True
+    merge_input_ratio: float = 0.0
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     hidden_dropout_prob: float = 0.0
@@ -271,6 +280,9 @@ class SpatiaTissueConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         _reject_unknown_fields(self, kwargs)
         _check_heads("", self.hidden_size, self.num_attention_heads)
+        self.merge_input_ratio = float(self.merge_input_ratio)
+        _check(0.0 <= self.merge_input_ratio <= 0.9, "merge_input_ratio", self.merge_input_ratio,
+               "use a fraction in [0, 0.9] (0 = off)")
         _check(0 < self.position_min_wavelength_um < self.position_max_wavelength_um, "position_min_wavelength_um",
                self.position_min_wavelength_um, "use 0 < position_min_wavelength_um < position_max_wavelength_um")
         if isinstance(self.merge_ratio, (list, tuple)):

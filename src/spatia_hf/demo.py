@@ -16,10 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from spatia_hf.utils.progress import respects_progress
+
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Sizes and time budgets of one demo run (minutes are wall-clock caps on 2 CPU cores)."""
+    """Sizes and budgets of one demo run.
+
+    Training is bounded by step counts sized to fit the time goal on 2 idle CPU cores, so a run's
+    results do not depend on machine load; the ``*_minutes`` are only safety caps (about 4x the
+    expected time, setup included) that stop a step early on a much slower or busy machine.
+    """
 
     sections: int
     cells: int
@@ -27,22 +34,34 @@ class DemoSize:
     preset: str
     pretrain_minutes: float
     pretrain_steps: int
+    pretrain_batch_size: int  # niches per step (each carries up to 32 cells)
     finetune_minutes: float
     finetune_epochs: float
     generator_minutes: float
+    generator_steps: int
     generator_size: str
+    generator_image_size: int  # the denoiser's pixels; crops are resized to the dataset's for scoring
     generation_steps: int
     max_generation: int
     max_perturbation: int
     generation_variants: bool
+    cnn_epochs: int  # epochs of the image-CNN baseline (also the FID/KID feature extractor)
 
 
-FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=2.5, pretrain_steps=400,
-                finetune_minutes=1.0, finetune_epochs=3.0, generator_minutes=2.5, generator_size="small",
-                generation_steps=20, max_generation=96, max_perturbation=32, generation_variants=True)
-QUICK = DemoSize(sections=3, cells=400, genes=80, preset="tiny", pretrain_minutes=0.4, pretrain_steps=60,
-                 finetune_minutes=0.3, finetune_epochs=2.0, generator_minutes=0.4, generator_size="tiny",
-                 generation_steps=8, max_generation=32, max_perturbation=12, generation_variants=False)
+# The generator works at 32 px: at 64 px its self-attention runs over 32x32 tokens and a sampler step
+# costs ~6x more on a CPU (0.15 vs 0.02 s per image with guidance, 1 thread); the 64 px quick generator
+# got 2-3 training steps in its budget and tasks 11-12 took minutes. At 32 px a training step of batch
+# 32 takes ~0.4-0.8 s (tiny and small) and the crops are resized to the dataset's 64 px for scoring.
+FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=10.0, pretrain_steps=120,
+                pretrain_batch_size=8,
+                finetune_minutes=4.0, finetune_epochs=1.0, generator_minutes=8.0, generator_steps=150,
+                generator_size="small", generator_image_size=32, generation_steps=12, max_generation=48,
+                max_perturbation=16, generation_variants=True, cnn_epochs=4)
+QUICK = DemoSize(sections=3, cells=400, genes=80, preset="tiny", pretrain_minutes=2.0, pretrain_steps=100,
+                 pretrain_batch_size=16,
+                 finetune_minutes=1.0, finetune_epochs=1.0, generator_minutes=1.5, generator_steps=40,
+                 generator_size="tiny", generator_image_size=32, generation_steps=8, max_generation=32,
+                 max_perturbation=12, generation_variants=False, cnn_epochs=3)
 
 
 @dataclass
@@ -75,6 +94,7 @@ class _Steps:
         return out
 
 
+@respects_progress
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, device: str = "auto",
              progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
     """Run the whole demo into ``out_dir`` (see the module docstring); returns what it did."""
@@ -144,8 +164,8 @@ def _pretrain(dataset: Path, out: Path, size: DemoSize, seed: int, held_out: str
     from spatia_hf.training.pretrain import pretrain
 
     pretrain(dataset, out, preset=size.preset, max_steps=size.pretrain_steps, max_minutes=size.pretrain_minutes,
-             batch_size=16, learning_rate=1e-3, seed=seed, eval_sections=held_out, progress=progress,
-             use_cpu=use_cpu, do_eval=False)
+             batch_size=size.pretrain_batch_size, learning_rate=1e-3, seed=seed, eval_sections=held_out,
+             progress=progress, use_cpu=use_cpu, do_eval=False)
 
 
 def _finetune(dataset: Path, pretrained: Path, out: Path, size: DemoSize, seed: int, held_out: str, use_cpu: bool,
@@ -161,9 +181,10 @@ def _train_generator(dataset: Path, pretrained: Path, out: Path, size: DemoSize,
                      use_cpu: bool, progress: bool) -> None:
     from spatia_hf.training.generator import train_generator
 
-    train_generator(dataset, out, size=size.generator_size, max_minutes=size.generator_minutes,
-                    spatia_model=str(pretrained), eval_sections=[held_out], seed=seed, cpu=use_cpu,
-                    progress=progress, checkpoint_every=0)
+    train_generator(dataset, out, size=size.generator_size, image_size=size.generator_image_size,
+                    max_steps=size.generator_steps, max_minutes=size.generator_minutes,
+                    warmup_steps=max(1, size.generator_steps // 10), spatia_model=str(pretrained),
+                    eval_sections=[held_out], seed=seed, cpu=use_cpu, progress=progress, checkpoint_every=0)
 
 
 def _evaluate(p: dict[str, Path], size: DemoSize, seed: int, device: str, progress: bool) -> None:
@@ -172,7 +193,7 @@ def _evaluate(p: dict[str, Path], size: DemoSize, seed: int, device: str, progre
     evaluate(p["pretrained"], p["dataset"], p["report"], pipeline=p["generator"] / "pipeline",
              finetuned=p["finetuned"], seed=seed, device=device, num_inference_steps=size.generation_steps,
              generation_variants=size.generation_variants, max_generation=size.max_generation,
-             max_perturbation=size.max_perturbation, progress=progress)
+             max_perturbation=size.max_perturbation, cnn_epochs=size.cnn_epochs, progress=progress)
 
 
 def _hub_folders(p: dict[str, Path]) -> None:

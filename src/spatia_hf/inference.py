@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from spatia_hf.data import schema
 from spatia_hf.modeling_spatia import SpatiaModel
 from spatia_hf.processing_spatia import SpatiaProcessor
+from spatia_hf.utils.progress import respects_progress
 
 MODALITIES = ("fused", "image", "expression")
 
@@ -91,21 +92,42 @@ def embed_cells_config(model: SpatiaModel, processor: SpatiaProcessor, cells, *,
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
 
 
+def _member_index(cell_ids: np.ndarray, cell_sample_ids: np.ndarray | None) -> dict:
+    """Row of every cell keyed by ``(sample_id, cell_id)``: cell ids repeat across sections (every
+    instrument numbers its cells from 1), so a niche's members are looked up within its own section.
+    Without ``cell_sample_ids`` the ids alone are keys, which is only allowed when they are unique."""
+    ids = [str(c) for c in cell_ids.tolist()]
+    if cell_sample_ids is None:
+        if len(set(ids)) != len(ids):
+            raise ValueError("cell_sample_ids=None but cell_ids repeat (cells of several sections share ids). Fix: "
+                             "pass cell_sample_ids (the cells' sample_id column) so niches are matched within "
+                             "their section")
+        return {(None, c): i for i, c in enumerate(ids)}
+    if len(cell_sample_ids) != len(ids):
+        raise ValueError(f"cell_sample_ids has {len(cell_sample_ids)} entries for {len(ids)} cell_ids. Fix: pass the "
+                         "sample_id column of the same cells rows")
+    return {(str(s), c): i for i, (s, c) in enumerate(zip(cell_sample_ids.tolist(), ids))}
+
+
 @torch.no_grad()
 def embed_niches_config(model: SpatiaModel, niches, cell_ids: np.ndarray, cell_embeddings: np.ndarray, *,
-                        batch_size: int = 16, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                        cell_sample_ids: np.ndarray | None = None, batch_size: int = 16,
+                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Niche embeddings ``[n_niches, D]`` and context-aware cell embeddings aligned with ``cell_ids``.
 
     Every member of a niche is used (no sampling): a cell's context embedding comes from the niche
-    it belongs to. Cells of ``cell_ids`` that no niche lists keep their cell embedding.
+    it belongs to. Members are matched by ``(sample_id, cell_id)`` when ``cell_sample_ids`` is given
+    (required when ids repeat across sections). Cells that no niche lists keep their cell embedding.
     """
-    position = {c: i for i, c in enumerate(cell_ids.tolist())}
+    position = _member_index(cell_ids, cell_sample_ids)
+    by_section = cell_sample_ids is not None
     in_niche = cell_embeddings.copy()
     niche_out = []
-    view = niches.select_columns([schema.CELL_IDS, schema.CELL_REL_X_UM, schema.CELL_REL_Y_UM])
+    view = niches.select_columns([schema.SAMPLE_ID, schema.CELL_IDS, schema.CELL_REL_X_UM, schema.CELL_REL_Y_UM])
     for start in tqdm(range(0, len(niches), batch_size), desc="niche embeddings", disable=not progress):
         rows = view[start : start + batch_size]
-        members = [[position.get(c, -1) for c in ids] for ids in rows[schema.CELL_IDS]]
+        members = [[position.get((str(sid) if by_section else None, str(c)), -1) for c in ids]
+                   for sid, ids in zip(rows[schema.SAMPLE_ID], rows[schema.CELL_IDS])]
         n_max = max([len(m) for m in members] + [1])
         emb = np.zeros((len(members), n_max, cell_embeddings.shape[1]), np.float32)
         pos = np.zeros((len(members), n_max, 2), np.float32)
@@ -141,6 +163,7 @@ def embed_sections(model: SpatiaModel, niche_embeddings: np.ndarray, niche_posit
     return sample_ids, (np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32))
 
 
+@respects_progress
 def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: str | Path, *,
                   sample_ids: Sequence[str] | None = None, modalities: Sequence[str] = ("fused",),
                   niche_aware: bool = True, tissue: bool = True, batch_size: int = 64, seed: int = 0,
@@ -172,8 +195,8 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
     if niche_aware:
         niches = _restrict(data.configs["niches"], sample_ids)
         result.niches, result.cells_in_niche = embed_niches_config(
-            model, niches, result.cell_ids, result.cells["fused"], batch_size=max(1, batch_size // 4),
-            progress=progress)
+            model, niches, result.cell_ids, result.cells["fused"], cell_sample_ids=result.cell_sample_ids,
+            batch_size=max(1, batch_size // 4), progress=progress)
         result.niche_ids = np.asarray(niches[schema.NICHE_ID]).astype(str)
         result.niche_sample_ids = np.asarray(niches[schema.SAMPLE_ID]).astype(str)
         result.niche_positions_um = np.stack([np.asarray(niches[schema.X_UM], np.float32),

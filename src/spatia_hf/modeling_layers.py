@@ -49,6 +49,22 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return out[:, None, None, :]
 
 
+def token_chunked(fn, x: torch.Tensor, *rest: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``fn(x, *rest)`` for a token-wise ``fn``, ``chunk`` tokens (dim 1) at a time, written into one
+    preallocated output: peak scratch is one chunk's, not the whole sequence's (any remainder
+    size; transformers' ``apply_chunking_to_forward`` needs a multiple and concatenates)."""
+    n = x.shape[1]
+    if n <= chunk:
+        return fn(x, *rest)
+    first = fn(x[:, :chunk], *(r[:, :chunk] for r in rest))
+    out = first.new_empty(first.shape[0], n, *first.shape[2:])
+    out[:, :chunk] = first
+    del first
+    for c0 in range(chunk, n, chunk):
+        out[:, c0 : c0 + chunk] = fn(x[:, c0 : c0 + chunk], *(r[:, c0 : c0 + chunk] for r in rest))
+    return out
+
+
 class SpatiaAttention(nn.Module):
     """Multi-head attention; self-attention uses one fused ``qkv`` projection, cross-attention a
     ``q`` and a fused ``kv`` projection. Dispatches on ``config._attn_implementation``."""
@@ -141,6 +157,13 @@ class SpatiaBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.mlp = SpatiaMLP(d, intermediate_size or config.intermediate_size, config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # transformers' ``chunk_size_feed_forward`` (0 = off): run norm2 + MLP on this many tokens at
+        # a time, so the [N, intermediate] activation never exists whole (a memory option for
+        # long sequences such as a section's niches; each token's values are unchanged).
+        self.chunk_size_feed_forward = int(getattr(config, "chunk_size_feed_forward", 0) or 0)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(self.norm2(x)))
 
     def forward(
         self,
@@ -153,6 +176,8 @@ class SpatiaBlock(GradientCheckpointingLayer):
         x = x + self.dropout(self.attention(self.norm1(x), attention_mask))
         if self.cross_attention is not None and context is not None:
             x = x + self.dropout(self.cross_attention(self.norm_cross(x), context_mask, self.norm_context(context)))
+        if self.chunk_size_feed_forward > 0 and x.shape[1] > self.chunk_size_feed_forward:
+            return token_chunked(self._feed_forward, x, chunk=self.chunk_size_feed_forward).add_(x)
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -283,6 +308,7 @@ __all__ = [
     "SpatiaMLP",
     "SpatiaPositionEncoder",
     "additive_mask",
+    "token_chunked",
     "fourier_position_features",
     "sincos_2d",
     "patchify",

@@ -6,7 +6,9 @@ the ``merge_k`` nearest neighbours, :mod:`spatia_hf.token_merging`), so even the
 runs on the reduced set. Merged tokens are size-weighted means, attention is proportional
 (``log size`` added to the logits), and every merge is recorded so the final tokens unmerge back
 to one output per input niche. ``merge_ratio=0`` never calls the matching and is exactly the plain
-transformer.
+transformer. ``merge_input_ratio`` (off by default) also merges niches before the input projection,
+so no activation exists at the full niche count; the full-size stages that remain (input features,
+merge keys) run in token chunks, and the merge never copies the whole token set.
 """
 
 from __future__ import annotations
@@ -16,17 +18,32 @@ from torch import nn
 
 from .configuration_spatia import SpatiaTissueConfig
 from .modeling_base import SpatiaPreTrainedModel
-from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask
+from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask, token_chunked
 from .modeling_outputs import SpatiaTissueOutput
-from .token_merging import MergeTracker, merge_count, proportional_attention_bias, spatial_bipartite_matching
+from .token_merging import (
+    MergeTracker,
+    merge_count,
+    proportional_attention_bias,
+    spatial_bipartite_matching,
+    spatial_neighbours,
+)
+
+
+# Tokens per chunk for the stages that run at the full niche count (input features, merge keys):
+# their scratch stays O(chunk x D) instead of several [N, D] copies. Row-wise ops, same values.
+_TOKEN_CHUNK = 2048
+
+
+def _rowwise(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    return token_chunked(fn, x, *rest, chunk=_TOKEN_CHUNK)
 
 
 class SpatiaTissueLayer(SpatiaBlock):
     """A pre-norm transformer block; its keys double as the merge similarity."""
 
     def merge_metric(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Keys this layer would compute for ``hidden_states``: ``[B, N, D]``."""
-        return self.attention.key_metric(self.norm1(hidden_states))
+        """Keys this layer would compute for ``hidden_states``: ``[B, N, D]`` (chunked over tokens)."""
+        return _rowwise(lambda h: self.attention.key_metric(self.norm1(h)), hidden_states)
 
 
 class SpatiaTissueModel(SpatiaPreTrainedModel):
@@ -74,7 +91,8 @@ class SpatiaTissueModel(SpatiaPreTrainedModel):
             niche_positions: ``[B, M, 2]`` niche centres in µm (section coordinates).
             niche_attention_mask: ``[B, M]`` 1 = real niche, 0 = padding.
             merge_ratio: overrides the config's per-layer merge fractions for this call (e.g. 0 to
-                compare with the unmerged model using the same weights).
+                compare with the unmerged model using the same weights: 0 also skips the config's
+                ``merge_input_ratio``).
         """
         self.check_inputs(niche_embeddings, niche_positions, niche_attention_mask)
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -83,26 +101,36 @@ class SpatiaTissueModel(SpatiaPreTrainedModel):
         mask = (torch.ones(b, m, dtype=torch.bool, device=niche_embeddings.device) if niche_attention_mask is None
                 else niche_attention_mask.bool())
         positions = niche_positions.to(torch.float32)
-        x = self.input_proj(niche_embeddings) + self.position_encoder(positions).to(niche_embeddings.dtype)
-        x = self.input_norm(x)
-
-        merging = any(r > 0 for r in ratios)
+        # a call-time merge_ratio of 0 means "the unmerged model": the input merge is off too
+        input_ratio = 0.0 if merge_ratio is not None and not any(ratios) else self.config.merge_input_ratio
+        merging = any(r > 0 for r in ratios) or input_ratio > 0
         tracker = MergeTracker(positions=positions, attention_mask=mask) if merging else None
-        num_tokens = []
-        bias = additive_mask(mask, x.dtype)
+        num_tokens = [m]
+        emb = niche_embeddings
+        left = merge_count(m, input_ratio) if input_ratio > 0 else 0
+        while left > 0:  # merge similar neighbouring niches before any full-size activation exists;
+            # bipartite rounds of at most half the tokens each, until the input ratio is reached
+            info = self._match(emb, tracker, min(left, emb.shape[1] // 2), sizes=tracker.num_tokens < m)
+            if info.is_identity:
+                break
+            emb = info.merge(emb, mode="mean")
+            tracker.push(info)
+            left -= info.r
+        x = _rowwise(self._embed, emb, tracker.positions if tracker is not None else positions)
+        del emb
+        input_merged = tracker is not None and tracker.num_tokens < m
+        bias = self._bias(tracker, x.dtype) if input_merged else additive_mask(mask, x.dtype)
         for layer, ratio in zip(self.layers, ratios):
-            num_tokens.append(x.shape[1])
             r = merge_count(x.shape[1], ratio) if ratio > 0 else 0
             if r > 0:
-                info = spatial_bipartite_matching(
-                    layer.merge_metric(x), tracker.positions, r, k=self.config.merge_k,
-                    radius=self.config.merge_radius_um, sizes=tracker.sizes, attention_mask=tracker.attention_mask,
-                )
+                metric = layer.merge_metric(x)
+                info = self._match(metric, tracker, r)
+                del metric
                 x = info.merge(x, mode="mean")
                 tracker.push(info)
                 bias = self._bias(tracker, x.dtype)
             x = layer(x, bias)
-        num_tokens.append(x.shape[1])
+            num_tokens.append(x.shape[1])
         x = self.final_norm(x)
 
         if tracker is not None:
@@ -122,6 +150,21 @@ class SpatiaTissueModel(SpatiaPreTrainedModel):
             num_tokens=tuple(num_tokens),
         )
         return out if return_dict else out.to_tuple()
+
+    def _embed(self, niche_embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Input tokens: projected niche embeddings plus position features, normalised (token-wise)."""
+        x = self.input_proj(niche_embeddings)
+        x += self.position_encoder(positions).to(niche_embeddings.dtype)
+        return self.input_norm(x)
+
+    def _match(self, metric: torch.Tensor, tracker: MergeTracker, r: int, sizes: bool = True):
+        """Spatial bipartite matching of the tracker's current tokens (neighbours searched first,
+        so the search scratch and the metric are never live together with the matching's)."""
+        cfg = self.config
+        neighbours = spatial_neighbours(tracker.positions, k=cfg.merge_k, radius=cfg.merge_radius_um,
+                                        attention_mask=tracker.attention_mask)
+        return spatial_bipartite_matching(metric, None, r, sizes=tracker.sizes if sizes else None,
+                                          attention_mask=tracker.attention_mask, neighbours=neighbours)
 
     def _ratios(self, merge_ratio) -> list[float]:
         if merge_ratio is None:

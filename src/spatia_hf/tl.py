@@ -15,6 +15,7 @@ import numpy as np
 
 from spatia_hf.data.builder import build_multiscale_dataset
 from spatia_hf.data.readers.anndata_reader import read_anndata
+from spatia_hf.utils.progress import respects_progress
 
 
 def load_model_and_processor(model: Any, device: Any = "cpu"):
@@ -37,6 +38,7 @@ def load_model_and_processor(model: Any, device: Any = "cpu"):
     return model.to(device).eval(), processor
 
 
+@respects_progress
 def embed(
     adata,
     image: Any,

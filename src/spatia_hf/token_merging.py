@@ -60,8 +60,13 @@ __all__ = [
 # Priority of a padding->padding pair in the matching: above any cosine similarity (<= 1), so
 # padding is merged away before any real token is.
 _PADDING_PRIORITY = 2.0
-# Candidate (source, destination) pairs scored per chunk in the neighbour search.
-_KNN_CHUNK_ELEMENTS = 1 << 20
+# Candidate (source, destination) pairs scored per chunk in the neighbour search. Each pair
+# costs ~80 bytes of scratch, so 1 << 16 pairs keep the search under ~6 MiB at any size (it was
+# the merged tissue model's peak at 1 << 20); results do not depend on the chunking.
+_KNN_CHUNK_ELEMENTS = 1 << 16
+# Token rows per chunk when scoring candidates and when merging: bounds the scratch to a few
+# rows x channels instead of full [B, N, C] copies (chunked row-wise ops give identical values).
+_ROW_CHUNK = 2048
 _MORTON_MAX = (1 << 16) - 1
 
 
@@ -451,6 +456,19 @@ class MergeInfo:
         out = flat.new_zeros(b * self.num_out, flat.shape[1]).index_add_(0, self._flat_dest().to(x.device), flat)
         return out.view(b, self.num_out, *x.shape[2:])
 
+    def _scatter_weighted(self, x: Tensor, weights: Tensor) -> Tensor:
+        """``_scatter(x * weights[..., None])`` a chunk of rows at a time, so the weighted copy of
+        ``x`` is never whole (same values: ``index_add_`` accumulates rows in order either way)."""
+        b, n = x.shape[:2]
+        flat = x.reshape(b * n, -1)
+        w = weights.reshape(b * n, 1)
+        dest = self._flat_dest().to(x.device)
+        out = flat.new_zeros(b * self.num_out, flat.shape[1])
+        for c0 in range(0, b * n, _ROW_CHUNK):
+            rows = slice(c0, c0 + _ROW_CHUNK)
+            out.index_add_(0, dest[rows], flat[rows] * w[rows])
+        return out.view(b, self.num_out, *x.shape[2:])
+
     def merge(self, x: Tensor, mode: str = "mean") -> Tensor:
         """``[B, N, C] -> [B, N - r, C]``; "mean" is size-weighted by the sizes given at matching, "sum" adds."""
         self._check(x, self.num_tokens, "x")
@@ -461,17 +479,16 @@ class MergeInfo:
         if mode == "sum":
             return self._scatter(x)
         b, n = x.shape[:2]
-        if self.sizes is None:
-            weighted = x
-        else:
-            w = self.sizes.to(device=x.device, dtype=x.dtype)
-            weighted = x * w.view(b, n, *([1] * (x.dim() - 2)))
         if self._weight_sum is None:
             ones = torch.ones(b, n, 1, device=self.dest.device)
             w = ones if self.sizes is None else self.sizes.to(self.dest.device, torch.float32)[..., None]
             self._weight_sum = self._scatter(w).clamp_min(torch.finfo(torch.float32).tiny)
         denom = self._weight_sum.to(device=x.device, dtype=x.dtype)
-        return self._scatter(weighted) / denom.view(b, self.num_out, *([1] * (x.dim() - 2)))
+        if self.sizes is None:
+            summed = self._scatter(x)
+        else:
+            summed = self._scatter_weighted(x, self.sizes.to(device=x.device, dtype=x.dtype))
+        return summed.div_(denom.view(b, self.num_out, *([1] * (x.dim() - 2))))
 
     def merge_sizes(self, sizes: Tensor) -> Tensor:
         """``[B, N] -> [B, N - r]``: the size of a merged token is the sum of its members' sizes."""
@@ -493,6 +510,11 @@ class MergeInfo:
         b = x.shape[0]
         flat = x.reshape(b * self.num_out, -1).index_select(0, self._flat_dest().to(x.device))
         return flat.view(b, self.num_tokens, *x.shape[2:])
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    """Rows of ``x`` scaled to unit L2 norm (near-zero rows stay near zero)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 def spatial_bipartite_matching(
@@ -551,16 +573,21 @@ def spatial_bipartite_matching(
     ns, kk = src_idx.shape[1], nb.k
 
     with torch.no_grad():
-        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        flat = unit.reshape(b * n, c)
+        flat = metric.reshape(b * n, c)
         shift = torch.arange(b, device=metric.device)[:, None] * n
-        src_vec = flat.index_select(0, (src_idx + shift).reshape(-1)).view(b, ns, c)
         cand_tok = dst_idx.gather(1, nb.neighbours.to(metric.device).reshape(b, -1)).view(b, ns, kk)
-        cand_flat = cand_tok + shift[..., None]
-        scores = torch.empty(b, ns, kk, device=metric.device, dtype=torch.float32)
-        for j in range(kk):  # k is small: one [B, Ns, C] product per neighbour rank
-            dst_vec = flat.index_select(0, cand_flat[..., j].reshape(-1)).view(b, ns, c)
-            scores[..., j] = (src_vec * dst_vec).sum(-1).float()
+        src_flat = (src_idx + shift).reshape(-1)
+        cand_flat = (cand_tok + shift[..., None]).reshape(b * ns, kk)
+        scores = torch.empty(b * ns, kk, device=metric.device, dtype=torch.float32)
+        # Cosine on gathered rows, a chunk of sources at a time: never a normalised [B, N, C]
+        # copy of the metric (each row is normalised exactly as a whole-tensor division would).
+        for c0 in range(0, b * ns, _ROW_CHUNK):
+            rows = slice(c0, c0 + _ROW_CHUNK)
+            src_vec = _unit_rows(flat.index_select(0, src_flat[rows]))
+            for j in range(kk):  # k is small: one [rows, C] product per neighbour rank
+                dst_vec = _unit_rows(flat.index_select(0, cand_flat[rows, j]))
+                scores[rows, j] = (src_vec * dst_vec).sum(-1).float()
+        scores = scores.view(b, ns, kk)
         scores.masked_fill_(~nb.valid.to(metric.device), -math.inf)
         best, arg = scores.max(dim=-1)
         best_dst = cand_tok.gather(2, arg[..., None]).squeeze(-1)  # [B, Ns] token index

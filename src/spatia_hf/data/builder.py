@@ -59,6 +59,7 @@ from .normalize import DEFAULT_PERCENTILES, Normalization, estimate_normalizatio
 from .section import Section
 from .shards import Ragged, table_from_columns, write_parquet
 from .validation import OUTSIDE_POLICIES, validate_section
+from spatia_hf.utils.progress import respects_progress
 
 CELL_SHARD_ROWS = 4096
 NICHE_SHARD_ROWS = 1024
@@ -496,6 +497,7 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+@respects_progress
 def build_multiscale_dataset(
     sections: Iterable[Section],
     out_dir: str | Path,

@@ -38,6 +38,7 @@ from scipy.spatial import cKDTree
 
 from .section import Section
 from .synthetic_render import CellShapes, render_cells
+from spatia_hf.utils.progress import respects_progress
 
 GROUND_TRUTH_KEY = "synthetic_ground_truth"
 PIXEL_SIZE_KEY = "spatial_pixel_size_um"
@@ -428,6 +429,7 @@ def load_ground_truth(source) -> dict:
     return json.loads(value) if isinstance(value, str) else value
 
 
+@respects_progress
 def write_synthetic(out_dir: str | Path, n_sections: int = 2, n_cells: int = 2000, seed: int = 0, *,
                     overwrite: bool = False, progress: bool = True, **overrides) -> list[dict]:
     """Write ``<sample_id>.h5ad`` + ``<sample_id>.ome.tif`` per section and ``synthetic.json``.

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .tasks import TASKS, TaskResult
+from spatia_hf.utils.progress import respects_progress
 
 SUMMARY_FILES = ("spatia_training.json", "generator_training.json")
 
@@ -167,6 +168,7 @@ def _load_pipeline(path: str | Path, device):
     return SpatiaGenerationPipeline.from_pretrained(str(path)).to(device), path
 
 
+@respects_progress
 def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pipeline: str | Path | None = None,
              finetuned: str | Path | Sequence[str | Path] | None = None, seed: int = 0, *,
              concat_model: str | Path | None = None, device: str = "auto", tasks: Sequence[int] | None = None,

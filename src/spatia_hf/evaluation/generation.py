@@ -215,7 +215,6 @@ def generate_images(pipe, counts, gene_names: Sequence[str], *, perturbation: Ma
     import warnings
 
     import torch
-    import torch.nn.functional as F
 
     dense = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
     controls, edits = [], []
@@ -229,16 +228,64 @@ def generate_images(pipe, counts, gene_names: Sequence[str], *, perturbation: Ma
         controls.append(out.images)
         if perturbation is not None:
             edits.append(out.perturbed_images)
+    return _to_uint8(controls, out_px), (_to_uint8(edits, out_px) if perturbation is not None else None)
 
-    def finish(parts):
-        x = torch.cat(parts)
-        if out_px is not None and x.shape[-1] != out_px:
-            mode = "area" if x.shape[-1] > out_px else "bilinear"
-            x = F.interpolate(x, size=(out_px, out_px), mode=mode,
-                              **({} if mode == "area" else {"align_corners": False}))
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
-    return finish(controls), (finish(edits) if perturbation is not None else None)
+def generate_perturbation_series(pipe, counts, gene_names: Sequence[str], gene: str, folds: Sequence[float], *,
+                                 num_inference_steps: int = 25, guidance_scale: float | None = None,
+                                 batch_size: int = 64, seed: int = 0,
+                                 out_px: int | None = None) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+    """Control crops and, per fold, crops with ``gene``'s counts x fold, all from the same noise.
+
+    One pipeline pass per batch denoises the control and every fold together (``1 + len(folds)``
+    images per cell, instead of ``2 * len(folds)`` when each fold is a separate ``perturbation=``
+    call that regenerates the control). Cell ``i`` (row of ``counts``) gets its own generator seeded
+    ``seed + i`` for the control and every edit, so the initial noise and any sampler noise are
+    identical within a cell and the results do not depend on ``batch_size``. Returns uint8
+    ``(N, C, H, W)`` controls and ``{fold: (N, C, H, W)}``.
+    """
+    import warnings
+
+    import torch
+
+    dense = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=np.float64)
+    names = list(gene_names)
+    if gene not in names:
+        raise ValueError(f"gene={gene!r} is not in gene_names. Fix: perturb one of the {len(names)} given genes")
+    col = names.index(gene)
+    folds = [float(f) for f in folds]
+    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    per_batch = max(1, batch_size // (1 + len(folds)))  # images per pass stay about batch_size
+    controls, edits = [], {f: [] for f in folds}
+    for start in range(0, len(dense), per_batch):
+        rows = dense[start : start + per_batch]
+        variants = [rows]
+        for f in folds:
+            edited = rows.copy()
+            edited[:, col] *= f
+            variants.append(edited)
+        seeds = [seed + start + i for i in range(len(rows))] * len(variants)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # panel notes repeat for every batch
+            out = pipe(np.concatenate(variants), gene_names=names, num_inference_steps=num_inference_steps,
+                       generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt", **kwargs)
+        parts = out.images.chunk(len(variants), dim=0)
+        controls.append(parts[0])
+        for f, part in zip(folds, parts[1:]):
+            edits[f].append(part)
+    return _to_uint8(controls, out_px), {f: _to_uint8(v, out_px) for f, v in edits.items()}
+
+
+def _to_uint8(parts, out_px: int | None) -> np.ndarray:
+    """Concatenated ``[0, 1]`` float crops -> uint8 ``(N, C, H, W)``, resized to ``out_px`` when given."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.cat(parts)
+    if out_px is not None and x.shape[-1] != out_px:
+        mode = "area" if x.shape[-1] > out_px else "bilinear"
+        x = F.interpolate(x, size=(out_px, out_px), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def generate_for_suite(pipe, inputs, name: str = "SPATIA generator", num_inference_steps: int = 25,
@@ -246,7 +293,8 @@ def generate_for_suite(pipe, inputs, name: str = "SPATIA generator", num_inferen
     """The ``extra`` entries of :func:`spatia_hf.evaluation.suite.run_suite` for a pipeline:
     ``{"generation": {name: crops}, "perturbation": {name: {"before": crops, "after": {fold: crops}}}}``
     (uint8 ``(N, C, H, W)`` at the dataset's crop size), conditioned on ``inputs.generation_idx`` /
-    ``inputs.perturbation_idx`` cells."""
+    ``inputs.perturbation_idx`` cells; the control and every fold of a perturbed cell come from
+    one pass with the same noise (:func:`generate_perturbation_series`)."""
     cells = inputs.cells
     out_px = int(cells.images.shape[-1]) if cells.images is not None else None
     common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
@@ -254,13 +302,9 @@ def generate_for_suite(pipe, inputs, name: str = "SPATIA generator", num_inferen
     generated, _ = generate_images(pipe, cells.counts[inputs.generation_idx], cells.genes, seed=seed, **common)
     extra: dict[str, dict] = {"generation": {name: generated}}
     if inputs.morphology_gene is not None:
-        counts = cells.counts[inputs.perturbation_idx]
-        after, before = {}, None
-        for fold in inputs.folds:
-            ctrl, edit = generate_images(pipe, counts, cells.genes, perturbation={inputs.morphology_gene: fold},
-                                         seed=seed + 10_000, **common)
-            before = ctrl if before is None else before  # identical for every fold: same seeds, same noise
-            after[fold] = edit
+        before, after = generate_perturbation_series(pipe, cells.counts[inputs.perturbation_idx], cells.genes,
+                                                     inputs.morphology_gene, inputs.folds, seed=seed + 10_000,
+                                                     **common)
         extra["perturbation"] = {name: {"before": before, "after": after}}
     return extra
 
@@ -426,6 +470,7 @@ __all__ = [
     "perturbation_area_shift",
     "frechet_distance",
     "generate_images",
+    "generate_perturbation_series",
     "generate_for_suite",
     "evaluate_generator",
     "save_rgb_png",

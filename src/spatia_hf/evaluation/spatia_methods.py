@@ -423,6 +423,8 @@ def generator_methods(pipe, inputs: SuiteInputs, out: SpatiaOutputs, num_inferen
     gs = guidance_scale if guidance_scale is not None else "the pipeline default"
     out.note(11, f"{GENERATOR}: {num_inference_steps} sampler steps, guidance {gs}, token merging ratio {ratio:g}; "
                  "one image per held-out cell of generation_idx, noise seeded per batch")
+    out.note(12, f"{GENERATOR}: the control and every fold of a cell are denoised in one pass from the same noise "
+                 "(one generator per cell), so the morphology change is attributable to the edit")
     if not variants:
         return
     counts, px = inputs.cells.counts[inputs.generation_idx], int(inputs.cells.images.shape[-1])

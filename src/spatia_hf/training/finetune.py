@@ -70,6 +70,7 @@ from .setup import (
     write_json_atomic,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
+from spatia_hf.utils.progress import respects_progress
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +407,7 @@ def _sections_of(evaluation) -> list[str]:
     return []
 
 
+@respects_progress
 def finetune(
     dataset_dir: str | Path,
     output_dir: str | Path,

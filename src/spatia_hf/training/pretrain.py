@@ -48,6 +48,7 @@ from .setup import (
     write_json_atomic,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
+from spatia_hf.utils.progress import respects_progress
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def _section_record(dataset: SpatiaDataset, eval_sections: list[str] | None) -> 
     return {"train_sections": [s for s in present if s not in held], "eval_sections": sorted(held)}
 
 
+@respects_progress
 def pretrain(
     dataset_dir: str | Path,
     output_dir: str | Path,
