@@ -32,13 +32,7 @@ from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID, PRE
 hf_logging.set_verbosity_error()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the shared CPU stays usable for others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GENES = [f"GENE{i}" for i in range(40)]
 VOCAB = NUM_SPECIAL_TOKENS + len(GENES)

@@ -10,13 +10,7 @@ from spatia_hf.modeling_layers import additive_mask
 from spatia_hf.token_merging import merge_count
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the shared CPU stays usable for others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tissue(merge_ratio=0.25, layers=3, **kwargs) -> SpatiaTissueModel:

@@ -15,12 +15,7 @@ from spatia_hf.data.schema import GENE_COUNTS, GENE_INDICES, GENE_PANEL_FILE, IM
 VOCAB = [f"G{i}" for i in range(20)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def processor(**kwargs) -> SpatiaProcessor:

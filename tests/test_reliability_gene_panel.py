@@ -28,12 +28,7 @@ SIZES = dict(crop_px=32, niche_px=32, thumb_px=64, progress=False)
 N_UNKNOWN = 120  # of the synthetic panel's 200 genes: coverage 0.4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ensembl(i: int) -> str:

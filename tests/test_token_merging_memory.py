@@ -9,13 +9,7 @@ from spatia_hf import token_merging
 from spatia_hf.token_merging import spatial_bipartite_matching
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: fastest for these sizes, and the shared CPU stays usable for others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _section(b: int, n: int, c: int, seed: int = 0):

@@ -30,14 +30,7 @@ from spatia_hf.training.trainer import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared (OpenMP threads
-    spin-waiting for a busy core made a 4-step run 40x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- a toy two-objective model
@@ -164,6 +157,20 @@ def test_epoch_seed_callback_sets_the_epoch_of_collators_also_after_a_resume():
 def test_time_budget_rejects_non_positive_minutes():
     with pytest.raises(ValueError, match="max_minutes=0"):
         TimeBudgetCallback(0)
+
+
+def test_resume_true_picks_the_newest_complete_checkpoint(tmp_path):
+    from spatia_hf.training.setup import resolve_resume
+
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("some/folder", tmp_path) == "some/folder"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint-N"):
+        resolve_resume("true", tmp_path)
+    for step, complete in ((2, True), (10, True), (11, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert resolve_resume(True, tmp_path) == str(tmp_path / "checkpoint-10")  # 10 > 2 numerically; 11 is torn
 
 
 def test_saved_training_arguments_are_json_not_pickle(tmp_path):
@@ -461,6 +468,10 @@ def test_interrupted_run_resumes_to_the_same_final_loss(tiny_dir, tmp_path):
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run_pretraining(model_args, data_args, args("cut"), callbacks=[_Interrupt(at=4)])
     assert (tmp_path / "cut" / "checkpoint-4").is_dir() and not (tmp_path / "cut" / "model.safetensors").exists()
+    # a later checkpoint cut short while saving (no trainer_state.json, torn weights) must be skipped
+    torn = tmp_path / "cut" / "checkpoint-5"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\x00" * 16)
     resumed = run_pretraining(model_args, data_args, args("cut"), resume_from_checkpoint=True)
 
     def losses(r):

@@ -52,14 +52,14 @@ class DemoSize:
 # costs ~6x more on a CPU (0.15 vs 0.02 s per image with guidance, 1 thread); the 64 px quick generator
 # got 2-3 training steps in its budget and tasks 11-12 took minutes. At 32 px a training step of batch
 # 32 takes ~0.4-0.8 s (tiny and small) and the crops are resized to the dataset's 64 px for scoring.
-FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=10.0, pretrain_steps=120,
+FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=10.0, pretrain_steps=240,
                 pretrain_batch_size=8,
                 finetune_minutes=4.0, finetune_epochs=1.0, generator_minutes=8.0, generator_steps=150,
                 generator_size="small", generator_image_size=32, generation_steps=12, max_generation=48,
                 max_perturbation=16, generation_variants=True, cnn_epochs=4)
 QUICK = DemoSize(sections=3, cells=400, genes=80, preset="tiny", pretrain_minutes=2.0, pretrain_steps=100,
                  pretrain_batch_size=16,
-                 finetune_minutes=1.0, finetune_epochs=1.0, generator_minutes=1.5, generator_steps=40,
+                 finetune_minutes=1.0, finetune_epochs=4.0, generator_minutes=1.5, generator_steps=40,
                  generator_size="tiny", generator_image_size=32, generation_steps=8, max_generation=32,
                  max_perturbation=12, generation_variants=False, cnn_epochs=3)
 

@@ -399,6 +399,16 @@ def _is_synthetic(text: str | None) -> bool:
     return bool(text) and "synthetic" in text.lower()
 
 
+def _training_and_limitations(training_data: str | None, dataset_id, what: str) -> tuple[str, str]:
+    """A card's training-data sentence (``training_data``, else a link to the Hub dataset) and its
+    limitations, with the synthetic-data caveat when either names synthetic data."""
+    hub_id = dataset_id if isinstance(dataset_id, str) else None
+    training = training_data or (f"Trained on [{hub_id}](https://huggingface.co/datasets/{hub_id})."
+                                 if hub_id is not None else f"Not recorded with this {what}.")
+    synthetic = _is_synthetic(training_data) or _is_synthetic(hub_id)
+    return training, LIMITATIONS + (LIMITATIONS_SYNTHETIC if synthetic else "")
+
+
 def _card_data_common(license: str, tags: Iterable[str], datasets: str | Sequence[str] | None,
                       extra_tags: Iterable[str] = ()) -> dict:
     all_tags = list(dict.fromkeys([*BASE_TAGS, *extra_tags, *tags]))
@@ -450,9 +460,7 @@ def render_model_card(model_or_dir: Any, *, repo_id: str | None = None, eval_res
     lines = ["import spatia_hf  # registers the SPATIA classes with transformers' Auto classes"] if is_spatia else []
     snippet = "\n".join([*lines, _class_import(class_name, module), "",
                          f'model = {class_name}.from_pretrained("{load_id}")', "model.eval()"])
-    training = training_data or (f"Trained on [{dataset_id}](https://huggingface.co/datasets/{dataset_id})."
-                                 if isinstance(dataset_id, str) else "Not recorded with this checkpoint.")
-    synthetic = _is_synthetic(training_data) or _is_synthetic(dataset_id if isinstance(dataset_id, str) else None)
+    training, limitations = _training_and_limitations(training_data, dataset_id, "checkpoint")
     return ModelCard.from_template(
         data, template_path=os.fspath(template_path("model")),
         title=title, arxiv_id=SPATIA_ARXIV_ID, citation=SPATIA_CITATION,
@@ -464,7 +472,7 @@ def render_model_card(model_or_dir: Any, *, repo_id: str | None = None, eval_res
         config_rows=config_rows(config), intended_use=INTENDED_USE_MODEL, training_data=training,
         eval_rows=_eval_rows(results, baselines), has_baselines=bool(baselines),
         eval_intro="Scores on held-out data, with the baselines run in the same evaluation where given.",
-        limitations=LIMITATIONS + (LIMITATIONS_SYNTHETIC if synthetic else ""), load_snippet=snippet)
+        limitations=limitations, load_snippet=snippet)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -555,9 +563,7 @@ def render_pipeline_card(pipeline_or_dir: Any, *, repo_id: str | None = None, ev
         "              generator=torch.Generator().manual_seed(0)).images")
     snippet = (f"import torch\n{pipe_import}\n\npipe = {pipe_class}.from_pretrained(\"{load_id}\")\n"
                f"{usage if usage is not None else default_usage}").rstrip()
-    training = training_data or (f"Trained on [{dataset_id}](https://huggingface.co/datasets/{dataset_id})."
-                                 if isinstance(dataset_id, str) else "Not recorded with this pipeline.")
-    synthetic = _is_synthetic(training_data) or _is_synthetic(dataset_id if isinstance(dataset_id, str) else None)
+    training, limitations = _training_and_limitations(training_data, dataset_id, "pipeline")
     return ModelCard.from_template(
         data, template_path=os.fspath(template_path("pipeline")),
         title=title, arxiv_id=SPATIA_ARXIV_ID, citation=SPATIA_CITATION,
@@ -567,7 +573,7 @@ def render_pipeline_card(pipeline_or_dir: Any, *, repo_id: str | None = None, ev
         torch_version=versions["torch"], intended_use=INTENDED_USE_PIPELINE, training_data=training,
         eval_rows=_eval_rows(results, baselines), has_baselines=bool(baselines),
         eval_intro="Scores of generated images on held-out cells.",
-        limitations=LIMITATIONS + (LIMITATIONS_SYNTHETIC if synthetic else ""), load_snippet=snippet)
+        limitations=limitations, load_snippet=snippet)
 
 
 def render_dataset_card(dataset_dir: str | os.PathLike, *, repo_id: str | None = None,

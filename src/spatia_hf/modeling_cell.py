@@ -215,23 +215,20 @@ class SpatiaBackboneImageEncoder(nn.Module):
         return self.final_norm(torch.cat([pooled, tokens], dim=1))
 
 
+_BACKBONE_GEOMETRY_FIXES = {
+    "image_size": "set image_size to the backbone's input size",
+    "patch_size": "set patch_size to the backbone's patch size",
+    "num_channels": "use a backbone built for this many stain channels",
+}
+
+
 def _check_backbone_geometry(backbone_config, config: SpatiaCellConfig) -> None:
-    size = getattr(backbone_config, "image_size", None)
-    if isinstance(size, (list, tuple)):
-        size = size[0]
-    if size is not None and int(size) != config.image_size:
-        raise ValueError(f"vision backbone image_size={size} differs from image_size={config.image_size}. "
-                         "Fix: set image_size to the backbone's input size")
-    patch = getattr(backbone_config, "patch_size", None)
-    if isinstance(patch, (list, tuple)):
-        patch = patch[0]
-    if patch is not None and int(patch) != config.patch_size:
-        raise ValueError(f"vision backbone patch_size={patch} differs from patch_size={config.patch_size}. "
-                         "Fix: set patch_size to the backbone's patch size")
-    ch = getattr(backbone_config, "num_channels", None)
-    if ch is not None and int(ch) != config.num_channels:
-        raise ValueError(f"vision backbone num_channels={ch} differs from num_channels={config.num_channels}. "
-                         "Fix: use a backbone built for this many stain channels")
+    for name, fix in _BACKBONE_GEOMETRY_FIXES.items():
+        have = getattr(backbone_config, name, None)
+        if isinstance(have, (list, tuple)):  # (height, width) sizes of some backbones
+            have = have[0]
+        if have is not None and int(have) != getattr(config, name):
+            raise ValueError(f"vision backbone {name}={have} differs from {name}={getattr(config, name)}. Fix: {fix}")
 
 
 class SpatiaCellModel(SpatiaPreTrainedModel):
@@ -256,6 +253,9 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
         self.image_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gene_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.pool_proj = nn.Linear(2 * d, d)
+        # unit-scale embeddings: pool_proj's output at init has std ~0.02 * sqrt(2d) (0.16-0.3), so a
+        # new linear head on it moved its logits ~100x slower than on standardised features
+        self.embed_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.post_init()
         if config.vision_backbone and self.pool_proj.weight.device.type != "meta":
             self.image_encoder.load_backbone_weights()
@@ -338,7 +338,7 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
         zeros = ref.new_zeros(ref.shape[0], ref.shape[-1])
         img_pool = self.image_norm(image_states[:, 1:].mean(dim=1)) if image_states is not None else zeros
         gene_pool = self.gene_norm(_masked_mean(gene_states[:, 1:], token_mask_out)) if gene_states is not None else zeros
-        cell_embeds = self.pool_proj(torch.cat([img_pool, gene_pool], dim=-1))
+        cell_embeds = self.embed_norm(self.pool_proj(torch.cat([img_pool, gene_pool], dim=-1)))
 
         out = SpatiaCellOutput(
             cell_embeds=cell_embeds,

@@ -31,6 +31,7 @@ from .modeling_layers import (
 )
 from .modeling_losses import info_nce, masked_mean, masked_mse, nb_log_likelihood, zinb_log_likelihood
 from .modeling_outputs import SpatiaClassifierOutput, SpatiaGeneRegressionOutput, SpatiaPretrainingOutput
+from .modeling_niche import pick_cells, real_cell_index, real_cell_mask, scatter_cells
 from .modeling_spatia import SpatiaModel
 
 
@@ -297,12 +298,9 @@ class SpatiaForPretraining(SpatiaHeadModel):
 
     def _flatten_niche(self, cell_attention_mask, *tensors):
         ref = next(t for t in tensors if t is not None and t.dim() >= 2)
-        b, n = ref.shape[:2]
-        mask = (torch.ones(b, n, dtype=torch.bool, device=ref.device) if cell_attention_mask is None
-                else cell_attention_mask.bool())
-        index = mask.reshape(-1).nonzero().squeeze(1)
-        picked = [None if t is None else t.reshape(b * n, *t.shape[2:]).index_select(0, index) for t in tensors]
-        return (*picked, index, (b, n))
+        shape = tuple(ref.shape[:2])
+        index = real_cell_index(cell_attention_mask, shape, ref.device)
+        return (*(pick_cells(t, index, shape) for t in tensors), index, shape)
 
     def _mim_loss(self, pixel_values, pred, patch_mask) -> torch.Tensor:
         g = int(round(patch_mask.shape[1] ** 0.5))
@@ -316,20 +314,17 @@ class SpatiaForPretraining(SpatiaHeadModel):
 
     def _niche_objective(self, out, index, shape, cell_positions, cell_attention_mask, gene_ids, gene_values,
                          gene_attention_mask, niche_cell_mask=None):
-        b, n = shape
-        d = out.cell_embeds.shape[-1]
-        emb = out.cell_embeds.new_zeros(b * n, d).index_copy(0, index, out.cell_embeds).view(b, n, d)
-        real = (torch.ones(b, n, dtype=torch.bool, device=emb.device) if cell_attention_mask is None
-                else cell_attention_mask.bool())
+        emb = scatter_cells(out.cell_embeds, index, shape)
+        real = real_cell_mask(cell_attention_mask, shape, emb.device)
         hide = None
         if self.config.niche_weight > 0:
             hide = (random_token_mask(real, self.config.niche_mask_ratio) if niche_cell_mask is None
-                    else _given_mask("niche_cell_mask", niche_cell_mask, (b, n)) & real)
+                    else _given_mask("niche_cell_mask", niche_cell_mask, shape) & real)
         nout = self.spatia.niche(emb, cell_positions, real, cell_mask=hide, return_dict=True)
         if hide is None or gene_ids is None or not bool(hide.any()):
             return nout.cell_embeds, None
-        hidden_flat = hide.reshape(-1).index_select(0, index)  # per real cell
-        ctx = nout.cell_embeds.reshape(b * n, -1).index_select(0, index)[hidden_flat]
+        hidden_flat = pick_cells(hide, index, shape)  # per real cell
+        ctx = pick_cells(nout.cell_embeds, index, shape)[hidden_flat]
         ids = gene_ids[hidden_flat]
         pred = self.niche_decoder(ctx, ids, self.spatia.cell.expression_encoder.gene_embeddings)
         loss = masked_mse(pred, gene_values[hidden_flat], gene_attention_mask[hidden_flat].bool())
@@ -433,15 +428,14 @@ class SpatiaForGeneImputation(SpatiaHeadModel):
             context = out.cell_embeds
             target_tokens = out.gene_tokens[:, -k:]
         else:
+            shape = tuple(vmask.shape[:2])
             cell_out, emb, index = self.spatia.encode_niche_cells(
                 cell_attention_mask, pixel_values, ids, vals, att,
-                gene_value_mask=_pick_cells(vmask, cell_attention_mask),
+                gene_value_mask=pick_cells(vmask, real_cell_index(cell_attention_mask, shape, vmask.device), shape),
             )
             nout = self.spatia.niche(emb, cell_positions, cell_attention_mask, return_dict=True)
-            b, n = emb.shape[:2]
             context = self.context_proj(nout.cell_embeds)
-            tok = cell_out.gene_tokens[:, -k:]
-            target_tokens = tok.new_zeros(b * n, k, tok.shape[-1]).index_copy(0, index, tok).view(b, n, k, -1)
+            target_tokens = scatter_cells(cell_out.gene_tokens[:, -k:], index, shape)
         h = torch.cat([target_tokens, context[..., None, :].expand_as(target_tokens)], dim=-1)
         logits = self.out(h + self.head(h)).squeeze(-1)
         loss = None
@@ -452,14 +446,6 @@ class SpatiaForGeneImputation(SpatiaHeadModel):
             loss = masked_mse(logits, labels, valid)
         result = SpatiaGeneRegressionOutput(loss=loss, logits=logits, target_gene_ids=target_gene_ids, embeds=context)
         return result if return_dict else result.to_tuple()
-
-
-def _pick_cells(t: torch.Tensor, cell_attention_mask: torch.Tensor | None) -> torch.Tensor:
-    b, n = t.shape[:2]
-    if cell_attention_mask is None:
-        return t.reshape(b * n, *t.shape[2:])
-    index = cell_attention_mask.bool().reshape(-1).nonzero().squeeze(1)
-    return t.reshape(b * n, *t.shape[2:]).index_select(0, index)
 
 
 class SpatiaForExpressionPrediction(SpatiaHeadModel):

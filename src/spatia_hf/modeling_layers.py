@@ -232,6 +232,28 @@ class SpatiaPositionEncoder(nn.Module):
         )
         return self.proj(feats.to(self.proj.weight.dtype))
 
+    @classmethod
+    def from_config(cls, config) -> "SpatiaPositionEncoder":
+        """The encoder a niche or tissue config describes (its ``hidden_size`` and position fields)."""
+        return cls(config.hidden_size, config.position_min_wavelength_um, config.position_max_wavelength_um,
+                   config.num_position_frequencies)
+
+
+def check_token_set(kind: str, embeddings: torch.Tensor, positions: torch.Tensor,
+                    attention_mask: torch.Tensor | None, width: int, source: str, frame: str) -> None:
+    """Shapes of a set of ``kind`` tokens with µm positions (the cells of a niche, the niches of a
+    section): ``{kind}_embeddings [B, N, width]`` made by the ``source`` model, ``{kind}_positions
+    [B, N, 2]`` (``frame`` says relative to what), ``{kind}_attention_mask [B, N]``."""
+    if embeddings.dim() != 3 or embeddings.shape[-1] != width:
+        raise ValueError(f"{kind}_embeddings: expected [batch, {kind}s, {width}], got {tuple(embeddings.shape)}. "
+                         f"Fix: embed {kind}s with the matching {source} model")
+    if positions.shape != (*embeddings.shape[:2], 2):
+        raise ValueError(f"{kind}_positions: expected {(*embeddings.shape[:2], 2)} ({frame}), "
+                         f"got {tuple(positions.shape)}")
+    if attention_mask is not None and attention_mask.shape != embeddings.shape[:2]:
+        raise ValueError(f"{kind}_attention_mask: expected {tuple(embeddings.shape[:2])}, "
+                         f"got {tuple(attention_mask.shape)}")
+
 
 def sincos_2d(grid: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding of a ``grid x grid`` patch grid (MAE), ``[grid * grid, dim]``."""

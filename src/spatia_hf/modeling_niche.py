@@ -16,8 +16,38 @@ from transformers import initialization as init
 
 from .configuration_spatia import SpatiaNicheConfig
 from .modeling_base import SpatiaPreTrainedModel
-from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask, sincos_2d
+from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask, check_token_set, sincos_2d
 from .modeling_outputs import SpatiaNicheOutput
+
+
+# ---------------------------------------------------------------------- niche batch layout
+# Niche batches carry per-cell tensors with a leading [B, N] (niches, member cells); the cell model
+# runs on the real (unpadded) cells only, flattened row-major. These helpers are that one routing,
+# shared by the niche model, SpatiaModel.encode_niche_cells and the heads.
+def real_cell_mask(cell_attention_mask: torch.Tensor | None, shape: tuple[int, int],
+                   device: torch.device) -> torch.Tensor:
+    """``[B, N]`` bool, True for real cells (every cell when no mask is given)."""
+    if cell_attention_mask is None:
+        return torch.ones(*shape, dtype=torch.bool, device=device)
+    return cell_attention_mask.bool()
+
+
+def real_cell_index(cell_attention_mask: torch.Tensor | None, shape: tuple[int, int],
+                    device: torch.device) -> torch.Tensor:
+    """Positions ``[n_real]`` of the real cells in the flattened ``[B*N]`` (row-major) order."""
+    return real_cell_mask(cell_attention_mask, shape, device).reshape(-1).nonzero().squeeze(1)
+
+
+def pick_cells(t: torch.Tensor | None, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor | None:
+    """Rows of a ``[B, N, ...]`` tensor at ``index`` (from :func:`real_cell_index`): ``[n_real, ...]``."""
+    b, n = shape
+    return None if t is None else t.reshape(b * n, *t.shape[2:]).index_select(0, index)
+
+
+def scatter_cells(t: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`pick_cells`: ``[n_real, ...]`` -> ``[B, N, ...]`` with zeros at padded cells."""
+    b, n = shape
+    return t.new_zeros(b * n, *t.shape[1:]).index_copy(0, index, t).view(b, n, *t.shape[1:])
 
 
 class SpatiaNicheEmbeddings(nn.Module):
@@ -27,9 +57,7 @@ class SpatiaNicheEmbeddings(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.cell_proj = nn.Linear(config.cell_embed_dim, d)
-        self.position_encoder = SpatiaPositionEncoder(
-            d, config.position_min_wavelength_um, config.position_max_wavelength_um, config.num_position_frequencies
-        )
+        self.position_encoder = SpatiaPositionEncoder.from_config(config)
         self.cls_token = nn.Parameter(torch.empty(1, 1, d))
         self.mask_token = nn.Parameter(torch.empty(1, 1, d))
         if config.use_niche_image:
@@ -76,15 +104,8 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
 
     def check_inputs(self, cell_embeddings, cell_positions, cell_attention_mask, pixel_values) -> None:
         cfg = self.config
-        if cell_embeddings.dim() != 3 or cell_embeddings.shape[-1] != cfg.cell_embed_dim:
-            raise ValueError(f"cell_embeddings: expected [batch, cells, {cfg.cell_embed_dim}], got "
-                             f"{tuple(cell_embeddings.shape)}. Fix: embed cells with the matching cell model")
-        if cell_positions.shape != (*cell_embeddings.shape[:2], 2):
-            raise ValueError(f"cell_positions: expected {(*cell_embeddings.shape[:2], 2)} (x, y in µm relative to "
-                             f"the niche centre), got {tuple(cell_positions.shape)}")
-        if cell_attention_mask is not None and cell_attention_mask.shape != cell_embeddings.shape[:2]:
-            raise ValueError(f"cell_attention_mask: expected {tuple(cell_embeddings.shape[:2])}, "
-                             f"got {tuple(cell_attention_mask.shape)}")
+        check_token_set("cell", cell_embeddings, cell_positions, cell_attention_mask, cfg.cell_embed_dim, "cell",
+                        "x, y in µm relative to the niche centre")
         if pixel_values is not None:
             if not cfg.use_niche_image:
                 raise ValueError("pixel_values (niche image) given but use_niche_image=False. "
@@ -115,8 +136,7 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         b, n = cell_embeddings.shape[:2]
         x = self.embeddings(cell_embeddings, cell_positions, cell_mask, pixel_values)
-        cells_real = (torch.ones(b, n, dtype=torch.bool, device=x.device) if cell_attention_mask is None
-                      else cell_attention_mask.bool())
+        cells_real = real_cell_mask(cell_attention_mask, (b, n), x.device)
         n_img = x.shape[1] - 1 - n
         full = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), cells_real,
                           torch.ones(b, n_img, dtype=torch.bool, device=x.device)], dim=1)
@@ -133,4 +153,5 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-__all__ = ["SpatiaNicheModel", "SpatiaNicheEmbeddings"]
+__all__ = ["SpatiaNicheModel", "SpatiaNicheEmbeddings", "real_cell_mask", "real_cell_index", "pick_cells",
+           "scatter_cells"]

@@ -22,7 +22,7 @@ import torch
 from .configuration_spatia import SpatiaConfig
 from .modeling_base import SpatiaPreTrainedModel
 from .modeling_cell import SpatiaCellModel
-from .modeling_niche import SpatiaNicheModel
+from .modeling_niche import SpatiaNicheModel, pick_cells, real_cell_index, scatter_cells
 from .modeling_outputs import SpatiaCellOutput, SpatiaModelOutput
 from .modeling_tissue import SpatiaTissueModel
 
@@ -69,17 +69,13 @@ class SpatiaModel(SpatiaPreTrainedModel):
             raise ValueError(f"pixel_values: niche inputs need [batch, cells, C, H, W], got {tuple(pixel_values.shape)}")
         if gene_ids is not None and gene_ids.dim() != 3:
             raise ValueError(f"gene_ids: niche inputs need [batch, cells, genes], got {tuple(gene_ids.shape)}")
-        mask = (torch.ones(b, n, dtype=torch.bool, device=ref.device) if cell_attention_mask is None
-                else cell_attention_mask.bool())
-        index = mask.reshape(-1).nonzero().squeeze(1)
-
-        def pick(t):
-            return None if t is None else t.reshape(b * n, *t.shape[2:]).index_select(0, index)
-
-        out = self.cell(pixel_values=pick(pixel_values), gene_ids=pick(gene_ids), gene_values=pick(gene_values),
-                        gene_attention_mask=pick(gene_attention_mask), return_dict=True, **cell_kwargs)
-        emb = out.cell_embeds.new_zeros(b * n, out.cell_embeds.shape[-1]).index_copy(0, index, out.cell_embeds)
-        return out, emb.view(b, n, -1), index
+        index = real_cell_index(cell_attention_mask, (b, n), ref.device)
+        out = self.cell(pixel_values=pick_cells(pixel_values, index, (b, n)),
+                        gene_ids=pick_cells(gene_ids, index, (b, n)),
+                        gene_values=pick_cells(gene_values, index, (b, n)),
+                        gene_attention_mask=pick_cells(gene_attention_mask, index, (b, n)),
+                        return_dict=True, **cell_kwargs)
+        return out, scatter_cells(out.cell_embeds, index, (b, n)), index
 
     def forward(
         self,

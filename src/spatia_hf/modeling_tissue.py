@@ -18,7 +18,7 @@ from torch import nn
 
 from .configuration_spatia import SpatiaTissueConfig
 from .modeling_base import SpatiaPreTrainedModel
-from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask, token_chunked
+from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask, check_token_set, token_chunked
 from .modeling_outputs import SpatiaTissueOutput
 from .token_merging import (
     MergeTracker,
@@ -58,25 +58,15 @@ class SpatiaTissueModel(SpatiaPreTrainedModel):
         super().__init__(config)
         d = config.hidden_size
         self.input_proj = nn.Linear(config.niche_embed_dim, d)
-        self.position_encoder = SpatiaPositionEncoder(
-            d, config.position_min_wavelength_um, config.position_max_wavelength_um, config.num_position_frequencies
-        )
+        self.position_encoder = SpatiaPositionEncoder.from_config(config)
         self.input_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList([SpatiaTissueLayer(config) for _ in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.post_init()
 
     def check_inputs(self, niche_embeddings, niche_positions, niche_attention_mask) -> None:
-        cfg = self.config
-        if niche_embeddings.dim() != 3 or niche_embeddings.shape[-1] != cfg.niche_embed_dim:
-            raise ValueError(f"niche_embeddings: expected [batch, niches, {cfg.niche_embed_dim}], got "
-                             f"{tuple(niche_embeddings.shape)}. Fix: embed niches with the matching niche model")
-        if niche_positions.shape != (*niche_embeddings.shape[:2], 2):
-            raise ValueError(f"niche_positions: expected {(*niche_embeddings.shape[:2], 2)} (x, y in µm), "
-                             f"got {tuple(niche_positions.shape)}")
-        if niche_attention_mask is not None and niche_attention_mask.shape != niche_embeddings.shape[:2]:
-            raise ValueError(f"niche_attention_mask: expected {tuple(niche_embeddings.shape[:2])}, "
-                             f"got {tuple(niche_attention_mask.shape)}")
+        check_token_set("niche", niche_embeddings, niche_positions, niche_attention_mask, self.config.niche_embed_dim,
+                        "niche", "x, y in µm")
 
     def forward(
         self,

@@ -66,6 +66,7 @@ from .setup import (
     check_geometry,
     new_config,
     prepare_training_args,
+    resolve_resume,
     seed_everything,
     write_json_atomic,
 )
@@ -374,9 +375,7 @@ def run_finetuning(
         callbacks=all_callbacks,
     )
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() == "true":
-        resume = True
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = trainer.train(resume_from_checkpoint=resolve_resume(resume, training_args.output_dir))
     trainer.save_model()
     eval_metrics: dict[str, Any] = trainer.evaluate() if evaluation is not None and training_args.do_eval else {}
     result = TrainingResult(

@@ -44,6 +44,7 @@ from .setup import (
     check_geometry,
     new_config,
     prepare_training_args,
+    resolve_resume,
     seed_everything,
     write_json_atomic,
 )
@@ -178,9 +179,7 @@ def run_pretraining(
         logger.info("pretraining: world_size=%d schedule=%s train=%d eval=%d examples", training_args.world_size,
                     data_args.schedule, len(train), len(evaluation) if evaluation is not None else 0)
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() == "true":
-        resume = True
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = trainer.train(resume_from_checkpoint=resolve_resume(resume, training_args.output_dir))
     trainer.save_model()
     eval_metrics: dict[str, Any] = {}
     if evaluation is not None and training_args.do_eval:

@@ -218,6 +218,29 @@ def _jsonable(v: Any) -> bool:
         isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v))
 
 
+def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> str | bool | None:
+    """``resume_from_checkpoint`` as the Trainer should get it: True or "true" become the newest
+    *complete* ``checkpoint-N`` in ``output_dir``. The Trainer writes ``trainer_state.json`` last, so a
+    checkpoint without it was cut short (a killed run) and is skipped rather than loaded half-written."""
+    if isinstance(resume, str) and resume.lower() == "true":
+        resume = True
+    if resume is not True:
+        return resume
+    folder = Path(output_dir)
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit()) if folder.is_dir() else []
+    for step, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            skipped = [p.name for s, p in steps if s > step]
+            if skipped:
+                logger.warning("resume_from_checkpoint: skipping incomplete %s (no trainer_state.json); "
+                               "resuming from %s", skipped, path.name)
+            return str(path)
+    raise FileNotFoundError(f"resume_from_checkpoint=True: no complete checkpoint-N folder in {folder} "
+                            f"(found {[p.name for _, p in steps]}). Fix: pass a checkpoint folder, or train "
+                            "with save_strategy='steps' so checkpoints are written")
+
+
 def write_json_atomic(path: Path, obj: Any) -> Path:
     """Write JSON to a temporary file in the same folder and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -280,15 +280,35 @@ def add_common_cli_arguments(parser, *, what: str) -> None:
                              "dataset folder (gene_panel.json), a JSON list or a text file with one gene per line")
 
 
-def per_section(values, n: int, flag: str) -> list:
+def per_section(values, n: int, flag: str, per: str = "input") -> list:
     """One value per section from a CLI list (one value for all, or exactly one per section)."""
     if values is None:
         return [None] * n
     if len(values) == 1:
         return list(values) * n
     if len(values) != n:
-        raise ValueError(f"{flag}: {len(values)} values for {n} sections. Fix: give one value, or one per input")
+        raise ValueError(f"{flag}: {len(values)} values for {n} sections. Fix: give one value, or one per {per}")
     return list(values)
+
+
+def sample_ids(values: Sequence[str] | None, n: int, inputs: str, per: str) -> list:
+    """``--sample-id`` values: none (each reader picks its default) or exactly one per input."""
+    sids = values or [None] * n
+    if len(sids) != n:
+        raise ValueError(f"--sample-id: {len(sids)} ids for {n} {inputs}. Fix: one id per {per}")
+    return sids
+
+
+def common_reader_kwargs(args, n: int) -> list[dict]:
+    """Per input folder, the reader keyword arguments of the flags :func:`add_common_cli_arguments`
+    adds (plus ``convert``'s ``--outside`` / ``--no-progress``): the glue every instrument CLI shares."""
+    sids = sample_ids(args.sample_id, n, "folders", "folder")
+    labels = per_section(args.labels, n, "--labels")
+    section_labels = parse_section_labels(args.section_label)
+    return [dict(sample_id=sid, on_mismatch=args.on_mismatch, labels=lab, labels_id_column=args.labels_id_column,
+                 section_labels=section_labels, vocabulary=args.vocabulary,
+                 check_bounds=getattr(args, "outside", "error") == "error", quiet=getattr(args, "no_progress", False))
+            for sid, lab in zip(sids, labels)]
 
 
 def attach_labels_and_coverage(section, *, labels: str | Path | None = None, labels_id_column: str | None = None,

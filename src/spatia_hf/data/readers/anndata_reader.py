@@ -189,16 +189,6 @@ def _split_keys(value: str | None) -> list[str] | None:
     return None if value is None else [k.strip() for k in value.split(",") if k.strip()]
 
 
-def parse_section_labels(items: Sequence[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--section-label {item!r}: expected KEY=VALUE, e.g. condition=disease")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adata", nargs="+", required=True, metavar="H5AD", help="one .h5ad per section")
     parser.add_argument("--image", nargs="+", required=True, metavar="IMG",
@@ -216,26 +206,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="section-level label for every section (repeatable), e.g. condition=disease")
 
 
-def _per_section(values, n: int, flag: str) -> list:
-    if values is None:
-        return [None] * n
-    if len(values) == 1:
-        return list(values) * n
-    if len(values) != n:
-        raise ValueError(f"{flag}: {len(values)} values for {n} sections. Fix: give one value, or one per --adata")
-    return list(values)
-
-
 def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
     """Sections of ``spatia convert anndata`` (one AnnData in memory at a time)."""
+    from . import _common as C  # here, not at import: pandas/scipy load only when converting
+
     n = len(args.adata)
     if len(args.image) != n:
         raise ValueError(f"--image: {len(args.image)} images for {n} --adata files. Fix: one image per section")
-    pxs = _per_section(args.pixel_size, n, "--pixel-size")
-    sids = args.sample_id or [None] * n
-    if len(sids) != n:
-        raise ValueError(f"--sample-id: {len(sids)} ids for {n} sections. Fix: one id per --adata")
-    labels = parse_section_labels(args.section_label)
+    pxs = C.per_section(args.pixel_size, n, "--pixel-size", per="--adata")
+    sids = C.sample_ids(args.sample_id, n, "sections", "--adata")
+    labels = C.parse_section_labels(args.section_label)
     keys = _split_keys(getattr(args, "label_keys", None))
     for path, img, px, sid in zip(args.adata, args.image, pxs, sids):
         yield read_anndata(path, img, px, sample_id=sid, spatial_key=args.spatial_key,

@@ -346,19 +346,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
     """Sections of ``spatia convert cosmx``."""
-    n = len(args.input)
-    sids = args.sample_id or [None] * n
-    if len(sids) != n:
-        raise ValueError(f"--sample-id: {len(sids)} ids for {n} folders. Fix: one id per folder")
-    labels = C.per_section(args.labels, n, "--labels")
+    common = C.common_reader_kwargs(args, len(args.input))
     fovs = [int(f) for f in args.fovs.split(",")] if args.fovs else None
     names = [c.strip() for c in args.channel_names.split(",")] if args.channel_names else None
-    sec_labels = C.parse_section_labels(args.section_label)
-    for folder, sid, lab in zip(args.input, sids, labels):
-        yield read_cosmx(folder, dataset_id=args.dataset_id, sample_id=sid, image_dir=args.image_dir,
-                         pixel_size_um=args.pixel_size, flip_y=not args.no_flip_y, fovs=fovs,
-                         missing_images=args.missing_images, on_mismatch=args.on_mismatch, labels=lab,
-                         labels_id_column=args.labels_id_column, section_labels=sec_labels,
-                         vocabulary=args.vocabulary, channel_names=names,
-                         check_bounds=getattr(args, "outside", "error") == "error",
-                         quiet=getattr(args, "no_progress", False))
+    for folder, kwargs in zip(args.input, common):
+        yield read_cosmx(folder, dataset_id=args.dataset_id, image_dir=args.image_dir, pixel_size_um=args.pixel_size,
+                         flip_y=not args.no_flip_y, fovs=fovs, missing_images=args.missing_images,
+                         channel_names=names, **kwargs)

@@ -190,15 +190,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
     """Sections of ``spatia convert merscope``."""
-    n = len(args.input)
-    sids = args.sample_id or [None] * n
-    if len(sids) != n:
-        raise ValueError(f"--sample-id: {len(sids)} ids for {n} folders. Fix: one id per folder")
-    labels = C.per_section(args.labels, n, "--labels")
+    common = C.common_reader_kwargs(args, len(args.input))
     stains = [s.strip() for s in args.stains.split(",")] if args.stains else None
-    sec_labels = C.parse_section_labels(args.section_label)
-    for folder, sid, lab in zip(args.input, sids, labels):
-        yield read_merscope(folder, sample_id=sid, stains=stains, z=args.z, on_mismatch=args.on_mismatch, labels=lab,
-                            labels_id_column=args.labels_id_column, section_labels=sec_labels,
-                            vocabulary=args.vocabulary, check_bounds=getattr(args, "outside", "error") == "error",
-                            quiet=getattr(args, "no_progress", False))
+    for folder, kwargs in zip(args.input, common):
+        yield read_merscope(folder, stains=stains, z=args.z, **kwargs)

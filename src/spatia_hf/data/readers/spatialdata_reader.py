@@ -255,10 +255,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
     """Sections of ``spatia convert spatialdata``."""
     _require_spatialdata()
-    n = len(args.input)
-    sids = args.sample_id or [None] * n
-    if len(sids) != n:
-        raise ValueError(f"--sample-id: {len(sids)} ids for {n} stores. Fix: one id per store")
+    sids = C.sample_ids(args.sample_id, len(args.input), "stores", "store")
     labels = C.parse_section_labels(args.section_label)
     keys = [k.strip() for k in args.label_keys.split(",")] if getattr(args, "label_keys", None) else None
     for store, sid in zip(args.input, sids):

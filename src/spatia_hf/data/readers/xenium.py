@@ -316,16 +316,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
     """Sections of ``spatia convert xenium`` (one bundle in memory at a time)."""
-    n = len(args.input)
-    sids = args.sample_id or [None] * n
-    if len(sids) != n:
-        raise ValueError(f"--sample-id: {len(sids)} ids for {n} folders. Fix: one id per folder")
-    labels = C.per_section(args.labels, n, "--labels")
+    common = C.common_reader_kwargs(args, len(args.input))
     chans = [c.strip() for c in args.channels.split(",")] if args.channels else None
-    sec_labels = C.parse_section_labels(args.section_label)
-    for folder, sid, lab in zip(args.input, sids, labels):
-        yield read_xenium(folder, sample_id=sid, image=args.image, channels=chans, level=args.level,
-                          pixel_size_um=args.pixel_size, on_mismatch=args.on_mismatch, labels=lab,
-                          labels_id_column=args.labels_id_column, section_labels=sec_labels,
-                          vocabulary=args.vocabulary, check_bounds=getattr(args, "outside", "error") == "error",
-                          quiet=getattr(args, "no_progress", False))
+    for folder, kwargs in zip(args.input, common):
+        yield read_xenium(folder, image=args.image, channels=chans, level=args.level, pixel_size_um=args.pixel_size,
+                          **kwargs)
