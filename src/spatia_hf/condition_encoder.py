@@ -10,6 +10,11 @@ encoding + self-attention) and adds what a diffusion denoiser needs from it:
 * optionally (``expression_token=True``) one more token, an MLP of the whole log1p profile: a
   direct path from every panel gene to the denoiser, which a generator trained briefly learns far
   faster than effects that must pass through attention over freshly initialised gene tokens;
+* a *global condition* (:meth:`SpatiaConditionEncoder.pooled`): the condition tokens flattened
+  into one vector, which the pipeline feeds to a ``UNet2DConditionModel`` built with
+  ``class_embed_type="projection"`` as ``class_labels`` (added to the timestep embedding, so it
+  modulates every ResNet block, not only the attention levels). It is a function of the tokens, so
+  the null condition's global vector is the null tokens' and dropping the condition drops both;
 * a learned *null condition* (the same shape) for classifier-free guidance: training replaces the
   condition of a random fraction of cells by it, sampling mixes the two predictions;
 * the gene vocabulary (``genes``), so a saved pipeline knows which genes its inputs must be.
@@ -237,6 +242,25 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
             null = self.null_tokens.to(out.dtype).expand_as(out)
             out = torch.where(drop_condition.to(out.device).view(-1, 1, 1), null, out)
         return out
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of :meth:`pooled` (``num_tokens x cross_attention_dim``): the UNet's
+        ``projection_class_embeddings_input_dim`` when it takes the global condition."""
+        return self.num_tokens * int(self.config.cross_attention_dim)
+
+    @staticmethod
+    def pooled(tokens: torch.Tensor) -> torch.Tensor:
+        """Condition tokens ``[B, K, D]`` -> the global condition ``[B, K * D]``.
+
+        Why flatten rather than average: the tokens are a fixed-length set (no padding), and the
+        expression token (the MLP over the whole profile) keeps its own slot instead of being
+        diluted by the pooled gene tokens. Being a function of the tokens, the null condition's
+        global vector comes with the null tokens (CFG and condition dropout drop both).
+        """
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens: expected [batch, tokens, width], got shape {tuple(tokens.shape)}")
+        return tokens.flatten(1)
 
     def null_condition(self, batch_size: int) -> torch.Tensor:
         """The learned null condition, ``[batch_size, num_tokens, cross_attention_dim]``."""

@@ -3,7 +3,13 @@
 Components (``register_modules``, one folder each in a saved pipeline, named in ``model_index.json``):
 
 * ``unet``: the denoiser, a diffusers ``UNet2DConditionModel`` that cross-attends to the condition
-  tokens (any diffusers 2-D model taking ``encoder_hidden_states`` fits, e.g. a PixArt transformer);
+  tokens (any diffusers 2-D model taking ``encoder_hidden_states`` fits, e.g. a PixArt transformer).
+  Built by :meth:`SpatiaGenerationPipeline.from_genes` it also takes a *global condition*
+  (``class_embed_type="projection"``): the flattened condition tokens as ``class_labels``, added
+  to the timestep embedding. A short CPU training learns this path far faster than cross-attention
+  to gene tokens (a whole-cell property such as nucleus size is set in every ResNet block). A UNet
+  without a class embedding (pipelines saved before) is run with cross-attention only: the path is
+  detected from ``unet.config.class_embed_type``;
 * ``scheduler``: any diffusers scheduler; training uses DDPM, sampling DPM-Solver++ or DDIM, swapped
   with ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``;
 * ``condition_encoder``: :class:`~spatia_hf.condition_encoder.SpatiaConditionEncoder`, SPATIA's
@@ -145,8 +151,12 @@ def render_rgb(images: np.ndarray | torch.Tensor, channel_names: Sequence[str]) 
 
 
 def make_unet(size: str = "small", image_size: int = 32, in_channels: int = 2, cross_attention_dim: int = 64,
-              **overrides) -> UNet2DConditionModel:
-    """A ``UNet2DConditionModel`` of preset ``size`` for ``image_size`` px (pixel space) inputs."""
+              global_condition_dim: int | None = None, **overrides) -> UNet2DConditionModel:
+    """A ``UNet2DConditionModel`` of preset ``size`` for ``image_size`` px (pixel space) inputs.
+
+    ``global_condition_dim``: also take a global condition vector of that width as ``class_labels``
+    (diffusers' ``class_embed_type="projection"``: an MLP added to the timestep embedding).
+    """
     if size not in UNET_PRESETS:
         raise ValueError(f"size={size!r}: expected one of {sorted(UNET_PRESETS)}")
     cfg = dict(UNET_PRESETS[size])
@@ -154,9 +164,26 @@ def make_unet(size: str = "small", image_size: int = 32, in_channels: int = 2, c
     if image_size % 2 ** (levels - 1):
         raise ValueError(f"image_size={image_size}: must be divisible by {2 ** (levels - 1)} for the {size!r} UNet "
                          f"({levels} resolution levels)")
+    if global_condition_dim is not None:
+        if not (isinstance(global_condition_dim, int) and global_condition_dim > 0):
+            raise ValueError(f"global_condition_dim={global_condition_dim!r}: expected a positive integer or None")
+        cfg.update(class_embed_type="projection", projection_class_embeddings_input_dim=global_condition_dim)
     cfg.update(overrides)
     return UNet2DConditionModel(sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
                                 cross_attention_dim=cross_attention_dim, **cfg)
+
+
+def uses_global_condition(unet) -> bool:
+    """Whether ``unet`` takes the global condition (``class_labels``): read from its config, so a
+    pipeline saved before the global path existed keeps running with cross-attention only."""
+    return unet.config.get("class_embed_type") == "projection"
+
+
+def global_condition(unet, condition_encoder: SpatiaConditionEncoder, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The ``class_labels`` for ``unet`` from condition ``tokens`` (None when it takes none)."""
+    if not uses_global_condition(unet):
+        return None
+    return condition_encoder.pooled(tokens)
 
 
 def training_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -265,6 +292,20 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         if cross is not None and cross != condition_encoder.config.cross_attention_dim:
             raise ValueError(f"condition_encoder.cross_attention_dim={condition_encoder.config.cross_attention_dim} "
                              f"differs from unet.cross_attention_dim={cross}. Fix: build both with the same width")
+        class_type = unet.config.get("class_embed_type")
+        if class_type not in (None, "projection") or unet.config.get("num_class_embeds") is not None:
+            raise ValueError(f"unet.class_embed_type={class_type!r} / num_class_embeds="
+                             f"{unet.config.get('num_class_embeds')!r}: the pipeline can only feed a 'projection' "
+                             "class embedding (the global expression condition). Fix: build the UNet with "
+                             "make_unet(..., global_condition_dim=condition_encoder.pooled_dim) or without one")
+        if class_type == "projection":
+            width = unet.config.get("projection_class_embeddings_input_dim")
+            if width != condition_encoder.pooled_dim:
+                raise ValueError(f"unet.projection_class_embeddings_input_dim={width} differs from the condition "
+                                 f"encoder's global condition width {condition_encoder.pooled_dim} (num_tokens "
+                                 f"{condition_encoder.num_tokens} x cross_attention_dim "
+                                 f"{condition_encoder.config.cross_attention_dim}). Fix: build the UNet with "
+                                 "global_condition_dim=condition_encoder.pooled_dim")
         if vae is not None and vae.config.latent_channels != unet.config.in_channels:
             raise ValueError(f"unet.in_channels={unet.config.in_channels} differs from vae.latent_channels="
                              f"{vae.config.latent_channels}. Fix: build the UNet on the VAE's latents")
@@ -283,12 +324,15 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         token_merging_ratio: float = DEFAULT_TOKEN_MERGING_RATIO,
         unet_overrides: Mapping[str, Any] | None = None,
         encoder_overrides: Mapping[str, Any] | None = None,
+        global_condition: bool = True,
     ) -> "SpatiaGenerationPipeline":
         """A randomly initialised pipeline for the gene panel ``genes`` and ``image_size`` px images.
 
         ``size`` picks the presets of :data:`UNET_PRESETS` / :data:`ENCODER_PRESETS`. Pass a
         ``condition_encoder`` (e.g. :meth:`SpatiaConditionEncoder.from_spatia_model`) to start from
-        a pretrained expression branch, and a ``vae`` for latent generation.
+        a pretrained expression branch, and a ``vae`` for latent generation. ``global_condition``
+        (default) also feeds the flattened condition tokens to the UNet's class embedding (added to
+        the timestep embedding); False builds the cross-attention-only denoiser of earlier versions.
         """
         if size not in ENCODER_PRESETS:
             raise ValueError(f"size={size!r}: expected one of {sorted(ENCODER_PRESETS)}")
@@ -298,14 +342,15 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         elif list(condition_encoder.genes) != [str(g) for g in genes]:
             raise ValueError("condition_encoder.genes differs from genes. Fix: pass genes=condition_encoder.genes")
         n_channels = len(channel_names)
+        global_dim = condition_encoder.pooled_dim if global_condition else None
         if vae is not None:
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             if image_size % factor:
                 raise ValueError(f"image_size={image_size} is not divisible by the VAE's downsampling factor {factor}")
             unet = make_unet(size, image_size // factor, vae.config.latent_channels,
-                             condition_encoder.config.cross_attention_dim, **(unet_overrides or {}))
+                             condition_encoder.config.cross_attention_dim, global_dim, **(unet_overrides or {}))
         else:
-            unet = make_unet(size, image_size, n_channels, condition_encoder.config.cross_attention_dim,
+            unet = make_unet(size, image_size, n_channels, condition_encoder.config.cross_attention_dim, global_dim,
                              **(unet_overrides or {}))
         scheduler = sampling_scheduler(training_scheduler(prediction_type))
         return cls(unet=unet, scheduler=scheduler, condition_encoder=condition_encoder, vae=vae,
@@ -608,6 +653,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
 
         do_cfg = guidance_scale > 1.0
         cond = self.encode_expression(counts, do_cfg).to(dtype)
+        class_labels = global_condition(self.unet, self.condition_encoder, cond)  # None: cross-attention only
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -624,7 +670,8 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                 model_in = torch.cat([s.scale_model_input(p, t) for s, p in zip(schedulers, parts)], dim=0)
                 if do_cfg:
                     model_in = torch.cat([model_in, model_in], dim=0)
-                noise_pred = self.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+                noise_pred = self.unet(model_in, t, encoder_hidden_states=cond, class_labels=class_labels,
+                                       return_dict=False)[0]
                 if do_cfg:
                     uncond, cond_pred = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond_pred - uncond)
@@ -689,6 +736,8 @@ __all__ = [
     "SpatiaGenerationPipeline",
     "SpatiaPipelineOutput",
     "make_unet",
+    "uses_global_condition",
+    "global_condition",
     "render_rgb",
     "training_scheduler",
     "sampling_scheduler",

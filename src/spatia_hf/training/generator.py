@@ -9,7 +9,8 @@
   random 90-degree rotations and flips (cells have no preferred orientation);
 * objective: DDPM noise prediction (or v-prediction) with optional min-SNR-gamma weighting;
   classifier-free guidance is learned by replacing the condition of ``condition_dropout`` of the
-  cells with the encoder's learned null condition;
+  cells with the encoder's learned null condition (the cross-attention tokens and the global
+  condition derived from them, ``class_labels`` of a UNet built with a projection class embedding);
 * optimisation: AdamW, warm-up then constant learning rate, gradient clipping, an EMA of the
   denoiser and condition encoder (diffusers ``EMAModel`` with warm-up), ``accelerate.Accelerator`` for
   devices, processes and mixed precision (fp32 on CPU, where bf16 is slower);
@@ -68,6 +69,9 @@ class GeneratorTrainingArguments:
         "help": "sections held out of training (default: the last section when there are several)"})
     spatia_model: str | None = field(default=None, metadata={
         "help": "SPATIA checkpoint whose expression branch initialises the condition encoder"})
+    global_condition: bool = field(default=True, metadata={
+        "help": "also feed the flattened condition tokens to the UNet's class embedding (added to the timestep "
+                "embedding); --global_condition false trains the cross-attention-only denoiser"})
     freeze_expression_branch: bool = field(default=False, metadata={
         "help": "keep the (pretrained) expression branch fixed; train pooling, projection, null tokens"})
     token_merging_ratio: float = field(default=0.0, metadata={"help": "token merging ratio saved with the pipeline"})
@@ -210,9 +214,10 @@ def diffusion_loss(unet, condition_encoder, noise_scheduler, clean: torch.Tensor
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
     timesteps = timesteps.to(clean.device)
     drop = torch.rand(b, generator=generator) < condition_dropout
-    cond = condition_encoder(counts.to(clean.device), drop_condition=drop.to(clean.device))
+    cond = condition_encoder(counts.to(clean.device), drop_condition=drop.to(clean.device)).to(clean.dtype)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=cond.to(noisy.dtype), return_dict=False)[0]
+    class_labels = _global_condition(unet, cond)  # dropped rows get the null tokens' global vector too
+    pred = unet(noisy, timesteps, encoder_hidden_states=cond, class_labels=class_labels, return_dict=False)[0]
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     else:
@@ -224,6 +229,15 @@ def diffusion_loss(unet, condition_encoder, noise_scheduler, clean: torch.Tensor
     clipped = torch.clamp(snr, max=snr_gamma)
     weight = clipped / snr if noise_scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
     return (per_sample * weight).mean()
+
+
+def _global_condition(unet, cond: torch.Tensor) -> torch.Tensor | None:
+    """The UNet's ``class_labels`` from condition tokens (works on a DDP-wrapped UNet too)."""
+    from spatia_hf.condition_encoder import SpatiaConditionEncoder
+    from spatia_hf.pipeline_spatia import uses_global_condition
+
+    inner = getattr(unet, "module", unet)
+    return SpatiaConditionEncoder.pooled(cond) if uses_global_condition(inner) else None
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -295,7 +309,8 @@ def _build_pipeline(args: GeneratorTrainingArguments, genes: list[str], channel_
         encoder = SpatiaConditionEncoder.from_spatia_model(args.spatia_model, **preset)
     return SpatiaGenerationPipeline.from_genes(
         encoder.genes if encoder is not None else genes, image_size=args.image_size or crop_px,
-        channel_names=channel_names, size=args.size, prediction_type=args.prediction_type, condition_encoder=encoder)
+        channel_names=channel_names, size=args.size, prediction_type=args.prediction_type, condition_encoder=encoder,
+        global_condition=args.global_condition)
 
 
 def _panel_column_map(model_genes: list[str], model_ids, dataset_genes: list[str], dataset_ids) -> np.ndarray | None:
