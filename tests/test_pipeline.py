@@ -386,11 +386,28 @@ def test_train_generator_end_to_end_and_exact_resume(tmp_path):
     pipe = SpatiaGenerationPipeline.from_pretrained(full.pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.image_size == 16 and pipe.config.channel_names == ["DAPI", "boundary"]
+    _assert_profile_statistics_of_the_training_cells(pipe.condition_encoder, data)
     assert isinstance(pipe.scheduler, type(SpatiaGenerationPipeline.from_genes(GENES, size="tiny").scheduler))
     out = pipe(np.ones(len(pipe.genes)), num_inference_steps=2, output_type="np")
     assert out.images.shape == (1, 16, 16, 2)
     with pytest.raises(ValueError, match="would never stop"):
         train_generator(data, tmp_path / "never", size="tiny")
+
+
+def _assert_profile_statistics_of_the_training_cells(enc, data) -> None:
+    """The saved encoder standardises with the training section's per-gene log1p mean / std."""
+    from spatia_hf.condition_encoder import profile_statistics
+    from spatia_hf.data import schema
+    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.training.generator import dense_counts
+
+    train, _ = split_by_section(load_spatia_dataset(data, ["cells"])["cells"], None)
+    cols = train.with_format("numpy", columns=[schema.GENE_INDICES, schema.GENE_COUNTS])[:]
+    counts = dense_counts(cols[schema.GENE_INDICES], cols[schema.GENE_COUNTS], enc.num_genes)
+    mean, std = profile_statistics(counts, enc.config.normalize_total)
+    assert enc.config.global_vector == "profile" and enc.has_profile_statistics
+    np.testing.assert_allclose(enc.config.gene_mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(enc.config.gene_std, std, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ evaluation helpers

@@ -10,11 +10,15 @@ encoding + self-attention) and adds what a diffusion denoiser needs from it:
 * optionally (``expression_token=True``) one more token, an MLP of the whole log1p profile: a
   direct path from every panel gene to the denoiser, which a generator trained briefly learns far
   faster than effects that must pass through attention over freshly initialised gene tokens;
-* a *global condition* (:meth:`SpatiaConditionEncoder.pooled`): the condition tokens flattened
-  into one vector, which the pipeline feeds to a ``UNet2DConditionModel`` built with
-  ``class_embed_type="projection"`` as ``class_labels`` (added to the timestep embedding, so it
-  modulates every ResNet block, not only the attention levels). It is a function of the tokens, so
-  the null condition's global vector is the null tokens' and dropping the condition drops both;
+* a *global condition* (:meth:`SpatiaConditionEncoder.global_condition`), which the pipeline
+  feeds to a ``UNet2DConditionModel`` built with ``class_embed_type="projection"`` as
+  ``class_labels`` (added to the timestep embedding, so it modulates every ResNet block, not only
+  the attention levels). ``global_vector="profile"`` (the presets) makes it the per-gene
+  standardised log1p profile: z-scores with the per-gene mean/std of the training cells
+  (``gene_mean`` / ``gene_std`` in the config, set by :meth:`set_profile_statistics` before
+  training, like a normaliser's statistics; mean 0 / std 1 until then), so a gene edit reaches
+  the denoiser undiluted from the first step; its null is a learned ``null_profile``.
+  ``global_vector="tokens"`` (encoders saved before) flattens the condition tokens instead;
 * a learned *null condition* (the same shape) for classifier-free guidance: training replaces the
   condition of a random fraction of cells by it, sampling mixes the two predictions;
 * the gene vocabulary (``genes``), so a saved pipeline knows which genes its inputs must be.
@@ -51,6 +55,11 @@ EXPRESSION_CONFIG_KEYS = (
     "initializer_range", "max_genes",
 )
 DEFAULT_NORMALIZE_TOTAL = 1e4
+GLOBAL_VECTORS = ("tokens", "profile")
+# Floor of a gene's log1p standard deviation (a gene constant in the training cells would give
+# unbounded z-scores) and the z-score clip: a few outlier cells must not dominate the condition.
+MIN_PROFILE_STD = 0.1
+MAX_PROFILE_Z = 10.0
 
 
 def expression_config_from(cell_config: SpatiaCellConfig | dict) -> dict[str, Any]:
@@ -70,6 +79,20 @@ def log1p_normalize(counts: torch.Tensor, normalize_total: float | None) -> torc
     return torch.log1p(x)
 
 
+def profile_statistics(counts: torch.Tensor, normalize_total: float | None,
+                       min_std: float = MIN_PROFILE_STD) -> tuple[list[float], list[float]]:
+    """Per-gene mean and standard deviation (floored at ``min_std``) of the log1p-normalised
+    ``counts`` ``[cells, genes]``: the statistics :meth:`SpatiaConditionEncoder.set_profile_statistics`
+    standardises with (computed once from training cells, like a normaliser's)."""
+    if counts.dim() != 2 or counts.shape[0] < 2:
+        raise ValueError(f"counts: expected [cells >= 2, genes] to estimate per-gene statistics, got shape "
+                         f"{tuple(counts.shape)}. Fix: pass the counts of (a sample of) the training cells")
+    values = log1p_normalize(counts, normalize_total).double()
+    mean = values.mean(dim=0)
+    std = values.std(dim=0).clamp(min=min_std)
+    return mean.tolist(), std.tolist()
+
+
 class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
     """Expression (raw counts on ``genes``) -> ``[B, num_condition_tokens, cross_attention_dim]``.
 
@@ -82,8 +105,13 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         normalize_total: counts per cell after library-size scaling, before log1p (None: no scaling).
         max_gene_tokens: at most this many gene tokens per cell (all panel genes when the panel is
             smaller; otherwise the most expressed genes).
-        expression_token: add a token computed by an MLP from the full log1p profile (the condition
-            then has ``num_condition_tokens + 1`` tokens).
+        expression_token: add a token computed by an MLP from the full (standardised) log1p profile
+            (the condition then has ``num_condition_tokens + 1`` tokens).
+        global_vector: what :meth:`global_condition` returns: ``"tokens"`` (the flattened condition
+            tokens; the default of encoders saved before it existed) or ``"profile"`` (the
+            standardised log1p profile, one value per panel gene).
+        gene_mean, gene_std: per-gene mean / std of the training cells' log1p profile (see
+            :func:`profile_statistics`); None: mean 0, std 1 (the raw log1p profile).
     """
 
     config_name = "config.json"
@@ -98,6 +126,9 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         normalize_total: float | None = DEFAULT_NORMALIZE_TOTAL,
         max_gene_tokens: int = 512,
         expression_token: bool = False,
+        global_vector: str = "tokens",
+        gene_mean: list[float] | None = None,
+        gene_std: list[float] | None = None,
     ):
         super().__init__()
         if not expression_config or not expression_config.get("gene_vocab"):
@@ -110,6 +141,10 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
         if normalize_total is not None and not normalize_total > 0:
             raise ValueError(f"normalize_total={normalize_total!r}: expected a positive number of counts or None")
+        if global_vector not in GLOBAL_VECTORS:
+            raise ValueError(f"global_vector={global_vector!r}: expected one of {GLOBAL_VECTORS}")
+        n_genes = len(expression_config["gene_vocab"])
+        _check_statistics(gene_mean, gene_std, n_genes)
         cell_config = SpatiaCellConfig(**expression_config)
         d = cell_config.hidden_size
         self.expression_encoder = SpatiaExpressionEncoder(cell_config)
@@ -118,16 +153,23 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         self.pool_attention = nn.MultiheadAttention(d, heads, batch_first=True)
         self.pool_norm = nn.LayerNorm(d, eps=cell_config.layer_norm_eps)
         self.proj = nn.Linear(d, cross_attention_dim)
-        n_genes = len(expression_config["gene_vocab"])
         self.profile_mlp = (nn.Sequential(nn.Linear(n_genes, d), nn.GELU(), nn.Linear(d, d))
                             if expression_token else None)
         n_tokens = num_condition_tokens + (1 if expression_token else 0)
         self.null_tokens = nn.Parameter(torch.empty(n_tokens, cross_attention_dim))
+        # the learned null of the profile global vector (only then: encoders saved before load unchanged)
+        self.null_profile = nn.Parameter(torch.empty(n_genes)) if global_vector == "profile" else None
         self._reset_parameters(cell_config.initializer_range)
 
     @torch.no_grad()
     def _reset_parameters(self, std: float) -> None:
-        """Initialise everything here (a diffusers model is not run through transformers' ``_init_weights``)."""
+        """Initialise everything here (a diffusers model is not run through transformers' ``_init_weights``).
+
+        The expression branch takes BERT's small normal init (what a pretrained branch was trained
+        from); the profile MLP and the output projection keep PyTorch's default (Kaiming-uniform)
+        init: with std ``initializer_range`` weights behind a LayerNorm the tokens of two different
+        cells differed by ~1% at init, so the denoiser had no expression signal to learn from.
+        """
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
@@ -145,6 +187,11 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         nn.init.normal_(mask_embedding, std=std)
         nn.init.normal_(self.pool_queries, std=1.0 / math.sqrt(self.pool_queries.shape[-1]))
         nn.init.normal_(self.null_tokens, std=std)
+        direct = [self.proj] + ([m for m in self.profile_mlp if isinstance(m, nn.Linear)] if self.profile_mlp is not None else [])
+        for module in direct:
+            module.reset_parameters()
+        if self.null_profile is not None:
+            nn.init.zeros_(self.null_profile)  # z = 0: the average training cell
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -196,6 +243,30 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
     def num_genes(self) -> int:
         return len(self.config.expression_config["gene_vocab"])
 
+    @property
+    def has_profile_statistics(self) -> bool:
+        return self.config.gene_mean is not None
+
+    def set_profile_statistics(self, gene_mean: list[float], gene_std: list[float]) -> None:
+        """Record the per-gene log1p mean / std the profile is standardised with (saved in the config).
+
+        Set them before training (``train_generator`` does, from the training cells): the profile
+        MLP and the denoiser learn on the standardised values.
+        """
+        gene_mean, gene_std = [float(v) for v in gene_mean], [float(v) for v in gene_std]
+        _check_statistics(gene_mean, gene_std, self.num_genes)
+        self.register_to_config(gene_mean=gene_mean, gene_std=gene_std)
+
+    def standardized_profile(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[B, G]`` raw counts -> log1p profile, z-scored per gene and clipped at
+        +-``MAX_PROFILE_Z`` when statistics are set (else the raw log1p profile, as before them)."""
+        values = log1p_normalize(counts, self.config.normalize_total)
+        if not self.has_profile_statistics:
+            return values
+        mean = torch.tensor(self.config.gene_mean, dtype=values.dtype, device=values.device)
+        std = torch.tensor(self.config.gene_std, dtype=values.dtype, device=values.device)
+        return ((values - mean) / std).clamp(-MAX_PROFILE_Z, MAX_PROFILE_Z)
+
     # ------------------------------------------------------------------ forward
     def gene_tokens_from_counts(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[B, G]`` raw counts -> ``gene_ids`` / ``gene_values`` (log1p-normalised) / mask, ``[B, L]``."""
@@ -222,12 +293,16 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         """Condition tokens per cell (``num_condition_tokens``, plus one with ``expression_token``)."""
         return int(self.null_tokens.shape[0])
 
-    def forward(self, counts: torch.Tensor, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
-        """Condition tokens ``[B, num_tokens, cross_attention_dim]``.
+    def forward(self, counts: torch.Tensor, drop_condition: torch.Tensor | None = None,
+                return_global: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Condition tokens ``[B, num_tokens, cross_attention_dim]`` (and, with ``return_global``,
+        the global condition ``[B, pooled_dim]``, computed inside forward so a DDP-wrapped encoder
+        syncs its gradients).
 
         Args:
             counts: ``[B, n_genes]`` raw counts on :attr:`genes`.
             drop_condition: optional ``[B]`` bool; True rows get the null condition (CFG training).
+            return_global: also return :meth:`global_condition` of the same rows.
         """
         gene_ids, values, mask = self.gene_tokens_from_counts(counts)
         tokens, mask = self.expression_encoder(gene_ids, values.to(self.dtype), mask)
@@ -235,19 +310,48 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         pooled, _ = self.pool_attention(queries, tokens, tokens, key_padding_mask=~mask, need_weights=False)
         pooled = pooled + queries
         if self.profile_mlp is not None:
-            profile = log1p_normalize(counts, self.config.normalize_total).to(tokens.dtype)
+            profile = self.standardized_profile(counts).to(tokens.dtype)
             pooled = torch.cat([pooled, self.profile_mlp(profile)[:, None]], dim=1)
         out = self.proj(self.pool_norm(pooled))
         if drop_condition is not None:
             null = self.null_tokens.to(out.dtype).expand_as(out)
             out = torch.where(drop_condition.to(out.device).view(-1, 1, 1), null, out)
+        if return_global:
+            return out, self.global_condition(counts, out, drop_condition)
         return out
 
     @property
     def pooled_dim(self) -> int:
-        """Width of :meth:`pooled` (``num_tokens x cross_attention_dim``): the UNet's
+        """Width of :meth:`global_condition` (``num_tokens x cross_attention_dim`` for
+        ``global_vector="tokens"``, the number of panel genes for ``"profile"``): the UNet's
         ``projection_class_embeddings_input_dim`` when it takes the global condition."""
+        if self.config.global_vector == "profile":
+            return self.num_genes
         return self.num_tokens * int(self.config.cross_attention_dim)
+
+    def global_condition(self, counts: torch.Tensor | None, tokens: torch.Tensor,
+                         drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The global condition ``[B, pooled_dim]`` of cells with raw ``counts`` and condition ``tokens``.
+
+        ``"tokens"``: :meth:`pooled` of ``tokens`` (already null where dropped; ``counts`` unused).
+        ``"profile"``: :meth:`standardized_profile` of ``counts``; ``drop_condition`` rows get
+        ``null_profile``.
+        """
+        if self.config.global_vector == "tokens":
+            return self.pooled(tokens)
+        if counts is None:
+            raise ValueError("counts=None: a 'profile' global condition is computed from the counts. Fix: pass them")
+        out = self.standardized_profile(counts).to(self.null_profile.dtype)
+        if drop_condition is not None:
+            null = self.null_profile.expand_as(out)
+            out = torch.where(drop_condition.to(out.device).view(-1, 1), null, out)
+        return out
+
+    def null_global_condition(self, batch_size: int) -> torch.Tensor:
+        """The null condition's global vector, ``[batch_size, pooled_dim]`` (guidance's unconditional half)."""
+        if self.config.global_vector == "tokens":
+            return self.pooled(self.null_condition(batch_size))
+        return self.null_profile.expand(batch_size, -1)
 
     @staticmethod
     def pooled(tokens: torch.Tensor) -> torch.Tensor:
@@ -267,4 +371,21 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         return self.null_tokens.expand(batch_size, -1, -1)
 
 
-__all__ = ["SpatiaConditionEncoder", "log1p_normalize", "expression_config_from"]
+def _check_statistics(gene_mean: list[float] | None, gene_std: list[float] | None, n_genes: int) -> None:
+    if (gene_mean is None) != (gene_std is None):
+        raise ValueError("gene_mean / gene_std: give both or neither. Fix: set them with "
+                         "encoder.set_profile_statistics(*profile_statistics(train_counts, normalize_total))")
+    if gene_mean is None:
+        return
+    for name, values in (("gene_mean", gene_mean), ("gene_std", gene_std)):
+        if len(values) != n_genes:
+            raise ValueError(f"{name}: {len(values)} values for a panel of {n_genes} genes. Fix: compute them on "
+                             "counts in encoder.genes order")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v) or (name == "gene_std" and v <= 0)]
+        if bad:
+            raise ValueError(f"{name}[{bad[0]}]={values[bad[0]]!r} (gene {bad[0]}): expected a finite number"
+                             f"{' > 0' if name == 'gene_std' else ''}. Fix: use profile_statistics(), which "
+                             "floors the std")
+
+
+__all__ = ["SpatiaConditionEncoder", "log1p_normalize", "expression_config_from", "profile_statistics"]

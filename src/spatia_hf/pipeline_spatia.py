@@ -5,11 +5,13 @@ Components (``register_modules``, one folder each in a saved pipeline, named in 
 * ``unet``: the denoiser, a diffusers ``UNet2DConditionModel`` that cross-attends to the condition
   tokens (any diffusers 2-D model taking ``encoder_hidden_states`` fits, e.g. a PixArt transformer).
   Built by :meth:`SpatiaGenerationPipeline.from_genes` it also takes a *global condition*
-  (``class_embed_type="projection"``): the flattened condition tokens as ``class_labels``, added
-  to the timestep embedding. A short CPU training learns this path far faster than cross-attention
-  to gene tokens (a whole-cell property such as nucleus size is set in every ResNet block). A UNet
-  without a class embedding (pipelines saved before) is run with cross-attention only: the path is
-  detected from ``unet.config.class_embed_type``;
+  (``class_embed_type="projection"``) as ``class_labels``, added to the timestep embedding: the
+  condition encoder's :meth:`~SpatiaConditionEncoder.global_condition`, by default the per-gene
+  standardised log1p profile (older pipelines: the flattened condition tokens). A short CPU
+  training learns this path far faster than cross-attention to gene tokens (a whole-cell property
+  such as nucleus size is set in every ResNet block). A UNet without a class embedding (pipelines
+  saved before) is run with cross-attention only: the path is detected from
+  ``unet.config.class_embed_type``;
 * ``scheduler``: any diffusers scheduler; training uses DDPM, sampling DPM-Solver++ or DDIM, swapped
   with ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``;
 * ``condition_encoder``: :class:`~spatia_hf.condition_encoder.SpatiaConditionEncoder`, SPATIA's
@@ -76,6 +78,8 @@ CHANNEL_COLORS = {
 }
 PALETTE = ((1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0))
 
+# Encoder sizes all take the standardised profile as the global condition (``global_vector``);
+# encoders saved before that option read back with the flattened tokens.
 # Denoiser sizes: ``tiny`` for tests (seconds on CPU), ``small`` for the CPU demo (32-64 px pixel space,
 # attention only at 1/2 and 1/4 resolution, where it is cheap on a CPU), ``base`` for GPUs.
 # NB: diffusers' UNet2DConditionModel reads ``attention_head_dim`` as the number of heads (a legacy
@@ -96,11 +100,11 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=16, num_attention_heads=2, num_expression_layers=1, cross_attention_dim=16,
-                 num_condition_tokens=4),
+                 num_condition_tokens=4, global_vector="profile"),
     "small": dict(hidden_size=64, num_attention_heads=4, num_expression_layers=2, cross_attention_dim=64,
-                  num_condition_tokens=8, max_gene_tokens=64, expression_token=True),
+                  num_condition_tokens=8, max_gene_tokens=64, expression_token=True, global_vector="profile"),
     "base": dict(hidden_size=256, num_attention_heads=8, num_expression_layers=4, cross_attention_dim=256,
-                 num_condition_tokens=16, expression_token=True),
+                 num_condition_tokens=16, expression_token=True, global_vector="profile"),
 }
 
 
@@ -179,11 +183,13 @@ def uses_global_condition(unet) -> bool:
     return unet.config.get("class_embed_type") == "projection"
 
 
-def global_condition(unet, condition_encoder: SpatiaConditionEncoder, tokens: torch.Tensor) -> torch.Tensor | None:
-    """The ``class_labels`` for ``unet`` from condition ``tokens`` (None when it takes none)."""
+def global_condition(unet, condition_encoder: SpatiaConditionEncoder, tokens: torch.Tensor,
+                     counts: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The ``class_labels`` for ``unet`` from condition ``tokens`` and raw ``counts`` of the same rows
+    (None when it takes none); see :meth:`SpatiaConditionEncoder.global_condition`."""
     if not uses_global_condition(unet):
         return None
-    return condition_encoder.pooled(tokens)
+    return condition_encoder.global_condition(counts, tokens)
 
 
 def training_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -550,6 +556,26 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
             cond = torch.cat([enc.null_condition(cond.shape[0]).to(cond.dtype), cond], dim=0)
         return cond
 
+    def encode_global_condition(self, counts: torch.Tensor, do_classifier_free_guidance: bool,
+                                tokens: torch.Tensor) -> torch.Tensor | None:
+        """The UNet's ``class_labels`` for ``counts`` (None when it takes none); with guidance the null
+        condition's global vector is prepended, matching :meth:`encode_expression`'s ``tokens``."""
+        if not uses_global_condition(self.unet):
+            return None
+        enc = self.condition_encoder
+        if enc.config.global_vector == "tokens":
+            return enc.pooled(tokens)  # the null tokens' rows already lead with guidance
+        glob = enc.global_condition(counts.to(device=enc.device, dtype=enc.dtype), tokens)
+        if do_classifier_free_guidance:
+            glob = torch.cat([enc.null_global_condition(glob.shape[0]).to(glob.dtype), glob], dim=0)
+        return glob
+
+    def null_global_condition(self, batch_size: int) -> torch.Tensor | None:
+        """The null condition's ``class_labels`` (None when the UNet takes none): the unconditional generator's."""
+        if not uses_global_condition(self.unet):
+            return None
+        return self.condition_encoder.null_global_condition(batch_size)
+
     def prepare_latents(self, batch_size: int, dtype: torch.dtype, device: torch.device,
                         generator: torch.Generator | list[torch.Generator] | None,
                         latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -653,7 +679,9 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
 
         do_cfg = guidance_scale > 1.0
         cond = self.encode_expression(counts, do_cfg).to(dtype)
-        class_labels = global_condition(self.unet, self.condition_encoder, cond)  # None: cross-attention only
+        class_labels = self.encode_global_condition(counts, do_cfg, cond)  # None: cross-attention only
+        if class_labels is not None:
+            class_labels = class_labels.to(device=device, dtype=dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps

@@ -60,6 +60,7 @@ CONCAT_CHECKPOINT = "SPATIA ablation: concatenation-fusion checkpoint"
 IMAGE_BRANCH = "SPATIA (image branch)"
 FINETUNED_HEAD = "SPATIA (fine-tuned head)"
 NICHE_AWARE = "SPATIA (niche-aware)"
+NICHE_HIDDEN = "SPATIA (niche context, cell hidden)"
 CELL_ONLY = "SPATIA cell-only"
 TISSUE = "SPATIA (tissue embedding)"
 MEAN_CELLS = "SPATIA (section mean of cell embeddings)"
@@ -291,6 +292,20 @@ def niche_context(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, niches, cell_embe
     return ctx, preds
 
 
+def hidden_cell_context(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, niches, cell_embeddings: np.ndarray, *,
+                        n_passes: int = 4, seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Each cell's context-only embedding: the niche model's output at its position while the cell
+    enters as the mask token. Cells are split at random (seeded) into ``n_passes`` groups hidden one
+    group per pass, so ~1/n_passes of a niche is hidden at a time, as in masked-cell pretraining."""
+    group = np.random.default_rng(seed).integers(0, n_passes, size=len(cell_embeddings))
+    out = cell_embeddings.astype(np.float32).copy()
+    for g in range(n_passes):
+        hide = group == g
+        ctx, _ = niche_context(ckpt, inputs, niches, cell_embeddings, hide=hide, progress=progress)
+        out[hide] = ctx[hide]
+    return out
+
+
 # ----------------------------------------------------------------------------- heads
 def _vocab_ids(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, genes: Sequence[str]) -> np.ndarray | None:
     """Vocabulary ids of dataset genes (None when the model does not know one of them)."""
@@ -398,11 +413,16 @@ def null_condition(pipe) -> Iterator[None]:
         n = counts.shape[0] * (2 if do_classifier_free_guidance else 1)
         return pipe.condition_encoder.null_condition(n).to(pipe._execution_device)
 
+    def encode_global(counts: torch.Tensor, do_classifier_free_guidance: bool, tokens: torch.Tensor):
+        return pipe.null_global_condition(tokens.shape[0])  # the UNet's global condition path, if any
+
     pipe.encode_expression = encode
+    pipe.encode_global_condition = encode_global
     try:
         yield
     finally:
         del pipe.encode_expression
+        del pipe.encode_global_condition
 
 
 def generator_methods(pipe, inputs: SuiteInputs, out: SpatiaOutputs, num_inference_steps: int = 20,
@@ -511,9 +531,16 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     out.add("image_annotation", IMAGE_BRANCH, image)
     out.note(2, f"{IMAGE_BRANCH}: the cell model run on the crop alone (no expression input)")
     out.add("domain_clustering", NICHE_AWARE, in_niche)
+    if 5 in wanted:
+        niches = load_spatia_dataset(dataset_dir, ("niches",))["niches"]
+        out.add("domain_clustering", NICHE_HIDDEN, hidden_cell_context(ckpt, inputs, niches, fused, seed=seed,
+                                                                        progress=progress))
     out.add("domain_clustering", CELL_ONLY, fused, kind="baseline")
     out.note(5, f"{NICHE_AWARE}: the niche model's context-aware embedding of each cell (its ~50 µm niche); "
-                f"{CELL_ONLY}: the same cells' fused embeddings without context (ablation, scored as a baseline)")
+                f"{NICHE_HIDDEN}: the niche model's output at the cell's position with the cell itself hidden "
+                "(the masked-cell objective of pretraining; a quarter of the cells hidden per pass, four passes), "
+                f"so it describes the neighbourhood only; {CELL_ONLY}: the same cells' fused embeddings without "
+                "context (ablation, scored as a baseline)")
     tissue = emb.tissues[[list(emb.tissue_sample_ids).index(s) for s in inputs.sections.sample_ids]]
     out.add("section_classification", TISSUE, tissue)
     out.add("section_classification", MEAN_CELLS, section_means(fused, c.sample_ids, inputs.sections.sample_ids))
@@ -615,6 +642,7 @@ __all__ = [
     "embed_cells",
     "align_rows",
     "niche_context",
+    "hidden_cell_context",
     "masked_gene_predictions",
     "contrastive_pairs",
     "finetuned_outputs",

@@ -10,7 +10,9 @@
 * objective: DDPM noise prediction (or v-prediction) with optional min-SNR-gamma weighting;
   classifier-free guidance is learned by replacing the condition of ``condition_dropout`` of the
   cells with the encoder's learned null condition (the cross-attention tokens and the global
-  condition derived from them, ``class_labels`` of a UNet built with a projection class embedding);
+  condition, ``class_labels`` of a UNet built with a projection class embedding); before training
+  the per-gene log1p mean / std of (up to 4096) training cells are stored in the condition
+  encoder's config, which standardises the expression profile with them (the global condition);
 * optimisation: AdamW, warm-up then constant learning rate, gradient clipping, an EMA of the
   denoiser and condition encoder (diffusers ``EMAModel`` with warm-up), ``accelerate.Accelerator`` for
   devices, processes and mixed precision (fp32 on CPU, where bf16 is slower);
@@ -43,6 +45,7 @@ PIPELINE_DIR = "pipeline"
 LOG_FILE = "training_log.jsonl"
 SUMMARY_FILE = "generator_training.json"
 STATE_FILE = "trainer_state.json"
+PROFILE_STATISTICS_CELLS = 4096  # training cells sampled for the per-gene profile statistics
 
 
 @dataclass
@@ -70,8 +73,9 @@ class GeneratorTrainingArguments:
     spatia_model: str | None = field(default=None, metadata={
         "help": "SPATIA checkpoint whose expression branch initialises the condition encoder"})
     global_condition: bool = field(default=True, metadata={
-        "help": "also feed the flattened condition tokens to the UNet's class embedding (added to the timestep "
-                "embedding); --global_condition false trains the cross-attention-only denoiser"})
+        "help": "also feed the condition encoder's global vector (the standardised expression profile) to the "
+                "UNet's class embedding (added to the timestep embedding); --global_condition false trains the "
+                "cross-attention-only denoiser"})
     freeze_expression_branch: bool = field(default=False, metadata={
         "help": "keep the (pretrained) expression branch fixed; train pooling, projection, null tokens"})
     token_merging_ratio: float = field(default=0.0, metadata={"help": "token merging ratio saved with the pipeline"})
@@ -214,9 +218,10 @@ def diffusion_loss(unet, condition_encoder, noise_scheduler, clean: torch.Tensor
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
     timesteps = timesteps.to(clean.device)
     drop = torch.rand(b, generator=generator) < condition_dropout
-    cond = condition_encoder(counts.to(clean.device), drop_condition=drop.to(clean.device)).to(clean.dtype)
+    cond, glob = condition_encoder(counts.to(clean.device), drop_condition=drop.to(clean.device), return_global=True)
+    cond = cond.to(clean.dtype)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    class_labels = _global_condition(unet, cond)  # dropped rows get the null tokens' global vector too
+    class_labels = glob.to(clean.dtype) if _takes_global_condition(unet) else None  # dropped rows: the null's
     pred = unet(noisy, timesteps, encoder_hidden_states=cond, class_labels=class_labels, return_dict=False)[0]
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -231,13 +236,11 @@ def diffusion_loss(unet, condition_encoder, noise_scheduler, clean: torch.Tensor
     return (per_sample * weight).mean()
 
 
-def _global_condition(unet, cond: torch.Tensor) -> torch.Tensor | None:
-    """The UNet's ``class_labels`` from condition tokens (works on a DDP-wrapped UNet too)."""
-    from spatia_hf.condition_encoder import SpatiaConditionEncoder
+def _takes_global_condition(unet) -> bool:
+    """Whether the UNet takes ``class_labels`` (works on a DDP-wrapped UNet too)."""
     from spatia_hf.pipeline_spatia import uses_global_condition
 
-    inner = getattr(unet, "module", unet)
-    return SpatiaConditionEncoder.pooled(cond) if uses_global_condition(inner) else None
+    return uses_global_condition(getattr(unet, "module", unet))
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -305,7 +308,8 @@ def _build_pipeline(args: GeneratorTrainingArguments, genes: list[str], channel_
     encoder = None
     if args.spatia_model:
         preset = {k: v for k, v in ENCODER_PRESETS[args.size].items()
-                  if k in ("cross_attention_dim", "num_condition_tokens", "max_gene_tokens", "expression_token")}
+                  if k in ("cross_attention_dim", "num_condition_tokens", "max_gene_tokens", "expression_token",
+                           "global_vector")}
         encoder = SpatiaConditionEncoder.from_spatia_model(args.spatia_model, **preset)
     return SpatiaGenerationPipeline.from_genes(
         encoder.genes if encoder is not None else genes, image_size=args.image_size or crop_px,
@@ -332,6 +336,18 @@ def _panel_column_map(model_genes: list[str], model_ids, dataset_genes: list[str
         warnings.warn(f"{len(mapping.unknown)} dataset genes are not in the condition encoder's vocabulary and are "
                       f"ignored: {mapping.unknown[:20]}", UserWarning, stacklevel=3)
     return np.where(mapping.vocab_ids >= 0, mapping.vocab_ids - NUM_SPECIAL_TOKENS, -1).astype(np.int64)
+
+
+def _set_profile_statistics(encoder, train_cells, n_genes: int, column_map: np.ndarray | None, seed: int,
+                            max_cells: int = PROFILE_STATISTICS_CELLS) -> None:
+    """Per-gene log1p mean / std of (a seeded sample of) the training cells -> the encoder's config,
+    before training: the standardised profile (global condition, expression token) is computed with them."""
+    from spatia_hf.condition_encoder import profile_statistics
+
+    reader = CellBatches(train_cells, n_genes, 1, seed, column_map=column_map, n_model_genes=encoder.num_genes)
+    rows = np.sort(np.random.default_rng([seed, 7]).permutation(reader.n)[:max_cells])
+    counts = torch.cat([reader.read(rows[i : i + 1024])[1] for i in range(0, len(rows), 1024)])
+    encoder.set_profile_statistics(*profile_statistics(counts, encoder.config.normalize_total))
 
 
 def train_generator(dataset_dir: str | Path, out_dir: str | Path, **kwargs) -> GeneratorTrainingResult:
@@ -378,6 +394,9 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
     torch.manual_seed(args.seed)
     pipe = _build_pipeline(args, genes, channel_names, crop_px)
     unet, encoder = pipe.unet, pipe.condition_encoder
+    panel = pipe.condition_encoder
+    column_map = _panel_column_map(panel.genes, panel.gene_ensembl_ids, genes, data.gene_ids)
+    _set_profile_statistics(panel, train_cells, len(genes), column_map, args.seed)  # deterministic: resumes agree
     image_size = pipe.image_size
     if pipe.vae is not None:
         raise ValueError("latent (VAE) training is not supported by this loop yet. Fix: train in pixel space")
@@ -392,8 +411,6 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     unet, encoder, optimizer = accelerator.prepare(unet, encoder, optimizer)
-    panel = pipe.condition_encoder  # unwrapped (prepare may wrap it for DDP)
-    column_map = _panel_column_map(panel.genes, panel.gene_ensembl_ids, genes, data.gene_ids)
     batches = CellBatches(train_cells, len(genes), args.batch_size, args.seed, accelerator.process_index,
                           accelerator.num_processes, column_map, panel.num_genes)
     gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
