@@ -33,13 +33,7 @@ def _run(pipe, expression=None, seed: int = 0, **kwargs):
     return pipe(expression, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions run ~8x faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: ~8x faster on one thread
 
 
 @pytest.fixture(scope="module")

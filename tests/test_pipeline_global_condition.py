@@ -9,34 +9,20 @@ import torch
 from spatia_hf.condition_encoder import SpatiaConditionEncoder, log1p_normalize, profile_statistics
 from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, make_unet, training_scheduler, uses_global_condition
 from spatia_hf.training.generator import diffusion_loss
+from test_pipeline import GENES, STEPS, _counts, _pipe, _run  # the same tiny pipeline
 
-GENES = [f"G{i}" for i in range(12)]
-STEPS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _pipe(**kwargs) -> SpatiaGenerationPipeline:
-    torch.manual_seed(0)
-    pipe = SpatiaGenerationPipeline.from_genes(GENES, image_size=16, size="tiny", **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _counts(n: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).poisson(3.0, size=(n, len(GENES))).astype(np.float32) + 1
-
-
-def _run(pipe, expression=None, seed: int = 0, **kwargs):
-    expression = _counts() if expression is None else expression
-    kwargs.setdefault("output_type", "pt")
-    return pipe(expression, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed), **kwargs)
+def _class_embedding_inputs(pipe, **kwargs) -> list[torch.Tensor]:
+    """What the UNet's class embedding (the global condition path) received at each denoising step."""
+    seen = []
+    hook = pipe.unet.class_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    try:
+        _run(pipe, **kwargs)
+    finally:
+        hook.remove()
+    return seen
 
 
 def test_the_unet_gets_the_standardised_profile_and_guidance_the_null_one():
@@ -47,12 +33,7 @@ def test_the_unet_gets_the_standardised_profile_and_guidance_the_null_one():
     counts = torch.from_numpy(_counts(6, seed=3))
     mean, std = profile_statistics(counts, enc.config.normalize_total)
     enc.set_profile_statistics(mean, std)
-    seen = []
-    hook = pipe.unet.class_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
-    try:
-        _run(pipe, guidance_scale=3.0)
-    finally:
-        hook.remove()
+    seen = _class_embedding_inputs(pipe, guidance_scale=3.0)
     assert len(seen) == STEPS and seen[0].shape == (4, len(GENES))
     assert torch.equal(seen[0][:2], enc.null_profile[None].expand(2, -1))  # CFG's unconditional half
     expected = (log1p_normalize(torch.from_numpy(_counts()), enc.config.normalize_total)
@@ -87,12 +68,7 @@ def test_global_vector_tokens_keeps_the_flattened_tokens():
     pipe = _pipe(encoder_overrides={"global_vector": "tokens"})
     enc = pipe.condition_encoder
     assert enc.null_profile is None and pipe.unet.config.projection_class_embeddings_input_dim == enc.num_tokens * 16
-    seen = []
-    hook = pipe.unet.class_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
-    try:
-        _run(pipe, guidance_scale=3.0)
-    finally:
-        hook.remove()
+    seen = _class_embedding_inputs(pipe, guidance_scale=3.0)
     cond = enc(torch.from_numpy(_counts()))
     assert torch.equal(seen[0][:2], enc.null_tokens.flatten()[None].expand(2, -1))
     assert torch.allclose(seen[0][2:], cond.flatten(1), atol=1e-6)
