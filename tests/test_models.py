@@ -458,10 +458,16 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, head):
 def test_pretrained_checkpoint_loads_into_a_head(tmp_path):
     pre = SpatiaForPretraining(tiny_config()).eval()
     pre.save_pretrained(tmp_path)
-    head = SpatiaForCellClassification.from_pretrained(tmp_path, num_labels=5).eval()
+    head, info = SpatiaForCellClassification.from_pretrained(tmp_path, num_labels=5, output_loading_info=True)
+    head.eval()
     x = cell_inputs()
     torch.testing.assert_close(head.spatia(**x).cell_embeds, pre.spatia(**x).cell_embeds)
     assert head.cell_classifier.out_features == 5
+    # the pretraining-only heads are left out by design (not reported); the new classifier is reported
+    assert not info["unexpected_keys"]
+    assert {k.split(".")[0] for k in info["missing_keys"]} == {"cell_classifier", "niche_classifier"}
+    _, info = SpatiaModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
 
 
 def test_automodel_loads_after_import_without_remote_code(tmp_path):

@@ -62,6 +62,11 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _no_split_modules = ["SpatiaBlock", "SpatiaFusionLayer", "SpatiaTissueLayer"]
+    # pretraining-only heads: a pretraining checkpoint loaded into SpatiaModel or a task head leaves
+    # them out by design, so they are not reported as unexpected (the demo printed ~140 such lines)
+    _keys_to_ignore_on_load_unexpected = [
+        r"^(mgm_head|mae_decoder|image_projection|expression_projection|logit_scale|niche_decoder|cell_decoder)(\.|$)"
+    ]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
