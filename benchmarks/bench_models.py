@@ -224,17 +224,9 @@ def peak_mib(fn: Callable[[], object], device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
+    from spatia_hf.testing.memory import cpu_peak_mib
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
+    return cpu_peak_mib(fn)
 
 
 def _tissue_step(model, emb, pos, train: bool) -> Callable[[], object]:

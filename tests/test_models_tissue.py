@@ -219,17 +219,11 @@ def test_chunked_feed_forward_gradients_match():
 
 def test_input_merge_lowers_peak_memory_of_a_large_section():
     """The bench's measure on a small case: merging lowers the peak, the input merge more."""
-    from torch.profiler import ProfilerActivity, profile
+    from spatia_hf.testing.memory import cpu_peak_mib
 
     def peak(model, emb, pos):
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(emb, pos)
-        live = best = 0
-        for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            best = max(best, live)
-        return best
+        with torch.inference_mode():
+            return cpu_peak_mib(lambda: model(emb, pos))
 
     wide = dict(hidden_size=64, num_attention_heads=2, intermediate_size=256, niche_embed_dim=64)
     plain = tissue(merge_ratio=0.0, **wide)

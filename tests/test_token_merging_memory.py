@@ -3,9 +3,9 @@ big chunk, and the matching + merge never hold full-size copies of the metric or
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from spatia_hf import token_merging
+from spatia_hf.testing.memory import cpu_peak_mib
 from spatia_hf.token_merging import spatial_bipartite_matching
 
 
@@ -15,19 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _section(b: int, n: int, c: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, n, 2, generator=g) * 3000.0, torch.randn(b, n, c, generator=g)
-
-
-def _peak_mib(fn) -> float:
-    """Peak of live CPU tensor memory during ``fn()`` (allocator events in time order), MiB."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
 
 
 def test_chunk_sizes_do_not_change_matching_or_merge(monkeypatch):
@@ -79,14 +66,14 @@ def test_matching_and_merge_never_copy_the_whole_metric_or_tokens():
     full = n * c * 4 / 2**20  # one [N, C] float32 tensor
     merged_out = (n - n // 3) * c * 4 / 2**20  # the merge's output, which must exist
     chunks = 4 * token_merging._ROW_CHUNK * c * 4 / 2**20  # a few [rows, C] chunk buffers
-    peak = _peak_mib(step)
+    peak = cpu_peak_mib(step)
     # the unchunked code held a normalised copy of the metric plus [N/2, C] products (> 2.5 x full)
     assert peak < merged_out + 0.5 * full + chunks, f"peak {peak:.1f} MiB; one [N, C] tensor is {full:.1f} MiB"
 
 
 def test_neighbour_search_scratch_is_bounded():
     pos, _ = _section(1, 12_000, 1)
-    peak = _peak_mib(lambda: token_merging.spatial_neighbours(pos, k=8))
+    peak = cpu_peak_mib(lambda: token_merging.spatial_neighbours(pos, k=8))
     # O(N k) results (~1.5 MiB here) plus one chunk of candidates; the unchunked search took ~35 MiB
     assert peak < 8.0, f"neighbour search peak {peak:.1f} MiB"
 
