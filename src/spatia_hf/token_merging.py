@@ -449,24 +449,21 @@ class MergeInfo:
                 "(the tokens this MergeInfo was computed for)."
             )
 
-    def _scatter(self, x: Tensor) -> Tensor:
-        """Sum tokens into their slots: ``[B, N, *] -> [B, N - r, *]``."""
+    def _scatter(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Sum tokens (times ``weights [B, N]`` when given) into their slots: ``[B, N, *] -> [B, N - r, *]``.
+        Weighted sums run a chunk of rows at a time, so the weighted copy of ``x`` is never whole
+        (same values: ``index_add_`` accumulates rows in order either way)."""
         b, n = x.shape[:2]
         flat = x.reshape(b * n, -1)
-        out = flat.new_zeros(b * self.num_out, flat.shape[1]).index_add_(0, self._flat_dest().to(x.device), flat)
-        return out.view(b, self.num_out, *x.shape[2:])
-
-    def _scatter_weighted(self, x: Tensor, weights: Tensor) -> Tensor:
-        """``_scatter(x * weights[..., None])`` a chunk of rows at a time, so the weighted copy of
-        ``x`` is never whole (same values: ``index_add_`` accumulates rows in order either way)."""
-        b, n = x.shape[:2]
-        flat = x.reshape(b * n, -1)
-        w = weights.reshape(b * n, 1)
         dest = self._flat_dest().to(x.device)
         out = flat.new_zeros(b * self.num_out, flat.shape[1])
-        for c0 in range(0, b * n, _ROW_CHUNK):
-            rows = slice(c0, c0 + _ROW_CHUNK)
-            out.index_add_(0, dest[rows], flat[rows] * w[rows])
+        if weights is None:
+            out.index_add_(0, dest, flat)
+        else:
+            w = weights.reshape(b * n, 1)
+            for c0 in range(0, b * n, _ROW_CHUNK):
+                rows = slice(c0, c0 + _ROW_CHUNK)
+                out.index_add_(0, dest[rows], flat[rows] * w[rows])
         return out.view(b, self.num_out, *x.shape[2:])
 
     def merge(self, x: Tensor, mode: str = "mean") -> Tensor:
@@ -484,11 +481,8 @@ class MergeInfo:
             w = ones if self.sizes is None else self.sizes.to(self.dest.device, torch.float32)[..., None]
             self._weight_sum = self._scatter(w).clamp_min(torch.finfo(torch.float32).tiny)
         denom = self._weight_sum.to(device=x.device, dtype=x.dtype)
-        if self.sizes is None:
-            summed = self._scatter(x)
-        else:
-            summed = self._scatter_weighted(x, self.sizes.to(device=x.device, dtype=x.dtype))
-        return summed.div_(denom.view(b, self.num_out, *([1] * (x.dim() - 2))))
+        weights = None if self.sizes is None else self.sizes.to(device=x.device, dtype=x.dtype)
+        return self._scatter(x, weights).div_(denom.view(b, self.num_out, *([1] * (x.dim() - 2))))
 
     def merge_sizes(self, sizes: Tensor) -> Tensor:
         """``[B, N] -> [B, N - r]``: the size of a merged token is the sum of its members' sizes."""
