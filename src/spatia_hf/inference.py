@@ -92,7 +92,7 @@ def embed_cells_config(model: SpatiaModel, processor: SpatiaProcessor, cells, *,
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
 
 
-def _member_index(cell_ids: np.ndarray, cell_sample_ids: np.ndarray | None) -> dict:
+def cell_row_index(cell_ids: np.ndarray, cell_sample_ids: np.ndarray | None) -> dict:
     """Row of every cell keyed by ``(sample_id, cell_id)``: cell ids repeat across sections (every
     instrument numbers its cells from 1), so a niche's members are looked up within its own section.
     Without ``cell_sample_ids`` the ids alone are keys, which is only allowed when they are unique."""
@@ -119,7 +119,7 @@ def embed_niches_config(model: SpatiaModel, niches, cell_ids: np.ndarray, cell_e
     it belongs to. Members are matched by ``(sample_id, cell_id)`` when ``cell_sample_ids`` is given
     (required when ids repeat across sections). Cells that no niche lists keep their cell embedding.
     """
-    position = _member_index(cell_ids, cell_sample_ids)
+    position = cell_row_index(cell_ids, cell_sample_ids)
     by_section = cell_sample_ids is not None
     in_niche = cell_embeddings.copy()
     niche_out = []

@@ -234,8 +234,10 @@ def align_rows(inputs: SuiteInputs, sample_ids: np.ndarray, cell_ids: np.ndarray
 # ----------------------------------------------------------------------------- niche context
 def _niche_members(inputs: SuiteInputs, niches) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per niche: row indices of its member cells in ``inputs.cells`` and their µm offsets ``(n, 2)``."""
+    from spatia_hf.inference import cell_row_index
+
     c = inputs.cells
-    row = {(s, i): k for k, (s, i) in enumerate(zip(c.sample_ids.tolist(), c.cell_ids.tolist()))}
+    row = cell_row_index(c.cell_ids, c.sample_ids)
     view = niches.select_columns([schema.SAMPLE_ID, schema.CELL_IDS, schema.CELL_REL_X_UM, schema.CELL_REL_Y_UM])
     members = []
     for r in view:
