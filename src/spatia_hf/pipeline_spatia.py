@@ -78,8 +78,6 @@ CHANNEL_COLORS = {
 }
 PALETTE = ((1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0))
 
-# Encoder sizes all take the standardised profile as the global condition (``global_vector``);
-# encoders saved before that option read back with the flattened tokens.
 # Denoiser sizes: ``tiny`` for tests (seconds on CPU), ``small`` for the CPU demo (32-64 px pixel space,
 # attention only at 1/2 and 1/4 resolution, where it is cheap on a CPU), ``base`` for GPUs.
 # NB: diffusers' UNet2DConditionModel reads ``attention_head_dim`` as the number of heads (a legacy
@@ -98,6 +96,8 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                  layers_per_block=2, attention_head_dim=32, norm_num_groups=32),
 }
+# Encoder sizes all take the standardised profile as the global condition (``global_vector``);
+# encoders saved before that option read back with the flattened tokens.
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=16, num_attention_heads=2, num_expression_layers=1, cross_attention_dim=16,
                  num_condition_tokens=4, global_vector="profile"),
@@ -181,15 +181,6 @@ def uses_global_condition(unet) -> bool:
     """Whether ``unet`` takes the global condition (``class_labels``): read from its config, so a
     pipeline saved before the global path existed keeps running with cross-attention only."""
     return unet.config.get("class_embed_type") == "projection"
-
-
-def global_condition(unet, condition_encoder: SpatiaConditionEncoder, tokens: torch.Tensor,
-                     counts: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The ``class_labels`` for ``unet`` from condition ``tokens`` and raw ``counts`` of the same rows
-    (None when it takes none); see :meth:`SpatiaConditionEncoder.global_condition`."""
-    if not uses_global_condition(unet):
-        return None
-    return condition_encoder.global_condition(counts, tokens)
 
 
 def training_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -765,7 +756,6 @@ __all__ = [
     "SpatiaPipelineOutput",
     "make_unet",
     "uses_global_condition",
-    "global_condition",
     "render_rgb",
     "training_scheduler",
     "sampling_scheduler",
