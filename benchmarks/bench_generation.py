@@ -21,6 +21,7 @@ Two denoisers:
     python benchmarks/bench_generation.py                                   # 64 px, full-res attention
     python benchmarks/bench_generation.py --pipeline runs/gen/pipeline --dataset runs/data --batch 16
     python benchmarks/bench_generation.py --json out.json --threads 1
+    python benchmarks/bench_generation.py --denoiser transformer --threads 1  # the small DiT, 64 px
 
 Goal (issue 4): >= 1.5x images/s at <= 5% change.
 """
@@ -35,12 +36,15 @@ import numpy as np
 import torch
 
 
-def full_resolution_pipeline(size: int, seed: int):
-    """A pipeline whose UNet has self-attention at full resolution (3 levels, 32/64/128 channels)."""
+def full_resolution_pipeline(size: int, seed: int, denoiser: str = "unet"):
+    """A pipeline whose UNet has self-attention at full resolution (3 levels, 32/64/128 channels), or
+    the ``small`` DiT (self-attention over the patch grid in every block)."""
     from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(seed)
     genes = [f"GENE{i:03d}" for i in range(64)]
+    if denoiser == "transformer":
+        return SpatiaGenerationPipeline.from_genes(genes, image_size=size, size="small", denoiser="transformer")
     return SpatiaGenerationPipeline.from_genes(
         genes, image_size=size, size="small",
         unet_overrides=dict(block_out_channels=(32, 64, 128),
@@ -72,6 +76,8 @@ def main() -> None:
     p.add_argument("--pipeline", help="trained pipeline folder (default: a 64 px full-resolution-attention UNet)")
     p.add_argument("--dataset", help="dataset folder for conditions and real crops (feature distance)")
     p.add_argument("--size", type=int, default=64, help="image side without --pipeline (default 64)")
+    p.add_argument("--denoiser", choices=("unet", "transformer"), default="unet",
+                   help="denoiser without --pipeline: the full-resolution UNet or the small DiT (no tomesd column)")
     p.add_argument("--batch", type=int, default=8, help="images per call (default 8)")
     p.add_argument("--steps", type=int, default=5, help="sampler steps per call (default 5)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="1 = no CFG (default)")
@@ -92,7 +98,7 @@ def main() -> None:
         pipe = SpatiaGenerationPipeline.from_pretrained(args.pipeline)
         pipe.set_token_merging(0.0)
     else:
-        pipe = full_resolution_pipeline(args.size, args.seed)
+        pipe = full_resolution_pipeline(args.size, args.seed, args.denoiser)
     pipe.set_progress_bar_config(disable=True)
     level = args.max_downsample or pipe.finest_attention_downsample()
     counts, genes, real, px = conditions(pipe, args.dataset, args.batch, args.seed)
@@ -113,7 +119,10 @@ def main() -> None:
             tomesd.apply_patch(pipe.unet, ratio=args.ratio, max_downsample=level, use_rand=False)
             return lambda: tomesd.remove_patch(pipe.unet)
 
-        variants["tomesd"] = with_tomesd
+        if pipe.unet is not None:
+            variants["tomesd"] = with_tomesd
+        else:
+            print("tomesd patches UNets only: its column is skipped for a transformer")
     except ImportError:
         print("tomesd not installed (pip install tomesd==0.1.3): its column is skipped")
 
@@ -134,7 +143,9 @@ def main() -> None:
             undo()
 
     base = outputs["none"]
-    results = {"setup": {"pipeline": args.pipeline or f"random {args.size}px UNet, full-resolution attention",
+    random = (f"random {args.size}px small DiT" if args.denoiser == "transformer"
+              else f"random {args.size}px UNet, full-resolution attention")
+    results = {"setup": {"pipeline": args.pipeline or random,
                          "image_size": pipe.image_size, "batch": args.batch, "steps": args.steps,
                          "guidance_scale": args.guidance_scale, "ratio": args.ratio, "max_downsample": level,
                          "threads": torch.get_num_threads(), "repeats": args.repeats, "seed": args.seed},

@@ -14,8 +14,8 @@ Every field of ``GeneratorTrainingArguments`` is a flag (``--resume_from_checkpo
 ``--spatia_model runs/pretrain`` to start from a pretrained expression branch, ``--mixed_precision bf16``
 on GPUs, ``--global_condition false`` for the cross-attention-only denoiser of earlier versions, ...);
 the denoiser by default also takes the condition as a global vector added to its timestep embedding
-(``class_embed_type="projection"``), which makes expression edits (NUCSIZE x4) visible after a short
-CPU training. A JSON file with the same keys works too: ``python examples/train_generator.py args.json``.
+(``class_embed_type="projection"``): the standardised expression profile, so a single gene's edit reaches
+every ResNet block. A JSON file with the same keys works too: ``python examples/train_generator.py args.json``.
 """
 
 import json

@@ -322,6 +322,8 @@ def test_spatia_evaluate_all_tasks_from_random_checkpoints(tiny, tiny_pipeline, 
         assert "spatia" in t.method_kinds.values() and "baseline" in t.method_kinds.values(), t.task
     assert "SPATIA (fine-tuned head)" in by[3].scores
     assert {"SPATIA generator", "SPATIA generator (token merging 0.5)"} <= set(by[11].scores)
+    # the 16 px generator's ceiling: the same real crops through its resolution (crops are 32 px)
+    assert by[11].method_kinds["real held-out crops at 16 px"] == "reference"
     assert "SPATIA generator" in by[12].scores
     assert (tmp_path / "report" / "figures" / "task12_strip.png").is_file()
 
@@ -357,6 +359,8 @@ def test_spatia_evaluate_end_to_end_after_a_few_training_steps(tmp_path, capsys)
     by = {t.task: t for t in tasks}
     assert "SPATIA (fine-tuned head)" in by[3].scores
     assert {"SPATIA generator", "SPATIA generator (token merging 0.5)"} <= set(by[11].scores)
+    # the 16 px generator's ceiling: the same real crops through its resolution (crops are 32 px)
+    assert by[11].method_kinds["real held-out crops at 16 px"] == "reference"
     assert by[11].method_kinds["unconditional generator (same denoiser, null condition)"] == "baseline"
     assert "pearson_held_out_sections" in by[7].details
     assert (tmp_path / "report" / "report.md").is_file()

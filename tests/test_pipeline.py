@@ -360,6 +360,38 @@ def test_a_few_training_steps_reduce_the_loss():
     assert fixed_loss() < 0.7 * before
 
 
+def test_noise_offset_shifts_each_image_channel_and_zero_changes_nothing():
+    from spatia_hf.pipeline_spatia import training_scheduler
+    from spatia_hf.training.generator import GeneratorTrainingArguments, diffusion_loss
+
+    pipe = _pipe()
+    sched = training_scheduler()
+    clean = torch.zeros(8, 2, 16, 16)
+    counts = torch.from_numpy(_counts(8))
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append((args[0].clone(), args[1].clone())))
+
+    def channel_means(offset):
+        seen.clear()
+        with torch.no_grad():
+            loss = diffusion_loss(pipe.unet, pipe.condition_encoder, sched, clean, counts,
+                                  torch.Generator().manual_seed(5), noise_offset=offset)
+        noisy, t = seen[0]
+        sigma = (1 - sched.alphas_cumprod[t]).sqrt()[:, None, None, None]
+        return loss, (noisy / sigma).mean(dim=(2, 3)).abs().mean().item()  # the clean images are 0
+
+    try:
+        plain_loss, plain = channel_means(0.0)
+        assert torch.equal(plain_loss, diffusion_loss(pipe.unet, pipe.condition_encoder, sched, clean, counts,
+                                                      torch.Generator().manual_seed(5)))  # 0: the default path
+        _, offset = channel_means(1.0)
+    finally:
+        hook.remove()
+    assert plain < 0.2 < 0.4 < offset  # white noise averages out over 256 pixels; the offset does not
+    with pytest.raises(ValueError, match="noise_offset"):
+        GeneratorTrainingArguments(dataset_dir="d", out_dir="o", max_steps=1, noise_offset=-0.1).check()
+
+
 def test_train_generator_end_to_end_and_exact_resume(tmp_path):
     from spatia_hf.data.synthetic import build_tiny_dataset
     from spatia_hf.training.generator import train_generator
@@ -423,6 +455,16 @@ def test_nucleus_area_measures_disks_in_um2():
     areas = nucleus_area(_disks(radii, size=32), px)
     np.testing.assert_allclose(areas, np.pi * (radii * px) ** 2, rtol=0.1)
     assert nucleus_area(np.zeros((1, 2, 24, 24)), px)[0] == 0
+
+
+def test_real_crops_at_the_generator_resolution_keep_shape_and_nucleus_size():
+    from spatia_hf.evaluation.generation import at_resolution, nucleus_area
+
+    crops = (_disks(np.array([5.0, 7.0]), size=32) * 255).round().astype(np.uint8)
+    assert np.array_equal(at_resolution(crops, 32), crops)  # already at that resolution: unchanged
+    low = at_resolution(crops, 16)  # 32 -> 16 -> 32 px, as a 16 px generator's crops are scored
+    assert low.shape == crops.shape and low.dtype == np.uint8 and not np.array_equal(low, crops)
+    np.testing.assert_allclose(nucleus_area(low, 0.5), nucleus_area(crops, 0.5), rtol=0.15)
 
 
 def test_perturbation_area_shift_and_type_accuracy():

@@ -433,7 +433,7 @@ def generator_methods(pipe, inputs: SuiteInputs, out: SpatiaOutputs, num_inferen
     """Tasks 11-12 for a generation pipeline: the pipeline as saved, plus (``variants``) the same
     weights with token merging switched (off when it was on, ratio 0.5 otherwise) and the
     unconditional generator, on the same conditions and noise seeds."""
-    from .generation import generate_for_suite, generate_images
+    from .generation import at_resolution, generate_for_suite, generate_images
 
     pipe.set_progress_bar_config(disable=True)
     gen = generate_for_suite(pipe, inputs, name=GENERATOR, num_inference_steps=num_inference_steps,
@@ -447,6 +447,14 @@ def generator_methods(pipe, inputs: SuiteInputs, out: SpatiaOutputs, num_inferen
                  "one image per held-out cell of generation_idx, noise seeded per batch")
     out.note(12, f"{GENERATOR}: the control and every fold of a cell are denoised in one pass from the same noise "
                  "(one generator per cell), so the morphology change is attributable to the edit")
+    work_px = int(pipe.image_size)
+    crop_px = int(inputs.cells.images.shape[-1]) if inputs.cells.images is not None else work_px
+    if work_px != crop_px:  # the ceiling of a generator that works at fewer pixels than the crops have
+        real = at_resolution(inputs.cells.images[inputs.generation_idx], work_px)
+        out.add("generation", f"real held-out crops at {work_px} px", real, kind="reference")
+        out.note(11, f"{GENERATOR} works at {work_px} px (crops {crop_px} px, resized for scoring); 'real held-out "
+                     f"crops at {work_px} px' are the same real crops through that resizing: the best such a "
+                     "generator can score")
     if not variants:
         return
     counts, px = inputs.cells.counts[inputs.generation_idx], int(inputs.cells.images.shape[-1])
