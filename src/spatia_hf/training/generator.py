@@ -223,6 +223,49 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return out
 
 
+@dataclass
+class TrainingClock:
+    """Where a batch loop is (optimizer ``step``, ``epoch``, ``index`` of the next batch in it) and
+    when it stops (``max_steps`` and/or ``max_minutes`` after ``start``, whichever comes first).
+
+    In a multi-process run the processes must stop at the same step (a process that takes one more
+    step waits forever for the others' gradients), so the wall-clock decision of the main process
+    is broadcast to all of them.
+    """
+
+    start: float
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    stopped_by: str = "max_steps"
+
+    def should_stop(self, accelerator=None) -> bool:
+        if self.max_steps is not None and self.step >= self.max_steps:
+            self.stopped_by = "max_steps"
+            return True
+        late = bool(self.max_minutes) and time.monotonic() >= self.start + 60.0 * self.max_minutes
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            late = bool(broadcast(torch.tensor([int(late)], device=accelerator.device), from_process=0).item())
+        if late:
+            self.stopped_by = "max_minutes"
+        return late
+
+    def next_batch(self, batches: CellBatches, image_size: int, augment: bool,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of ``batches`` (epochs roll over): crops in model space at ``image_size``
+        (randomly rotated / flipped with ``augment``) and their counts."""
+        if self.index >= batches.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        images, counts = batches.batch(self.epoch, self.index)
+        self.index += 1
+        x = images_to_model_space(images, image_size)
+        return (random_dihedral(x, generator) if augment else x), counts
+
+
 # ---------------------------------------------------------------------------------------- loss
 def diffusion_loss(denoiser, condition_encoder, noise_scheduler, clean: torch.Tensor, counts: torch.Tensor,
                    generator: torch.Generator, condition_dropout: float = 0.0,
@@ -335,6 +378,24 @@ def find_checkpoint(out_dir: str | Path, which: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- main loop
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
+    """An ``accelerate.Accelerator`` that also spans processes on a machine without a GPU.
+
+    Under ``torchrun --nproc_per_node N`` without CUDA, accelerate only sets up its multi-CPU (gloo)
+    state when asked for the CPU; otherwise every process believes it is the only one and all of
+    them write the same checkpoints. A launched run on such a machine therefore gets ``cpu=True``.
+    DDP looks for unused parameters: the condition encoder's null condition only takes part in steps
+    where condition dropout hit a cell.
+    """
+    import os
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu or (launched and not torch.cuda.is_available()),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
 def _build_pipeline(args: GeneratorTrainingArguments, genes: list[str], channel_names: list[str], crop_px: int,
                     vae=None):
     from spatia_hf.condition_encoder import SpatiaConditionEncoder
@@ -398,7 +459,6 @@ def train_generator(dataset_dir: str | Path, out_dir: str | Path, **kwargs) -> G
 
 def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
     """:func:`train_generator` from an arguments object."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -411,7 +471,7 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
 
     args.check()
     start = time.monotonic()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    accelerator = make_accelerator(args.mixed_precision, args.cpu)
     set_seed(args.seed)
     out = Path(args.out_dir)
     data = load_spatia_dataset(args.dataset_dir, ["cells"])
@@ -460,32 +520,19 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
                           accelerator.num_processes, column_map, panel.num_genes)
     gen = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
 
-    step, epoch, index = 0, 0, 0
+    clock = TrainingClock(start, args.max_steps, args.max_minutes)
     if args.resume_from_checkpoint:
         ckpt = find_checkpoint(out, args.resume_from_checkpoint)
-        step, epoch, index = _load_checkpoint(ckpt, accelerator, unet, encoder, optimizer, lr_scheduler, ema, named,
-                                              gen)
+        clock.step, clock.epoch, clock.index = _load_checkpoint(ckpt, accelerator, unet, encoder, optimizer,
+                                                                lr_scheduler, ema, named, gen)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
     losses: list[float] = []
     running, n_running = 0.0, 0
-    deadline = start + 60.0 * args.max_minutes if args.max_minutes else math.inf
-    bar = tqdm(total=args.max_steps, initial=step, desc="generator", unit="step",
+    bar = tqdm(total=args.max_steps, initial=clock.step, desc="generator", unit="step",
                disable=not (args.progress and accelerator.is_local_main_process))
-    stopped_by = "max_steps"
-    while True:
-        if args.max_steps is not None and step >= args.max_steps:
-            break
-        if time.monotonic() >= deadline:
-            stopped_by = "max_minutes"
-            break
-        if index >= batches.batches_per_epoch:
-            epoch, index = epoch + 1, 0
-        images, counts = batches.batch(epoch, index)
-        index += 1
-        clean = images_to_model_space(images, image_size)
-        if args.augment:
-            clean = random_dihedral(clean, gen)
+    while not clock.should_stop(accelerator):
+        clean, counts = clock.next_batch(batches, image_size, args.augment, gen)
         clean = clean.to(accelerator.device)
         if vae is not None:  # a seeded posterior sample times scaling_factor (the resumed generator replays it)
             clean = encode_to_latents(vae, clean, gen)
@@ -499,21 +546,23 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         ema.step(params)
-        step += 1
+        clock.step += 1
+        step = clock.step
         value = float(accelerator.gather(loss.detach()[None]).mean())
         losses.append(value)
         running, n_running = running + value, n_running + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
+        bar.set_postfix(loss=f"{value:.4f}", epoch=clock.epoch)
         if accelerator.is_main_process and (step % args.log_every == 0):
-            line = {"step": step, "epoch": epoch, "loss": running / n_running, "lr": lr_scheduler.get_last_lr()[0],
-                    "ema_decay": ema.cur_decay_value, "elapsed_s": round(time.monotonic() - start, 1)}
+            line = {"step": step, "epoch": clock.epoch, "loss": running / n_running,
+                    "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value,
+                    "elapsed_s": round(time.monotonic() - start, 1)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
             running, n_running = 0.0, 0
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            _save_checkpoint(out, step, epoch, index, accelerator, unet, encoder, optimizer, lr_scheduler, ema, named,
-                             gen, args)
+            _save_checkpoint(out, step, clock.epoch, clock.index, accelerator, unet, encoder, optimizer, lr_scheduler,
+                             ema, named, gen, args)
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -529,8 +578,8 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
                                          condition_encoder=final_encoder, vae=vae, channel_names=channel_names,
                                          token_merging_ratio=args.token_merging_ratio)
         final.save_pretrained(pipeline_dir)
-        summary = {"arguments": asdict(args), "global_step": step, "epoch": epoch,
-                   "elapsed_s": round(time.monotonic() - start, 1), "stopped_by": stopped_by,
+        summary = {"arguments": asdict(args), "global_step": clock.step, "epoch": clock.epoch,
+                   "elapsed_s": round(time.monotonic() - start, 1), "stopped_by": clock.stopped_by,
                    "train_sections": train_sections, "eval_sections": eval_sections, "n_train_cells": batches.n,
                    "image_size": image_size, "crop_px": crop_px, "channel_names": channel_names,
                    "final_loss_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
@@ -539,8 +588,8 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
         tmp.rename(out / SUMMARY_FILE)
     accelerator.wait_for_everyone()
-    return GeneratorTrainingResult(pipeline_dir, step, time.monotonic() - start, losses, train_sections,
-                                   eval_sections, stopped_by)
+    return GeneratorTrainingResult(pipeline_dir, clock.step, time.monotonic() - start, losses, train_sections,
+                                   eval_sections, clock.stopped_by)
 
 
 def _save_checkpoint(out: Path, step: int, epoch: int, index: int, accelerator, unet, encoder, optimizer,
@@ -607,6 +656,7 @@ __all__ = [
     "GeneratorTrainingArguments",
     "GeneratorTrainingResult",
     "CellBatches",
+    "TrainingClock",
     "diffusion_loss",
     "train_generator",
     "run_training",

@@ -358,18 +358,18 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, **kwargs) -> VaeTrai
 
 def run_vae_training(args: VaeTrainingArguments) -> VaeTrainingResult:
     """:func:`train_vae` from an arguments object."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from spatia_hf.data.builder import load_sections_info
     from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
-    from spatia_hf.training.generator import CellBatches, _write_atomically, images_to_model_space, random_dihedral
+    from spatia_hf.training.generator import (CellBatches, TrainingClock, _write_atomically, images_to_model_space,
+                                              make_accelerator)
 
     args.check()
     start = time.monotonic()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    accelerator = make_accelerator(args.mixed_precision, args.cpu)
     set_seed(args.seed)
     out = Path(args.out_dir)
     data = load_spatia_dataset(args.dataset_dir, ["cells"])
@@ -403,24 +403,11 @@ def run_vae_training(args: VaeTrainingArguments) -> VaeTrainingResult:
     losses: list[float] = []
     running: dict[str, float] = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
     n_running = 0
-    step, epoch, index = 0, 0, 0
-    deadline = start + 60.0 * args.max_minutes if args.max_minutes else math.inf
+    clock = TrainingClock(start, args.max_steps, args.max_minutes)
     bar = tqdm(total=args.max_steps, desc="vae", unit="step",
                disable=not (args.progress and accelerator.is_local_main_process))
-    stopped_by = "max_steps"
-    while True:
-        if args.max_steps is not None and step >= args.max_steps:
-            break
-        if time.monotonic() >= deadline:
-            stopped_by = "max_minutes"
-            break
-        if index >= batches.batches_per_epoch:
-            epoch, index = epoch + 1, 0
-        images, _ = batches.batch(epoch, index)
-        index += 1
-        x = images_to_model_space(images, image_size)
-        if args.augment:
-            x = random_dihedral(x, gen)
+    while not clock.should_stop(accelerator):
+        x, _ = clock.next_batch(batches, image_size, args.augment, gen)
         x = x.to(accelerator.device)
         with accelerator.autocast():
             rec, mean, logvar = model(x, gen)
@@ -430,7 +417,8 @@ def run_vae_training(args: VaeTrainingArguments) -> VaeTrainingResult:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        clock.step += 1
+        step, epoch = clock.step, clock.epoch
         value = float(accelerator.gather(loss.detach()[None]).mean())
         if not math.isfinite(value):
             raise FloatingPointError(f"VAE loss became {value} at step {step}. Fix: lower learning_rate "
@@ -469,7 +457,8 @@ def run_vae_training(args: VaeTrainingArguments) -> VaeTrainingResult:
         metrics["evaluated_on"] = ("held-out sections" if eval_cells is not None
                                    else "training crops (no held-out section)")
         _write_atomically(vae_dir, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
-        summary = {"arguments": asdict(args), "global_step": step, "epoch": epoch, "stopped_by": stopped_by,
+        summary = {"arguments": asdict(args), "global_step": clock.step, "epoch": clock.epoch,
+                   "stopped_by": clock.stopped_by,
                    "train_minutes": round(train_minutes, 2), "elapsed_s": round(time.monotonic() - start, 1),
                    "train_sections": train_sections, "eval_sections": eval_sections, "n_train_cells": batches.n,
                    "image_size": image_size, "crop_px": crop_px, "channel_names": channel_names,
@@ -482,7 +471,8 @@ def run_vae_training(args: VaeTrainingArguments) -> VaeTrainingResult:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
         tmp.rename(out / SUMMARY_FILE)
     accelerator.wait_for_everyone()
-    return VaeTrainingResult(vae_dir, step, time.monotonic() - start, losses, scaling_factor, metrics, stopped_by)
+    return VaeTrainingResult(vae_dir, clock.step, time.monotonic() - start, losses, scaling_factor, metrics,
+                             clock.stopped_by)
 
 
 __all__ = [
