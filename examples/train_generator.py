@@ -19,6 +19,7 @@ every ResNet block. A JSON file with the same keys works too: ``python examples/
 """
 
 import json
+import os
 import sys
 
 from transformers import HfArgumentParser
@@ -33,6 +34,8 @@ def main() -> None:
     else:
         (args,) = parser.parse_args_into_dataclasses()
     result = run_training(args)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per launched run, not one per process
+        return
     print(json.dumps({"pipeline": str(result.pipeline_dir), "steps": result.global_step,
                       "stopped_by": result.stopped_by, "minutes": round(result.elapsed_s / 60, 2),
                       "final_loss": sum(result.losses[-50:]) / max(len(result.losses[-50:]), 1),

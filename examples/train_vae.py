@@ -17,6 +17,7 @@ Every field of ``VaeTrainingArguments`` is a flag (``--kl_weight``, ``--reconstr
 """
 
 import json
+import os
 import sys
 
 from transformers import HfArgumentParser
@@ -31,6 +32,8 @@ def main() -> None:
     else:
         (args,) = parser.parse_args_into_dataclasses()
     result = run_vae_training(args)
+    if int(os.environ.get("RANK", "0")) != 0:  # metrics live on the main process; one summary per run
+        return
     vae = result.metrics.get("vae", {})
     print(json.dumps({"vae": str(result.vae_dir), "steps": result.global_step, "stopped_by": result.stopped_by,
                       "minutes": round(result.elapsed_s / 60, 2), "scaling_factor": result.scaling_factor,

@@ -54,7 +54,7 @@ class DemoSize:
 # 32 takes ~0.4-0.8 s (tiny and small) and the crops are resized to the dataset's 64 px for scoring.
 FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=10.0, pretrain_steps=240,
                 pretrain_batch_size=8,
-                finetune_minutes=4.0, finetune_epochs=1.0, generator_minutes=8.0, generator_steps=300,
+                finetune_minutes=4.0, finetune_epochs=1.0, generator_minutes=8.0, generator_steps=600,
                 generator_size="small", generator_image_size=32, generation_steps=12, max_generation=48,
                 max_perturbation=16, generation_variants=True, cnn_epochs=4)
 QUICK = DemoSize(sections=3, cells=400, genes=80, preset="tiny", pretrain_minutes=2.0, pretrain_steps=100,
