@@ -152,12 +152,16 @@ def main() -> None:
                "variants": {}}
     feats = {}
     if real is not None:
-        from spatia_hf.evaluation.generation import frechet_distance, morphology_features
+        from spatia_hf.evaluation.generation import _to_uint8, at_resolution, frechet_distance, morphology_features
 
+        # compared at the crops' size and the generator's resolution, as evaluate_generator does (a 32 px
+        # image measured with the 64 px crops' pixel size would be half the size in µm)
+        crop_px = int(real.shape[-1])
+        real = at_resolution(real, pipe.image_size)
         feats["real_a"] = morphology_features(real[: args.batch], px)
         feats["real_b"] = morphology_features(real[args.batch :], px)
         for name, out in outputs.items():
-            feats[name] = morphology_features(out.numpy(), px)
+            feats[name] = morphology_features(_to_uint8([out], crop_px), px)
         real_gap = frechet_distance(feats["real_a"], feats["real_b"], feats["real_a"])
     for name, out in outputs.items():
         row = {"seconds": round(best[name], 3), "images_per_s": round(args.batch / best[name], 3),

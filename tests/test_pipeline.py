@@ -501,6 +501,20 @@ def test_real_crops_at_the_generator_resolution_keep_shape_and_nucleus_size():
     np.testing.assert_allclose(nucleus_area(low, 0.5), nucleus_area(crops, 0.5), rtol=0.15)
 
 
+def test_frechet_distance_ignores_features_constant_in_the_reference():
+    from spatia_hf.evaluation.generation import frechet_distance
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 3))
+    gen = rng.normal(size=(40, 3)) + [1.0, 0.0, 0.0]
+    base = frechet_distance(real, gen)
+    # a 4th feature that is 0 in every real crop but not in the generated ones does not swamp the rest
+    padded = frechet_distance(np.c_[real, np.zeros(40)], np.c_[gen, rng.uniform(0, 0.01, 40)])
+    assert padded == pytest.approx(base) and 0.5 < base < 3.0
+    with pytest.raises(ValueError, match="constant"):
+        frechet_distance(np.zeros((5, 2)), gen[:5, :2])
+
+
 def test_perturbation_area_shift_and_type_accuracy():
     from spatia_hf.evaluation.generation import (fit_type_classifier, perturbation_area_shift,
                                                  type_accuracy_of_generated)

@@ -188,12 +188,20 @@ def perturbation_area_shift(before: Any, after: Any, pixel_size_um, fold: float,
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, reference: np.ndarray | None = None) -> float:
     """Fréchet distance between Gaussian fits of two feature sets, after standardising every feature
-    by ``reference`` (default ``features_a``), so features in different units weigh alike."""
+    by ``reference`` (default ``features_a``), so features in different units weigh alike.
+
+    Features constant in ``reference`` (e.g. a background percentile that is 0 in every crop of a small
+    set) have no scale to standardise by and are left out; divided by ~0 they would swamp the rest.
+    """
     from scipy import linalg
 
     ref = features_a if reference is None else reference
-    mu, sd = ref.mean(axis=0), ref.std(axis=0) + 1e-8
-    a, b = (features_a - mu) / sd, (features_b - mu) / sd
+    sd = ref.std(axis=0)
+    keep = sd > 1e-9 * np.maximum(np.abs(ref).max(axis=0), 1.0)
+    if not keep.any():
+        raise ValueError("frechet_distance: every feature is constant in the reference set")
+    mu = ref.mean(axis=0)[keep]
+    a, b = (features_a[:, keep] - mu) / sd[keep], (features_b[:, keep] - mu) / sd[keep]
     m1, m2 = a.mean(axis=0), b.mean(axis=0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
