@@ -333,12 +333,13 @@ def test_latent_generation_with_a_vae():
 
 
 # ------------------------------------------------------------------ training
-def test_a_few_training_steps_reduce_the_loss():
+@pytest.mark.parametrize("denoiser", ["unet", "transformer"])
+def test_a_few_training_steps_reduce_the_loss(denoiser):
     from spatia_hf.pipeline_spatia import training_scheduler
     from spatia_hf.training.generator import diffusion_loss
 
-    pipe = _pipe()
-    unet, enc = pipe.unet, pipe.condition_encoder
+    pipe = _pipe(denoiser=denoiser)
+    unet, enc = pipe.denoiser, pipe.condition_encoder
     sched = training_scheduler()
     rng = np.random.default_rng(0)
     clean = torch.from_numpy(rng.uniform(-1, 1, size=(8, 2, 16, 16)).astype(np.float32))

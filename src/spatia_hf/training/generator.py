@@ -106,13 +106,7 @@ class GeneratorTrainingArguments:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def check(self) -> None:
-        if self.max_steps is None and self.max_minutes is None:
-            raise ValueError("max_steps and max_minutes are both None: training would never stop. Fix: set one "
-                             "(e.g. --max_minutes 15)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps}: expected >= 1")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes={self.max_minutes}: expected > 0")
+        TrainingClock.check_limits(self.max_steps, self.max_minutes)
         if self.denoiser not in ("unet", "transformer"):
             raise ValueError(f"denoiser={self.denoiser!r}: expected 'unet' or 'transformer'")
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -240,6 +234,17 @@ class TrainingClock:
     epoch: int = 0
     index: int = 0
     stopped_by: str = "max_steps"
+
+    @staticmethod
+    def check_limits(max_steps: int | None, max_minutes: float | None) -> None:
+        """Refuse stop settings that never stop or stop before the first step."""
+        if max_steps is None and max_minutes is None:
+            raise ValueError("max_steps and max_minutes are both None: training would never stop. Fix: set one "
+                             "(e.g. --max_minutes 15)")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps={max_steps}: expected >= 1")
+        if max_minutes is not None and not max_minutes > 0:
+            raise ValueError(f"max_minutes={max_minutes}: expected > 0")
 
     def should_stop(self, accelerator=None) -> bool:
         if self.max_steps is not None and self.step >= self.max_steps:

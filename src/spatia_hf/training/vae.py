@@ -110,13 +110,9 @@ class VaeTrainingArguments:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def check(self) -> None:
-        if self.max_steps is None and self.max_minutes is None:
-            raise ValueError("max_steps and max_minutes are both None: training would never stop. Fix: set one "
-                             "(e.g. --max_minutes 15)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps}: expected >= 1")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes={self.max_minutes}: expected > 0")
+        from spatia_hf.training.generator import TrainingClock
+
+        TrainingClock.check_limits(self.max_steps, self.max_minutes)
         if self.size not in VAE_PRESETS:
             raise ValueError(f"size={self.size!r}: expected one of {sorted(VAE_PRESETS)}")
         if self.reconstruction_loss not in ("l1", "mse"):
