@@ -359,8 +359,7 @@ def test_spatia_evaluate_end_to_end_after_a_few_training_steps(tmp_path, capsys)
     by = {t.task: t for t in tasks}
     assert "SPATIA (fine-tuned head)" in by[3].scores
     assert {"SPATIA generator", "SPATIA generator (token merging 0.5)"} <= set(by[11].scores)
-    # the 16 px generator's ceiling: the same real crops through its resolution (crops are 32 px)
-    assert by[11].method_kinds["real held-out crops at 16 px"] == "reference"
+    assert not any(" px" in name for name in by[11].scores)  # a generator at the crops' size has no resized row
     assert by[11].method_kinds["unconditional generator (same denoiser, null condition)"] == "baseline"
     assert "pearson_held_out_sections" in by[7].details
     assert (tmp_path / "report" / "report.md").is_file()
