@@ -284,23 +284,15 @@ def generate_perturbation_series(pipe, counts, gene_names: Sequence[str], gene: 
     return _to_uint8(controls, out_px), {f: _to_uint8(v, out_px) for f, v in edits.items()}
 
 
-def _resize(x, px: int):
-    """``[N, C, H, W]`` float tensor -> side ``px`` (area averaging when shrinking, bilinear when growing)."""
-    import torch.nn.functional as F
-
-    if x.shape[-1] == px:
-        return x
-    mode = "area" if x.shape[-1] > px else "bilinear"
-    return F.interpolate(x, size=(px, px), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-
-
 def _to_uint8(parts, out_px: int | None) -> np.ndarray:
     """Concatenated ``[0, 1]`` float crops -> uint8 ``(N, C, H, W)``, resized to ``out_px`` when given."""
     import torch
 
+    from spatia_hf.data.crops import resize
+
     x = torch.cat(parts)
     if out_px is not None:
-        x = _resize(x, out_px)
+        x = resize(x, out_px)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
@@ -310,10 +302,12 @@ def at_resolution(images: np.ndarray, work_px: int) -> np.ndarray:
     generated crops are compared at the same resolution."""
     import torch
 
-    x = torch.from_numpy(np.asarray(images, dtype=np.uint8)).float() / 255.0
-    if x.shape[-1] == work_px:
-        return np.asarray(images, dtype=np.uint8)
-    return _to_uint8([_resize(x, work_px)], int(x.shape[-1]))
+    from spatia_hf.data.crops import resize
+
+    images = np.asarray(images, dtype=np.uint8)
+    if images.shape[-1] == work_px:
+        return images
+    return _to_uint8([resize(torch.from_numpy(images).float() / 255.0, work_px)], int(images.shape[-1]))
 
 
 def generate_for_suite(pipe, inputs, name: str = "SPATIA generator", num_inference_steps: int = 25,

@@ -457,8 +457,8 @@ def generator_methods(pipe, inputs: SuiteInputs, out: SpatiaOutputs, num_inferen
                      "generator can score")
     if not variants:
         return
-    counts, px = inputs.cells.counts[inputs.generation_idx], int(inputs.cells.images.shape[-1])
-    common = dict(num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed, out_px=px)
+    counts = inputs.cells.counts[inputs.generation_idx]
+    common = dict(num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed, out_px=crop_px)
     max_down = pipe.config.token_merging_max_downsample
     alt = 0.0 if ratio > 0 else 0.5
     pipe.set_token_merging(alt)

@@ -53,8 +53,30 @@ STATE_FILE = "trainer_state.json"
 PROFILE_STATISTICS_CELLS = 4096  # training cells sampled for the per-gene profile statistics
 
 
+@dataclass(kw_only=True)
+class LoopArguments:
+    """Settings every crop-training loop here shares (the generator's and the VAE's): stopping,
+    clipping, augmentation, held-out sections, logging, devices, seed. Keyword-only, so each loop's
+    constructor keeps its required ``dataset_dir`` / ``out_dir`` first."""
+
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_minutes: float | None = field(default=None, metadata={"help": "stop after this much wall-clock time"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    augment: bool = field(default=True, metadata={"help": "random 90-degree rotations and flips"})
+    eval_sections: list[str] | None = field(default=None, metadata={
+        "help": "sections held out of training (default: the last section when there are several)"})
+    log_every: int = field(default=25, metadata={"help": "write a log line every N steps"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPUs; fp32 is fastest on CPU)"})
+    cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and all training randomness"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def check(self) -> None:
+        TrainingClock.check_limits(self.max_steps, self.max_minutes)
+
+
 @dataclass
-class GeneratorTrainingArguments:
+class GeneratorTrainingArguments(LoopArguments):
     """Settings of :func:`train_generator` (also the CLI of ``examples/train_generator.py``)."""
 
     dataset_dir: str = field(metadata={"help": "dataset folder written by the builder (cells config + gene_panel.json)"})
@@ -72,18 +94,12 @@ class GeneratorTrainingArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    max_minutes: float | None = field(default=None, metadata={"help": "stop after this much wall-clock time"})
     condition_dropout: float = field(default=0.1, metadata={"help": "fraction of cells trained unconditionally (CFG)"})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma loss weighting (None: off)"})
     noise_offset: float = field(default=0.1, metadata={
         "help": "per-image, per-channel offset noise (diffusers' --noise_offset; 0 switches it off): lets the model "
                 "learn the mean brightness of dark, mostly-background crops"})
     ema_decay: float = field(default=0.999, metadata={"help": "maximum EMA decay (warm-up power 3/4)"})
-    augment: bool = field(default=True, metadata={"help": "random 90-degree rotations and flips"})
-    eval_sections: list[str] | None = field(default=None, metadata={
-        "help": "sections held out of training (default: the last section when there are several)"})
     spatia_model: str | None = field(default=None, metadata={
         "help": "SPATIA checkpoint whose expression branch initialises the condition encoder"})
     vae: str | None = field(default=None, metadata={
@@ -99,14 +115,9 @@ class GeneratorTrainingArguments:
     checkpoint_every: int = field(default=500, metadata={"help": "save a checkpoint every N steps (0: never)"})
     checkpoints_total_limit: int = field(default=2, metadata={"help": "keep the newest N checkpoints"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "checkpoint folder or 'latest'"})
-    log_every: int = field(default=25, metadata={"help": "write a log line every N steps"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPUs; fp32 is fastest on CPU)"})
-    cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, noise and timesteps"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def check(self) -> None:
-        TrainingClock.check_limits(self.max_steps, self.max_minutes)
+        super().check()
         if self.denoiser not in ("unet", "transformer"):
             raise ValueError(f"denoiser={self.denoiser!r}: expected 'unet' or 'transformer'")
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -197,12 +208,9 @@ def dense_counts(gene_indices, gene_counts, n_genes: int) -> torch.Tensor:
 
 def images_to_model_space(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` -> float in [-1, 1] at ``image_size`` px (area averaging when shrinking)."""
-    x = images.float() / 127.5 - 1.0
-    if x.shape[-1] != image_size:
-        mode = "area" if x.shape[-1] > image_size else "bilinear"
-        x = F.interpolate(x, size=(image_size, image_size), mode=mode, **({} if mode == "area" else
-                                                                          {"align_corners": False}))
-    return x
+    from spatia_hf.data.crops import resize
+
+    return resize(images.float() / 127.5 - 1.0, image_size)
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -658,6 +666,7 @@ def _load_checkpoint(ckpt: Path, accelerator, unet, encoder, optimizer, lr_sched
 
 
 __all__ = [
+    "LoopArguments",
     "GeneratorTrainingArguments",
     "GeneratorTrainingResult",
     "CellBatches",

@@ -57,9 +57,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from spatia_hf.data import schema
+from spatia_hf.training.generator import LoopArguments
 
 VAE_DIR = "vae"
 SUMMARY_FILE = "vae_training.json"
@@ -80,7 +80,7 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class VaeTrainingArguments:
+class VaeTrainingArguments(LoopArguments):
     """Settings of :func:`train_vae` (also the CLI of ``examples/train_vae.py``)."""
 
     dataset_dir: str = field(metadata={"help": "dataset folder written by the builder (cells config)"})
@@ -92,27 +92,14 @@ class VaeTrainingArguments:
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=50, metadata={"help": "linear learning-rate warm-up steps"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    max_minutes: float | None = field(default=None, metadata={"help": "stop after this much wall-clock time"})
     reconstruction_loss: str = field(default="l1", metadata={"help": "l1 (sharper edges) or mse"})
     kl_weight: float = field(default=1e-6, metadata={
         "help": "weight of KL(posterior || N(0,1)) per image element (LDM's 1e-6; reconstruction must dominate)"})
-    augment: bool = field(default=True, metadata={"help": "random 90-degree rotations and flips"})
-    eval_sections: list[str] | None = field(default=None, metadata={
-        "help": "sections held out of training (default: the last section when there are several)"})
     eval_cells: int = field(default=256, metadata={"help": "held-out crops the reconstruction metrics use"})
     scaling_cells: int = field(default=512, metadata={"help": "training crops the scaling factor is estimated on"})
-    log_every: int = field(default=25, metadata={"help": "write a log line every N steps"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPUs; fp32 is fastest on CPU)"})
-    cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order, augmentation, sampling"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def check(self) -> None:
-        from spatia_hf.training.generator import TrainingClock
-
-        TrainingClock.check_limits(self.max_steps, self.max_minutes)
+        super().check()
         if self.size not in VAE_PRESETS:
             raise ValueError(f"size={self.size!r}: expected one of {sorted(VAE_PRESETS)}")
         if self.reconstruction_loss not in ("l1", "mse"):
@@ -307,6 +294,7 @@ def reconstruction_metrics(vae, images: np.ndarray, pixel_size_um: np.ndarray, i
     """
     from scipy import stats
 
+    from spatia_hf.data.crops import resize
     from spatia_hf.evaluation.generation import nucleus_area
     from spatia_hf.training.generator import images_to_model_space
 
@@ -315,8 +303,7 @@ def reconstruction_metrics(vae, images: np.ndarray, pixel_size_um: np.ndarray, i
     rec = _in_batches(lambda b: vae.decode(vae.encode(b.to(device, vae.dtype)).latent_dist.mode()).sample.float().cpu(),
                       x, batch_size)
     factor = vae_factor(vae)
-    small = F.interpolate(x, scale_factor=1 / factor, mode="area")
-    resized = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    resized = resize(resize(x, x.shape[-1] // factor), x.shape[-1])
     original = ((x + 1) / 2).clamp(0, 1).numpy()
     px = np.asarray(pixel_size_um, dtype=np.float64) * images.shape[-1] / image_size  # µm per model pixel
     channel = _nucleus_channel(channel_names)
