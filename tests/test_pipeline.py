@@ -23,6 +23,13 @@ def _pipe(**kwargs) -> SpatiaGenerationPipeline:
     return pipe
 
 
+def _load(folder) -> SpatiaGenerationPipeline:
+    """A saved pipeline, loaded with its progress bar off."""
+    pipe = SpatiaGenerationPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _counts(n: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).poisson(3.0, size=(n, len(GENES))).astype(np.float32) + 1
 
@@ -51,8 +58,7 @@ def test_save_load_round_trip_gives_identical_images(pipe, tmp_path):
     weights = sorted(p.name for p in (tmp_path / "gen").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
     assert weights == ["diffusion_pytorch_model.safetensors"] * 2
     assert not (tmp_path / "gen.tmp-save").exists()
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "gen")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "gen")
     assert loaded.genes == GENES
     assert torch.equal(_run(loaded).images, before)
 
@@ -228,8 +234,7 @@ def test_token_merging_is_recorded_saved_and_reversible(tmp_path):
     assert (_run(pipe, output_type="latent").images - latent).abs().max() > 1e-5
     pipe.save_pretrained(tmp_path / "gen")
     assert json.loads((tmp_path / "gen" / "model_index.json").read_text())["token_merging_ratio"] == 0.5
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "gen")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "gen")
     assert hasattr(loaded.unet, "_spatia_token_merging")
     assert torch.equal(_run(loaded).images, merged)
     pipe.set_token_merging(0.0)
@@ -444,8 +449,7 @@ def test_train_generator_end_to_end_and_exact_resume(tmp_path):
     assert resumed.global_step == 4
     np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-5)
 
-    pipe = SpatiaGenerationPipeline.from_pretrained(full.pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _load(full.pipeline_dir)
     assert pipe.image_size == 16 and pipe.config.channel_names == ["DAPI", "boundary"]
     _assert_profile_statistics_of_the_training_cells(pipe.condition_encoder, data)
     assert isinstance(pipe.scheduler, type(SpatiaGenerationPipeline.from_genes(GENES, size="tiny").scheduler))

@@ -9,7 +9,7 @@ import torch
 from spatia_hf.condition_encoder import SpatiaConditionEncoder, log1p_normalize, profile_statistics
 from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, make_unet, training_scheduler, uses_global_condition
 from spatia_hf.training.generator import diffusion_loss
-from test_pipeline import GENES, STEPS, _counts, _pipe, _run  # the same tiny pipeline
+from test_pipeline import GENES, STEPS, _counts, _load, _pipe, _run  # the same tiny pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,8 +97,7 @@ def test_profile_statistics_are_saved_and_bad_ones_refused(tmp_path):
     enc.set_profile_statistics(*profile_statistics(torch.from_numpy(_counts(8, seed=5)), enc.config.normalize_total))
     before = _run(pipe).images
     pipe.save_pretrained(tmp_path / "p")
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "p")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "p")
     assert loaded.condition_encoder.config.gene_std == enc.config.gene_std
     assert torch.equal(_run(loaded).images, before)
     with pytest.raises(ValueError, match="gene_mean: 3 values for a panel of 12 genes"):
@@ -128,8 +127,7 @@ def test_a_pipeline_without_the_global_path_still_saves_loads_and_runs(tmp_path)
     pipe.save_pretrained(tmp_path / "old")
     cfg = json.loads((tmp_path / "old" / "unet" / "config.json").read_text())
     assert cfg["class_embed_type"] is None
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "old")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "old")
     assert not uses_global_condition(loaded.unet)
     after = _run(loaded, perturbation={"G3": 4.0})
     assert torch.equal(after.images, before.images) and torch.equal(after.perturbed_images, before.perturbed_images)
@@ -139,8 +137,7 @@ def test_a_pipeline_with_the_global_path_round_trips(tmp_path):
     pipe = _pipe()
     before = _run(pipe).images
     pipe.save_pretrained(tmp_path / "new")
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "new")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "new")
     assert uses_global_condition(loaded.unet)
     assert torch.equal(_run(loaded).images, before)
 

@@ -10,7 +10,7 @@ from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 from spatia_hf.pipeline_spatia import (TRANSFORMER_PRESETS, SpatiaGenerationPipeline, SpatiaPipelineOutput, denoise,
                                        denoiser_kind, make_transformer, render_rgb, uses_global_condition)
 from spatia_hf.training.generator import GeneratorTrainingArguments
-from test_pipeline import GENES, STEPS, _counts, _pipe, _run  # the same tiny panel and call
+from test_pipeline import GENES, STEPS, _counts, _load, _pipe, _run  # the same tiny panel and call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,8 +160,7 @@ def test_save_load_round_trip_gives_identical_images(pipe, tmp_path):
     assert index["transformer"] == ["diffusers", "PixArtTransformer2DModel"] and index["unet"] == [None, None]
     assert sorted(p.parent.name for p in (tmp_path / "gen").rglob("*.safetensors")) == [
         "condition_encoder", "transformer"]
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "gen")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "gen")
     assert loaded.unet is None and isinstance(loaded.transformer, PixArtTransformer2DModel)
     after = _run(loaded, perturbation={"G3": 4.0})
     assert torch.equal(after.images, before.images) and torch.equal(after.perturbed_images, before.perturbed_images)
@@ -177,8 +176,7 @@ def test_a_unet_pipeline_saved_before_the_transformer_component_loads_unchanged(
     assert index["transformer"] == [None, None] and index["unet"] == ["diffusers", "UNet2DConditionModel"]
     del index["transformer"]
     index_file.write_text(json.dumps(index))
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "old")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "old")
     assert loaded.transformer is None and isinstance(loaded.denoiser, UNet2DConditionModel)
     assert torch.equal(_run(loaded).images, before)
 
@@ -195,8 +193,7 @@ def test_token_merging_patches_every_transformer_block(tmp_path):
     rel = float((merged - base).norm() / base.norm())
     assert 0.0 < rel < 0.2
     pipe.save_pretrained(tmp_path / "gen")
-    loaded = SpatiaGenerationPipeline.from_pretrained(tmp_path / "gen")
-    loaded.set_progress_bar_config(disable=True)
+    loaded = _load(tmp_path / "gen")
     assert loaded.config.token_merging_ratio == 0.5 and hasattr(loaded.transformer, "_spatia_token_merging")
     assert torch.equal(_run(loaded, output_type="latent").images, merged)
     pipe.set_token_merging(0.0)
@@ -225,8 +222,7 @@ def test_train_generator_with_a_transformer_end_to_end_and_exact_resume(tmp_path
         train_generator(data, tmp_path / "part", max_steps=6, resume_from_checkpoint="latest",
                         **{**common, "denoiser": "unet"})
 
-    pipe = SpatiaGenerationPipeline.from_pretrained(full.pipeline_dir)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _load(full.pipeline_dir)
     assert pipe.unet is None and isinstance(pipe.transformer, PixArtTransformer2DModel) and pipe.image_size == 16
     out = pipe(np.ones(len(pipe.genes)), num_inference_steps=2, output_type="np", perturbation={pipe.genes[0]: 4.0})
     assert out.images.shape == out.perturbed_images.shape == (1, 16, 16, 2)
