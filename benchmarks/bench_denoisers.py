@@ -21,7 +21,7 @@ import torch
 
 
 def build(denoiser: str, genes: list[str], size: int, preset: str, seed: int):
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(seed)
     return SpatiaGenerationPipeline.from_genes(genes, image_size=size, size=preset, denoiser=denoiser)
@@ -41,7 +41,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from spatia_hf.pipeline_spatia import denoise, training_scheduler
+    from spatia_hf.pipelines.denoisers import denoise, training_scheduler
     from spatia_hf.training.generator import diffusion_loss
 
     genes = [f"GENE{i:03d}" for i in range(args.genes)]

@@ -170,8 +170,8 @@ def child_tissue(payload: dict) -> dict:
     import torch
 
     torch.set_num_threads(int(payload["threads"]))
-    from spatia_hf.configuration_spatia import SpatiaConfig
-    from spatia_hf.modeling_tissue import SpatiaTissueModel
+    from spatia_hf.models.configuration_spatia import SpatiaConfig
+    from spatia_hf.models.modeling_tissue import SpatiaTissueModel
 
     torch.manual_seed(0)
     config = SpatiaConfig.from_preset(payload["preset"], gene_vocab=["G0"]).tissue_config

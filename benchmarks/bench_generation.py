@@ -39,7 +39,7 @@ import torch
 def full_resolution_pipeline(size: int, seed: int, denoiser: str = "unet"):
     """A pipeline whose UNet has self-attention at full resolution (3 levels, 32/64/128 channels), or
     the ``small`` DiT (self-attention over the patch grid in every block)."""
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(seed)
     genes = [f"GENE{i:03d}" for i in range(64)]
@@ -58,8 +58,8 @@ def conditions(pipe, dataset: str | None, n: int, seed: int):
         rng = np.random.default_rng(seed)
         return rng.poisson(1.0, size=(n, len(pipe.genes))).astype(np.float32), list(pipe.genes), None, None
     from spatia_hf.data import schema
-    from spatia_hf.training.datasets import load_spatia_dataset
-    from spatia_hf.training.generator import dense_counts
+    from spatia_hf.data.datasets import load_spatia_dataset
+    from spatia_hf.training.loop import dense_counts
 
     data = load_spatia_dataset(dataset, ["cells"])
     cells = data["cells"].with_format("numpy", columns=[schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS,
@@ -92,7 +92,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     if args.pipeline:
         pipe = SpatiaGenerationPipeline.from_pretrained(args.pipeline)
@@ -152,7 +152,8 @@ def main() -> None:
                "variants": {}}
     feats = {}
     if real is not None:
-        from spatia_hf.evaluation.generation import _to_uint8, at_resolution, frechet_distance, morphology_features
+        from spatia_hf.evaluation.generation import _to_uint8, at_resolution, frechet_distance
+        from spatia_hf.evaluation.morphology import morphology_features
 
         # compared at the crops' size and the generator's resolution, as evaluate_generator does (a 32 px
         # image measured with the 64 px crops' pixel size would be half the size in µm)

@@ -63,7 +63,7 @@ def _sync(device: torch.device) -> Callable[[], None]:
 # ------------------------------------------------------------------------------------ (a) encoder
 def sparse_cells(n: int, panel: int, expressed: int, zero_ratio: float, seed: int):
     """Gene ids (vocab ids) and log1p values of ``n`` cells expressing ``expressed`` genes each."""
-    from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS
+    from spatia_hf.models.configuration_spatia import NUM_SPECIAL_TOKENS
 
     g = torch.Generator().manual_seed(seed)
     n_tok = expressed + int(round(zero_ratio * expressed))
@@ -76,8 +76,8 @@ def sparse_cells(n: int, panel: int, expressed: int, zero_ratio: float, seed: in
 def bench_encoder(args, device) -> dict:
     from transformers import BertConfig, BertModel
 
-    from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS, SpatiaCellConfig
-    from spatia_hf.modeling_cell import SpatiaExpressionEncoder
+    from spatia_hf.models.configuration_spatia import NUM_SPECIAL_TOKENS, SpatiaCellConfig
+    from spatia_hf.models.modeling_cell import SpatiaExpressionEncoder
 
     d, layers, heads, inter = args.width, args.depth, args.heads, args.intermediate
     genes = [f"G{i}" for i in range(args.panel)]
@@ -224,7 +224,7 @@ def peak_mib(fn: Callable[[], object], device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from spatia_hf.testing.memory import cpu_peak_mib
+    from spatia_hf.utils.memory import cpu_peak_mib
 
     return cpu_peak_mib(fn)
 

@@ -81,10 +81,10 @@ def main() -> None:
 
     from spatia_hf.data import schema
     from spatia_hf.data.synthetic import build_tiny_dataset
-    from spatia_hf.modeling_heads import SpatiaForPretraining
-    from spatia_hf.processing_spatia import SpatiaProcessor
+    from spatia_hf.models.modeling_heads import SpatiaForPretraining
+    from spatia_hf.models.processing_spatia import SpatiaProcessor
     from spatia_hf.training.arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.data.datasets import load_spatia_dataset
     from spatia_hf.training.pretrain import load_pretraining_model, run_pretraining
     from spatia_hf.training.setup import build_processor
 

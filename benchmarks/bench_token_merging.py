@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from spatia_hf.denoiser_merging import apply_token_merging
-from spatia_hf.token_merging import spatial_bipartite_matching
+from spatia_hf.pipelines.denoiser_merging import apply_token_merging
+from spatia_hf.models.token_merging import spatial_bipartite_matching
 
 
 def build_unet(size: int, cross_dim: int, heads: int, seed: int):

@@ -36,7 +36,7 @@ def _dataset(root: Path, crop_px: int, n_sections: int, n_cells: int) -> Path:
 
 def _setup(data_dir: Path, preset: str, max_cells: int, seed: int = 0):
     from spatia_hf.training.arguments import DataArguments, ModelArguments
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.data.datasets import load_spatia_dataset
     from spatia_hf.training.pretrain import build_pretraining_data, load_pretraining_model
     from spatia_hf.training.setup import build_processor
 

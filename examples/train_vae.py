@@ -22,6 +22,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from spatia_hf.evaluation.generation import vae_reconstruction_metrics
 from spatia_hf.training.vae import VaeTrainingArguments, run_vae_training
 
 
@@ -31,7 +32,7 @@ def main() -> None:
         (args,) = parser.parse_json_file(sys.argv[1])
     else:
         (args,) = parser.parse_args_into_dataclasses()
-    result = run_vae_training(args)
+    result = run_vae_training(args, measure=vae_reconstruction_metrics)
     if int(os.environ.get("RANK", "0")) != 0:  # metrics live on the main process; one summary per run
         return
     vae = result.metrics.get("vae", {})

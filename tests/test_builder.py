@@ -9,7 +9,8 @@ import pytest
 import scipy.sparse as sp
 
 from spatia_hf.data import schema
-from spatia_hf.data.builder import build_multiscale_dataset, load_gene_panel, load_sections_info
+from spatia_hf.data.builder import build_multiscale_dataset, load_sections_info
+from spatia_hf.data.gene_panel import read_gene_panel
 from spatia_hf.data.section import Section
 from spatia_hf.data.synthetic import build_tiny_dataset, make_synthetic_sections
 from spatia_hf.data.validation import SectionValidationError, validate_section
@@ -112,7 +113,7 @@ def test_border_crops_are_zero_padded_and_counted(secs, tmp_path):
 
 def test_expression_round_trips_through_the_gene_panel(built, secs):
     out, ds = built
-    panel = load_gene_panel(out)
+    panel = read_gene_panel(out)
     assert panel["genes"] == secs[0].genes and panel["mode"] == "first"
     rows = ds["cells"][:]
     ids = list(rows[schema.CELL_ID])
@@ -230,7 +231,7 @@ def test_union_and_first_gene_panels_map_by_symbol(secs, tmp_path):
     counts_b = sp.hstack([secs[1].counts_csr()[:, :150][:, ::-1], sp.csr_matrix(np.ones((secs[1].n_cells, 2)))]).tocsr()
     b = replace(secs[1], genes=genes_b, counts=counts_b)
     out = build_multiscale_dataset([a, b], tmp_path / "first", crop_px=16, niche_px=16, thumb_px=32, progress=False)
-    panel = load_gene_panel(out)
+    panel = read_gene_panel(out)
     assert panel["genes"] == a.genes
     assert panel["unknown_genes"]["synth_s01"]["genes"] == ["NOVEL1", "NOVEL2"]
     assert panel["unknown_genes"]["synth_s01"]["counts"] == 2 * b.n_cells
@@ -244,7 +245,7 @@ def test_union_and_first_gene_panels_map_by_symbol(secs, tmp_path):
     assert np.array_equal(v[:150], secs[1].counts_csr()[5].toarray().ravel()[:150]) and v[150:].sum() == 0
     out = build_multiscale_dataset([a, b], tmp_path / "union", crop_px=16, niche_px=16, thumb_px=32,
                                    gene_panel="union", progress=False)
-    panel = load_gene_panel(out)
+    panel = read_gene_panel(out)
     assert panel["genes"] == a.genes + ["NOVEL1", "NOVEL2"] and panel["mode"] == "union"
     assert panel["unknown_genes"]["synth_s01"]["n"] == 0
 
@@ -302,7 +303,7 @@ def test_outside_cells_can_be_dropped_and_counted(secs, tmp_path):
     moved[:5, 0] += 10_000.0
     out = build_multiscale_dataset([replace(s, centroids_um=moved)], tmp_path / "d", outside="drop", crop_px=16,
                                    niche_px=16, thumb_px=32, progress=False)
-    assert load_gene_panel(out)["dropped"]["synth_s00"] == {"cells_outside_image": 5}
+    assert read_gene_panel(out)["dropped"]["synth_s00"] == {"cells_outside_image": 5}
     assert load_sections_info(out)["sections"][0]["n_cells"] == s.n_cells - 5
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from spatia_hf.denoiser_merging import (
+from spatia_hf.pipelines.denoiser_merging import (
     DenoiserMergingConfig,
     SpatialMergingAttnProcessor,
     _MergingState,

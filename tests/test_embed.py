@@ -8,9 +8,9 @@ import scipy.sparse as sp
 import torch
 
 import spatia_hf.tl as tl
-from spatia_hf.configuration_spatia import SpatiaConfig
-from spatia_hf.modeling_spatia import SpatiaModel
-from spatia_hf.processing_spatia import SpatiaProcessor
+from spatia_hf.models.configuration_spatia import SpatiaConfig
+from spatia_hf.models.modeling_spatia import SpatiaModel
+from spatia_hf.models.processing_spatia import SpatiaProcessor
 
 
 def _external_adata(n_cells=60, n_genes=30, px=0.5, seed=0):

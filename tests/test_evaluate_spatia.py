@@ -19,8 +19,8 @@ def tiny(tmp_path_factory):
     """A 3-section dataset, a random tiny pretraining checkpoint and a random annotation head."""
     from spatia_hf import SpatiaConfig, SpatiaForCellClassification, SpatiaForPretraining
     from spatia_hf.data.synthetic import build_tiny_dataset
-    from spatia_hf.processing_spatia import SpatiaProcessor
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.models.processing_spatia import SpatiaProcessor
+    from spatia_hf.data.datasets import load_spatia_dataset
 
     root = tmp_path_factory.mktemp("evaluate_spatia")
     data = build_tiny_dataset(root / "data", n_sections=3, n_cells=70, seed=0)
@@ -101,7 +101,7 @@ def test_zero_shot_imputation_cannot_read_the_masked_values(inputs, ckpt):
 
 def test_hidden_cell_context_does_not_read_the_cell_itself(tiny, inputs, ckpt):
     from spatia_hf.evaluation.spatia_methods import hidden_cell_context
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.data.datasets import load_spatia_dataset
 
     niches = load_spatia_dataset(tiny["data"], ("niches",))["niches"]
     rng = np.random.default_rng(0)
@@ -161,7 +161,7 @@ def test_embeddings_are_aligned_by_section_and_cell_not_by_row(inputs):
 
 def test_null_condition_ignores_the_expression():
     from spatia_hf.evaluation.spatia_methods import null_condition
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(0)
     pipe = SpatiaGenerationPipeline.from_genes([f"G{i}" for i in range(12)], image_size=16, size="tiny")
@@ -196,7 +196,7 @@ def test_section_overlap_is_reported_from_the_training_records(tmp_path):
 
 def test_pretraining_records_its_sections_and_suite_default_agrees():
     from spatia_hf.evaluation.splits import section_split
-    from spatia_hf.training.datasets import default_eval_sections
+    from spatia_hf.data.datasets import default_eval_sections
     from spatia_hf.training.pretrain import _section_record
 
     class Data:
@@ -264,8 +264,8 @@ def test_cli_rejects_bad_task_numbers_and_checkpoints(tiny, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_pipeline(tiny):
     """A random tiny generation pipeline at 16 px on the dataset's genes (crops are resized to 32 px)."""
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.data.datasets import load_spatia_dataset
 
     torch.manual_seed(0)
     genes = list(load_spatia_dataset(tiny["data"], ("cells",)).genes)

@@ -1,5 +1,5 @@
 """Hub publishing: cards, repo-id/token checks, and push -> download -> offline load round trips
-through the loopback Hub (``spatia_hf.testing.LoopbackHub``) for a model, the generation pipeline and
+through the loopback Hub (``tests/hub_server.LoopbackHub``) for a model, the generation pipeline and
 datasets. Every test keeps Hugging Face caches in its own temporary folder."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import spatia_hf
 from spatia_hf import hub
-from spatia_hf.testing import LoopbackHub, isolated_hf_home
+from hub_server import LoopbackHub, isolated_hf_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENES = [f"GENE{i}" for i in range(12)]
@@ -112,7 +112,7 @@ def test_folder_files_refuses_pickled_weights(tmp_path):
 
 
 def test_templates_ship_in_the_package_and_match_model_cards():
-    for kind, name in hub.TEMPLATE_FILES.items():
+    for kind, name in hub.cards.TEMPLATE_FILES.items():
         packaged = hub.template_path(kind)
         assert packaged.is_file(), packaged
         assert (REPO_ROOT / "model_cards" / name).read_text() == packaged.read_text()
@@ -262,7 +262,7 @@ def test_model_push_to_hub_method_publishes_the_spatia_card(loopback):
 
 
 def test_pipeline_round_trip_through_loopback_hub(loopback, tmp_path):
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(0)
     pipe = SpatiaGenerationPipeline.from_genes(GENES, image_size=16, size="tiny")
@@ -290,10 +290,25 @@ def test_pipeline_round_trip_through_loopback_hub(loopback, tmp_path):
     assert torch.equal(expected, generate(offline))
 
 
+def test_pipeline_save_pretrained_push_to_hub_publishes_the_spatia_card(loopback, tmp_path):
+    """One push route: ``save_pretrained(push_to_hub=True)`` commits the folder with the SPATIA card, as
+    ``push_to_hub`` and ``spatia push`` do (diffusers' own upload would publish no card)."""
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
+
+    pipe = SpatiaGenerationPipeline.from_genes(GENES, image_size=16, size="tiny")
+    with loopback.client():
+        pipe.save_pretrained(tmp_path / "gen", push_to_hub=True, repo_id="lab/gen-saved", token=loopback.token)
+    files = loopback.files("lab/gen-saved")
+    assert {"model_index.json", "README.md"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "spatia-hf" and "`condition_encoder`" in card.text
+    assert not (tmp_path / "gen" / "README.md").exists()  # the local folder is left as saved
+
+
 def test_pipeline_mixin_loads_package_components_that_diffusers_download_rejects(loopback):
     from diffusers import DiffusionPipeline
 
-    from spatia_hf.testing.toy_pipeline import ToyPipeline, tiny_toy_pipeline
+    from toy_pipeline import ToyPipeline, tiny_toy_pipeline
 
     pipe = tiny_toy_pipeline()
     cond = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
@@ -301,7 +316,7 @@ def test_pipeline_mixin_loads_package_components_that_diffusers_download_rejects
     with loopback.client():
         pipe.push_to_hub("lab/toy-gen", token=loopback.token)  # the mixin's push: one commit with our card
         files = loopback.files("lab/toy-gen")
-        assert json.loads(files["model_index.json"])["denoiser"] == ["spatia_hf.testing.toy_pipeline", "ToyDenoiser"]
+        assert json.loads(files["model_index.json"])["denoiser"] == ["toy_pipeline", "ToyDenoiser"]
         assert "ToyPipeline.from_pretrained(\"lab/toy-gen\")" in files["README.md"].decode()
         # what the mixin works around: diffusers 0.42's own Hub download refuses the module path
         with pytest.raises(ValueError, match="does not exist in lab/toy-gen"):
@@ -323,6 +338,8 @@ def tiny_dataset_dir(tmp_path_factory):
 def test_dataset_folder_round_trip_through_loopback_hub(loopback, tiny_dataset_dir):
     import datasets
 
+    from spatia_hf.data.datasets import load_spatia_dataset, resolve_dataset_dir
+    from spatia_hf.data.gene_panel import read_gene_panel
     from spatia_hf.data.schema import CELL_ID, CONFIGS, GENE_PANEL_FILE
 
     before = _snapshot(tiny_dataset_dir)
@@ -335,19 +352,19 @@ def test_dataset_folder_round_trip_through_loopback_hub(loopback, tiny_dataset_d
         assert card.data.license == "apache-2.0"
         assert 'load_dataset("lab/spatia-tiny-data", "cells", split="train")' in card.text
         online = datasets.load_dataset("lab/spatia-tiny-data", "cells", split="train")
-        panel = hub.load_gene_panel("lab/spatia-tiny-data")
+        panel = read_gene_panel("lab/spatia-tiny-data")
         with pytest.raises(FileNotFoundError, match="incomplete.*niches"):  # only cells was fetched so far
-            hub.resolve_dataset_dir("lab/spatia-tiny-data", local_files_only=True)
-        folder = hub.resolve_dataset_dir("lab/spatia-tiny-data")  # the whole dataset, once
+            resolve_dataset_dir("lab/spatia-tiny-data", local_files_only=True)
+        folder = resolve_dataset_dir("lab/spatia-tiny-data")  # the whole dataset, once
     assert online.to_dict() == local["cells"].to_dict()
     assert panel == json.loads((tiny_dataset_dir / GENE_PANEL_FILE).read_text())
     assert _snapshot(tiny_dataset_dir) == before
     loopback.stop()
     assert datasets.load_dataset("lab/spatia-tiny-data", "cells", split="train")[CELL_ID] == local["cells"][CELL_ID]
-    assert hub.load_gene_panel("lab/spatia-tiny-data") == panel
-    assert hub.resolve_dataset_dir("lab/spatia-tiny-data") == folder
+    assert read_gene_panel("lab/spatia-tiny-data") == panel
+    assert resolve_dataset_dir("lab/spatia-tiny-data") == folder
     for config in CONFIGS:  # the whole folder, offline, through the package's own loader
-        assert hub.load_spatia_dataset("lab/spatia-tiny-data", config).to_dict() == local[config].to_dict()
+        assert load_spatia_dataset("lab/spatia-tiny-data", (config,))[config].to_dict() == local[config].to_dict()
 
 
 def test_dataset_dict_push_to_hub_with_gene_panel(loopback):

@@ -159,7 +159,7 @@ def test_register_auto_classes_registers_at_once():
     from transformers import AutoConfig, AutoModel
 
     from spatia_hf import SpatiaConfig, SpatiaModel, register_auto_classes
-    from spatia_hf.utils.auto_registration import is_registered
+    from spatia_hf.models.auto_registration import is_registered
 
     register_auto_classes()
     assert is_registered()

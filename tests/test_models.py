@@ -27,7 +27,7 @@ from spatia_hf import (
     SpatiaTissueModel,
     expression_encoder_state,
 )
-from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID, PRESETS, SpatiaTissueConfig
+from spatia_hf.models.configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID, PRESETS, SpatiaTissueConfig
 
 hf_logging.set_verbosity_error()
 
@@ -527,9 +527,9 @@ def test_package_exports():
 def test_image_embeddings_of_distinct_crops_are_not_collapsed_at_init():
     """Regression: the built-in ViT gave every crop ~the same image embedding at init (mean pairwise
     cosine 0.998 on random crops), so image-expression InfoNCE could not leave chance."""
-    from spatia_hf.configuration_spatia import SpatiaCellConfig
-    from spatia_hf.modeling_cell import SpatiaCellModel
-    from spatia_hf.processing_spatia import SpatiaProcessor
+    from spatia_hf.models.configuration_spatia import SpatiaCellConfig
+    from spatia_hf.models.modeling_cell import SpatiaCellModel
+    from spatia_hf.models.processing_spatia import SpatiaProcessor
 
     torch.manual_seed(0)
     config = SpatiaCellConfig(gene_vocab=["G0", "G1", "G2"], hidden_size=32, num_attention_heads=2,

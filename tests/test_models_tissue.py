@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spatia_hf import SpatiaTissueConfig, SpatiaTissueModel
-from spatia_hf.modeling_layers import additive_mask
-from spatia_hf.token_merging import merge_count
+from spatia_hf.models.modeling_layers import additive_mask
+from spatia_hf.models.token_merging import merge_count
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,7 +191,7 @@ def test_merge_input_ratio_is_validated(bad):
 @pytest.mark.parametrize("ratio", [0.0, 0.3])
 def test_token_chunking_does_not_change_outputs(monkeypatch, ratio):
     """Chunked MLP (chunk_size_feed_forward) and chunked full-size stages give the same values."""
-    from spatia_hf import modeling_tissue
+    from spatia_hf.models import modeling_tissue
 
     model = tissue(merge_ratio=ratio)
     chunked = tissue(merge_ratio=ratio, chunk_size_feed_forward=7)
@@ -219,7 +219,7 @@ def test_chunked_feed_forward_gradients_match():
 
 def test_input_merge_lowers_peak_memory_of_a_large_section():
     """The bench's measure on a small case: merging lowers the peak, the input merge more."""
-    from spatia_hf.testing.memory import cpu_peak_mib
+    from spatia_hf.utils.memory import cpu_peak_mib
 
     def peak(model, emb, pos):
         with torch.inference_mode():

@@ -9,8 +9,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 from spatia_hf import SpatiaCellConfig, SpatiaCellModel
-from spatia_hf.condition_encoder import SpatiaConditionEncoder, log1p_normalize
-from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput, render_rgb
+from spatia_hf.pipelines.condition_encoder import SpatiaConditionEncoder, log1p_normalize
+from spatia_hf.pipelines.image_processing import render_rgb
+from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput
 
 GENES = [f"G{i}" for i in range(12)]
 STEPS = 3
@@ -53,7 +54,7 @@ def test_save_load_round_trip_gives_identical_images(pipe, tmp_path):
     before = _run(pipe).images
     pipe.save_pretrained(tmp_path / "gen")
     index = json.loads((tmp_path / "gen" / "model_index.json").read_text())
-    assert index["condition_encoder"] == ["spatia_hf.condition_encoder", "SpatiaConditionEncoder"]
+    assert index["condition_encoder"] == ["spatia_hf.pipelines.condition_encoder", "SpatiaConditionEncoder"]
     assert index["vae"] == [None, None] and index["channel_names"] == ["DAPI", "boundary"]
     weights = sorted(p.name for p in (tmp_path / "gen").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
     assert weights == ["diffusion_pytorch_model.safetensors"] * 2
@@ -78,7 +79,7 @@ def test_hub_layout_accepts_the_module_path_component():
     from diffusers.pipelines.pipeline_loading_utils import _get_custom_components_and_folders
 
     config = {"_class_name": "SpatiaGenerationPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-              "condition_encoder": ["spatia_hf.condition_encoder", "SpatiaConditionEncoder"], "vae": [None, None]}
+              "condition_encoder": ["spatia_hf.pipelines.condition_encoder", "SpatiaConditionEncoder"], "vae": [None, None]}
     custom, folders = _get_custom_components_and_folders("org/gen", config, ["model_index.json"])
     assert custom == {} and "condition_encoder" in folders
 
@@ -340,7 +341,7 @@ def test_latent_generation_with_a_vae():
 # ------------------------------------------------------------------ training
 @pytest.mark.parametrize("denoiser", ["unet", "transformer"])
 def test_a_few_training_steps_reduce_the_loss(denoiser):
-    from spatia_hf.pipeline_spatia import training_scheduler
+    from spatia_hf.pipelines.denoisers import training_scheduler
     from spatia_hf.training.generator import diffusion_loss
 
     pipe = _pipe(denoiser=denoiser)
@@ -401,7 +402,7 @@ def test_generator_training_runs_two_process_ddp_on_cpu_and_resumes(tmp_path):
 
 
 def test_noise_offset_shifts_each_image_channel_and_zero_changes_nothing():
-    from spatia_hf.pipeline_spatia import training_scheduler
+    from spatia_hf.pipelines.denoisers import training_scheduler
     from spatia_hf.training.generator import GeneratorTrainingArguments, diffusion_loss
 
     pipe = _pipe()
@@ -461,10 +462,10 @@ def test_train_generator_end_to_end_and_exact_resume(tmp_path):
 
 def _assert_profile_statistics_of_the_training_cells(enc, data) -> None:
     """The saved encoder standardises with the training section's per-gene log1p mean / std."""
-    from spatia_hf.condition_encoder import profile_statistics
+    from spatia_hf.pipelines.condition_encoder import profile_statistics
     from spatia_hf.data import schema
-    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
-    from spatia_hf.training.generator import dense_counts
+    from spatia_hf.data.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.training.loop import dense_counts
 
     train, _ = split_by_section(load_spatia_dataset(data, ["cells"])["cells"], None)
     cols = train.with_format("numpy", columns=[schema.GENE_INDICES, schema.GENE_COUNTS])[:]
@@ -487,7 +488,7 @@ def _disks(radii_px, size=24, brightness=0.8):
 
 
 def test_nucleus_area_measures_disks_in_um2():
-    from spatia_hf.evaluation.generation import nucleus_area
+    from spatia_hf.evaluation.morphology import nucleus_area
 
     px = 0.5
     radii = np.array([4.0, 6.0, 8.0])
@@ -497,7 +498,8 @@ def test_nucleus_area_measures_disks_in_um2():
 
 
 def test_real_crops_at_the_generator_resolution_keep_shape_and_nucleus_size():
-    from spatia_hf.evaluation.generation import at_resolution, nucleus_area
+    from spatia_hf.evaluation.generation import at_resolution
+    from spatia_hf.evaluation.morphology import nucleus_area
 
     crops = (_disks(np.array([5.0, 7.0]), size=32) * 255).round().astype(np.uint8)
     assert np.array_equal(at_resolution(crops, 32), crops)  # already at that resolution: unchanged
@@ -543,7 +545,7 @@ def test_cli_generate_from_a_dataset_and_from_a_csv(tmp_path, capsys):
 
     from spatia_hf.cli import main
     from spatia_hf.data.synthetic import build_tiny_dataset
-    from spatia_hf.training.datasets import read_gene_panel
+    from spatia_hf.data.gene_panel import read_gene_panel
 
     data = build_tiny_dataset(tmp_path / "data", n_sections=1, n_cells=20, crop_px=16, niche_px=16, thumb_px=32)
     genes = read_gene_panel(data)["genes"]
@@ -574,7 +576,7 @@ def test_cli_generate_from_a_dataset_and_from_a_csv(tmp_path, capsys):
 
 def test_default_sampler_keeps_pixel_predictions_in_range():
     """DPM-Solver++ on the cosine schedule needs thresholding in pixel space (else noise comes out)."""
-    from spatia_hf.pipeline_spatia import sampling_scheduler, training_scheduler
+    from spatia_hf.pipelines.denoisers import sampling_scheduler, training_scheduler
 
     sched = sampling_scheduler(training_scheduler())
     assert sched.config.thresholding and sched.config.sample_max_value == 1.0
@@ -593,7 +595,7 @@ def test_default_sampler_keeps_pixel_predictions_in_range():
 def test_training_maps_the_dataset_panel_onto_a_pretrained_vocabulary(tmp_path):
     """--spatia_model brings its own gene order (and genes the dataset lacks): columns are mapped."""
     from spatia_hf.data.synthetic import build_tiny_dataset
-    from spatia_hf.training.datasets import read_gene_panel
+    from spatia_hf.data.gene_panel import read_gene_panel
     from spatia_hf.training.generator import train_generator
 
     data = build_tiny_dataset(tmp_path / "data", n_sections=1, n_cells=24, crop_px=16, niche_px=16, thumb_px=32)
@@ -607,8 +609,9 @@ def test_training_maps_the_dataset_panel_onto_a_pretrained_vocabulary(tmp_path):
                              max_steps=1, checkpoint_every=0, progress=False, eval_sections=[])
     pipe = SpatiaGenerationPipeline.from_pretrained(result.pipeline_dir)
     assert pipe.genes == vocab
-    from spatia_hf.training.generator import CellBatches, _panel_column_map
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.training.generator import _panel_column_map
+    from spatia_hf.training.loop import CellBatches
+    from spatia_hf.data.datasets import load_spatia_dataset
 
     cmap = _panel_column_map(vocab, None, genes, None)
     assert cmap[0] == len(vocab) - 1 and (cmap >= 1).all()

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from spatia_hf.condition_encoder import SpatiaConditionEncoder, log1p_normalize, profile_statistics
-from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, make_unet, training_scheduler, uses_global_condition
+from spatia_hf.pipelines.condition_encoder import SpatiaConditionEncoder, log1p_normalize, profile_statistics
+from spatia_hf.pipelines.denoisers import make_unet, training_scheduler, uses_global_condition
+from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 from spatia_hf.training.generator import diffusion_loss
 from test_pipeline import GENES, STEPS, _counts, _load, _pipe, _run  # the same tiny pipeline
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
-from spatia_hf.pipeline_spatia import (TRANSFORMER_PRESETS, SpatiaGenerationPipeline, SpatiaPipelineOutput, denoise,
-                                       denoiser_kind, make_transformer, render_rgb, uses_global_condition)
+from spatia_hf.pipelines.denoisers import TRANSFORMER_PRESETS, denoise, denoiser_kind, make_transformer, uses_global_condition
+from spatia_hf.pipelines.image_processing import render_rgb
+from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput
 from spatia_hf.training.generator import GeneratorTrainingArguments
 from test_pipeline import GENES, STEPS, _counts, _load, _pipe, _run  # the same tiny panel and call
 

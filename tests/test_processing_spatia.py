@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spatia_hf import SpatiaConfig, SpatiaModel, SpatiaProcessor
-from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID
+from spatia_hf.models.configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID
 from spatia_hf.data.schema import GENE_COUNTS, GENE_INDICES, GENE_PANEL_FILE, IMAGE
 
 VOCAB = [f"G{i}" for i in range(20)]

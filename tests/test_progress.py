@@ -73,7 +73,7 @@ def test_nested_blocks_restore_the_outer_state():
 
 
 def test_pipeline_denoising_bar_is_hidden_then_restored():
-    from spatia_hf.testing.toy_pipeline import tiny_toy_pipeline
+    from toy_pipeline import tiny_toy_pipeline
 
     pipe = tiny_toy_pipeline()
     pipe.set_progress_bar_config(desc="denoise")

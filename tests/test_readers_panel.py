@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from spatia_hf.data.panel import load_vocabulary, panel_coverage
+from spatia_hf.data.gene_panel import load_vocabulary, panel_coverage
 
 GENES = ["CD3E", "MS4A1", "EPCAM", "Ptprc", "NOVEL1"]
 

@@ -10,7 +10,8 @@ import pytest
 
 from instrument_fixtures import XENIUM_STAINS, CROP_PX, cell_image, crop_args, aligned_counts, marker_offset, reorder, write_xenium
 from spatia_hf.cli import main
-from spatia_hf.data.builder import build_multiscale_dataset, load_gene_panel, load_sections_info
+from spatia_hf.data.builder import build_multiscale_dataset, load_sections_info
+from spatia_hf.data.gene_panel import read_gene_panel
 from spatia_hf.data.readers.xenium import read_10x_h5, read_xenium
 
 PX = 0.5
@@ -53,7 +54,7 @@ def test_marker_lands_at_the_centre_of_its_cells_crop(bundle, tmp_path):
     assert np.abs(marker_offset(crop)).max() <= 0.5
     other = cell_image(out, truth.cell_ids[0])  # a cell far from the marker has no bright centre
     assert other[0, CROP_PX // 2, CROP_PX // 2] < 200
-    panel = load_gene_panel(out)
+    panel = read_gene_panel(out)
     assert sorted(panel["genes"]) == sorted(truth.genes) and all(i.startswith("ENSG") for i in panel["gene_ids"])
     assert panel["dropped"]["region_A"]["features:Negative Control Probe"] == 2
 

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from instrument_fixtures import write_xenium  # noqa: E402
 
 from spatia_hf.cli import main  # noqa: E402
-from spatia_hf.configuration_spatia import SpatiaConfig  # noqa: E402
+from spatia_hf.models.configuration_spatia import SpatiaConfig  # noqa: E402
 from spatia_hf.data.builder import build_multiscale_dataset  # noqa: E402
 from spatia_hf.data.synthetic import make_synthetic_sections  # noqa: E402
 from spatia_hf.data.validation import SectionValidationError  # noqa: E402
-from spatia_hf.modeling_spatia import SpatiaModel  # noqa: E402
+from spatia_hf.models.modeling_spatia import SpatiaModel  # noqa: E402
 
 SIZES = dict(crop_px=32, niche_px=32, thumb_px=64, progress=False)
 CLI_SIZES = ["--crop-px", "32", "--niche-px", "32", "--thumb-px", "64", "--no-progress"]
@@ -242,7 +242,7 @@ def _gene_id_outside_vocab(env):
 
 
 def _pipe(env):
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     pipe = SpatiaGenerationPipeline.from_pretrained(env.pipeline)
     pipe.set_progress_bar_config(disable=True)
@@ -274,7 +274,7 @@ def _pipeline_width(env):
 
 
 def _pipeline_corrupt_weights(env):
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     copy = env.inp / "pipe"
     shutil.copytree(env.pipeline, copy)
@@ -398,7 +398,7 @@ def shared(tmp_path_factory) -> Env:
     genes = list(sections[0].genes)
     torch.manual_seed(0)
     SpatiaModel(SpatiaConfig.from_preset("tiny", gene_vocab=genes, num_channels=2)).save_pretrained(root / "model")
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     SpatiaGenerationPipeline.from_genes(genes, image_size=16, size="tiny").save_pretrained(root / "pipeline")
     return Env(sections, root / "synth", root / "model", root / "pipeline")

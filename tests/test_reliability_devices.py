@@ -18,14 +18,14 @@ import pytest
 import torch
 
 import spatia_hf
-from spatia_hf.commands._common import resolve_device
+from spatia_hf.utils.devices import resolve_device
 from spatia_hf.commands._training import apply_device
-from spatia_hf.configuration_spatia import SpatiaConfig
-from spatia_hf.modeling_spatia import SpatiaModel
+from spatia_hf.models.configuration_spatia import SpatiaConfig
+from spatia_hf.models.modeling_spatia import SpatiaModel
 
 PACKAGE = Path(spatia_hf.__file__).parent
 # (module, function) allowed to spell out device names: the only places that resolve --device
-DEVICE_HELPERS = {("commands/_common.py", "resolve_device"), ("commands/_training.py", "apply_device")}
+DEVICE_HELPERS = {("utils/devices.py", "resolve_device"), ("commands/_training.py", "apply_device")}
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -145,9 +145,9 @@ def test_cpu_run_with_cuda_hidden(tmp_path, checkpoint):
     generation pipeline end to end."""
     script = textwrap.dedent(f"""
         import torch
-        from spatia_hf.commands._common import resolve_device
+        from spatia_hf.utils.devices import resolve_device
         from spatia_hf import SpatiaModel
-        from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+        from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
         device = resolve_device("auto")
         assert device.type == "cpu" and not torch.cuda.is_available(), device
         model = SpatiaModel.from_pretrained({str(checkpoint)!r}).to(device)
@@ -170,7 +170,7 @@ def test_gpu_embeddings_match_cpu(tmp_path, checkpoint):
 
     from spatia_hf.data.synthetic import build_tiny_dataset
     from spatia_hf.inference import embed_dataset
-    from spatia_hf.processing_spatia import SpatiaProcessor
+    from spatia_hf.models.processing_spatia import SpatiaProcessor
 
     ds = build_tiny_dataset(tmp_path / "ds", n_sections=2, n_cells=50)
     genes = json.loads((ds / "gene_panel.json").read_text())["genes"]
@@ -186,7 +186,7 @@ def test_gpu_embeddings_match_cpu(tmp_path, checkpoint):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_pipeline_generates_on_the_gpu():
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     pipe = SpatiaGenerationPipeline.from_genes(["A", "B", "C"], image_size=16, size="tiny").to(resolve_device("cuda"))
     pipe.set_progress_bar_config(disable=True)

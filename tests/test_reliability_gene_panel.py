@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from spatia_hf.configuration_spatia import SpatiaConfig
+from spatia_hf.models.configuration_spatia import SpatiaConfig
 from spatia_hf.data import schema
 from spatia_hf.data.builder import build_multiscale_dataset, load_sections_info
 from spatia_hf.data.synthetic import make_synthetic_sections
-from spatia_hf.modeling_spatia import SpatiaModel
-from spatia_hf.processing_spatia import SpatiaProcessor
+from spatia_hf.models.modeling_spatia import SpatiaModel
+from spatia_hf.models.processing_spatia import SpatiaProcessor
 
 SIZES = dict(crop_px=32, niche_px=32, thumb_px=64, progress=False)
 N_UNKNOWN = 120  # of the synthetic panel's 200 genes: coverage 0.4
@@ -184,7 +184,7 @@ def test_tl_embed_matches_ensembl_ids(sections, partial_model_dir):
 # ----------------------------------------------------------------------------- generation pipeline
 @pytest.fixture(scope="module")
 def pipe(genes):
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(0)
     vocab = genes[N_UNKNOWN:]

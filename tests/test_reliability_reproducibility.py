@@ -24,13 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spatia_hf.configuration_spatia import SpatiaConfig
+from spatia_hf.models.configuration_spatia import SpatiaConfig
 from spatia_hf.data import schema
 from spatia_hf.data.builder import build_multiscale_dataset
 from spatia_hf.data.synthetic import build_tiny_dataset, make_synthetic_sections
 from spatia_hf.inference import DatasetEmbeddings, embed_dataset
-from spatia_hf.modeling_spatia import SpatiaModel
-from spatia_hf.processing_spatia import SpatiaProcessor
+from spatia_hf.models.modeling_spatia import SpatiaModel
+from spatia_hf.models.processing_spatia import SpatiaProcessor
 
 ATOL = 1e-5
 RTOL = 1e-5

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import spatia_hf
-from spatia_hf.configuration_spatia import SpatiaConfig
-from spatia_hf.modeling_spatia import SpatiaModel
+from spatia_hf.models.configuration_spatia import SpatiaConfig
+from spatia_hf.models.modeling_spatia import SpatiaModel
 
 PACKAGE = Path(spatia_hf.__file__).parent
 
@@ -220,7 +220,7 @@ def test_auto_map_code_in_a_checkpoint_never_runs(checkpoint, tmp_path):
 
 
 def test_pipeline_ignores_pickled_component_weights(tmp_path):
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     marker = tmp_path / "PWNED"
     torch.manual_seed(0)
@@ -238,8 +238,8 @@ def test_pipeline_ignores_pickled_component_weights(tmp_path):
 
 def test_saved_artifacts_hold_no_pickles(checkpoint, tmp_path):
     """What the package writes (model, processor, pipeline) is safetensors + JSON only."""
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
-    from spatia_hf.processing_spatia import SpatiaProcessor
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.models.processing_spatia import SpatiaProcessor
 
     SpatiaProcessor.from_config(SpatiaConfig.from_pretrained(checkpoint)).save_pretrained(checkpoint)
     SpatiaGenerationPipeline.from_genes(["A", "B"], image_size=16, size="tiny").save_pretrained(tmp_path / "pipe")

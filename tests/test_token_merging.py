@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from spatia_hf.token_merging import (
+from spatia_hf.models.token_merging import (
     MergeTracker,
     grid_destination_mask,
     grid_positions,

@@ -4,9 +4,9 @@ big chunk, and the matching + merge never hold full-size copies of the metric or
 import pytest
 import torch
 
-from spatia_hf import token_merging
-from spatia_hf.testing.memory import cpu_peak_mib
-from spatia_hf.token_merging import spatial_bipartite_matching
+from spatia_hf.models import token_merging
+from spatia_hf.utils.memory import cpu_peak_mib
+from spatia_hf.models.token_merging import spatial_bipartite_matching
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

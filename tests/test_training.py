@@ -191,7 +191,7 @@ from spatia_hf.training.arguments import (  # noqa: E402
     ModelArguments,
     SpatiaTrainingArguments,
 )
-from spatia_hf.training.collators import (  # noqa: E402
+from spatia_hf.data.collators import (  # noqa: E402
     CellCollator,
     ExpressionTargetCollator,
     ImputationCollator,
@@ -199,7 +199,7 @@ from spatia_hf.training.collators import (  # noqa: E402
     TissueCollator,
     token_mask_from_noise,
 )
-from spatia_hf.training.datasets import (  # noqa: E402
+from spatia_hf.data.datasets import (  # noqa: E402
     ArrowRows,
     NicheCellsDataset,
     load_spatia_dataset,
@@ -569,7 +569,7 @@ def test_pretraining_batches_carry_seeded_masks_the_model_uses(tiny, tiny_dir):
 
 
 def test_push_to_hub_passes_through_to_the_trainer(tiny_dir, tmp_path):
-    from spatia_hf.testing import LoopbackHub
+    from hub_server import LoopbackHub
     from spatia_hf.training.pretrain import run_pretraining
 
     with LoopbackHub() as hub, hub.client():

@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from spatia_hf.evaluation.generation import vae_reconstruction_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: fastest on one thread
 
-COMMON_VAE = dict(size="tiny", batch_size=4, warmup_steps=1, progress=False, eval_cells=16, scaling_cells=32, seed=1)
+COMMON_VAE = dict(size="tiny", batch_size=4, warmup_steps=1, progress=False, eval_cells=16, scaling_cells=32, seed=1,
+                  measure=vae_reconstruction_metrics)
 COMMON_GEN = dict(size="tiny", batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1, progress=False, seed=3)
 
 
@@ -29,8 +31,8 @@ def trained_vae(data, tmp_path_factory):
 
 def _training_crops(data) -> torch.Tensor:
     from spatia_hf.data import schema
-    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
-    from spatia_hf.training.generator import images_to_model_space
+    from spatia_hf.data.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.training.loop import images_to_model_space
 
     train, _ = split_by_section(load_spatia_dataset(data, ["cells"])["cells"], None)
     images = np.asarray(train.with_format("numpy", columns=[schema.IMAGE])[:][schema.IMAGE])

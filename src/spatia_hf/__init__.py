@@ -7,7 +7,7 @@ imported from its module on first access (``from spatia_hf import SpatiaModel`` 
 Importing the package still registers the SPATIA classes with transformers' Auto classes, so
 ``AutoConfig``/``AutoModel.from_pretrained(path)`` work without ``trust_remote_code``: the
 registration runs as soon as transformers loads its Auto modules (see
-``spatia_hf.utils.auto_registration``), or at once with ``spatia_hf.register_auto_classes()``.
+``spatia_hf.models.auto_registration``), or at once with ``spatia_hf.register_auto_classes()``.
 """
 
 from __future__ import annotations
@@ -15,35 +15,36 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .utils.auto_registration import install as _install_auto_registration
-from .utils.auto_registration import register_auto_classes
+from ._compat import install_legacy_module_paths as _install_legacy_module_paths
+from .models.auto_registration import install as _install_auto_registration
+from .models.auto_registration import register_auto_classes
 from .utils.progress import progress_bars
+from .utils.version import __version__
 
-__version__ = "0.1.0"
 
 # public name -> module (relative to the package) that defines it; a submodule maps to itself.
 _LAZY: dict[str, str] = {
     # models (issue 3)
-    "SpatiaCellConfig": "configuration_spatia",
-    "SpatiaNicheConfig": "configuration_spatia",
-    "SpatiaTissueConfig": "configuration_spatia",
-    "SpatiaConfig": "configuration_spatia",
-    "SpatiaCellModel": "modeling_cell",
-    "SpatiaExpressionEncoder": "modeling_cell",
-    "expression_encoder_state": "modeling_cell",
-    "SpatiaNicheModel": "modeling_niche",
-    "SpatiaTissueModel": "modeling_tissue",
-    "SpatiaModel": "modeling_spatia",
-    "SpatiaForPretraining": "modeling_heads",
-    "SpatiaForCellClassification": "modeling_heads",
-    "SpatiaForGeneImputation": "modeling_heads",
-    "SpatiaForExpressionPrediction": "modeling_heads",
-    "SpatiaForTissueClassification": "modeling_heads",
-    "SpatiaProcessor": "processing_spatia",
+    "SpatiaCellConfig": "models.configuration_spatia",
+    "SpatiaNicheConfig": "models.configuration_spatia",
+    "SpatiaTissueConfig": "models.configuration_spatia",
+    "SpatiaConfig": "models.configuration_spatia",
+    "SpatiaCellModel": "models.modeling_cell",
+    "SpatiaExpressionEncoder": "models.modeling_cell",
+    "expression_encoder_state": "models.modeling_cell",
+    "SpatiaNicheModel": "models.modeling_niche",
+    "SpatiaTissueModel": "models.modeling_tissue",
+    "SpatiaModel": "models.modeling_spatia",
+    "SpatiaForPretraining": "models.modeling_heads",
+    "SpatiaForCellClassification": "models.modeling_heads",
+    "SpatiaForGeneImputation": "models.modeling_heads",
+    "SpatiaForExpressionPrediction": "models.modeling_heads",
+    "SpatiaForTissueClassification": "models.modeling_heads",
+    "SpatiaProcessor": "models.processing_spatia",
     # generation (issue 4): the diffusers pipeline and its condition encoder
-    "SpatiaConditionEncoder": "condition_encoder",
-    "SpatiaGenerationPipeline": "pipeline_spatia",
-    "SpatiaPipelineOutput": "pipeline_spatia",
+    "SpatiaConditionEncoder": "pipelines.condition_encoder",
+    "SpatiaGenerationPipeline": "pipelines.pipeline_spatia",
+    "SpatiaPipelineOutput": "pipelines.pipeline_spatia",
     # scanpy-style tools: spatia_hf.tl.embed(adata, image, model)
     "tl": "tl",
 }
@@ -68,20 +69,21 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from . import tl
-    from .condition_encoder import SpatiaConditionEncoder
-    from .configuration_spatia import SpatiaCellConfig, SpatiaConfig, SpatiaNicheConfig, SpatiaTissueConfig
-    from .modeling_cell import SpatiaCellModel, SpatiaExpressionEncoder, expression_encoder_state
-    from .modeling_heads import (
+    from .pipelines.condition_encoder import SpatiaConditionEncoder
+    from .models.configuration_spatia import SpatiaCellConfig, SpatiaConfig, SpatiaNicheConfig, SpatiaTissueConfig
+    from .models.modeling_cell import SpatiaCellModel, SpatiaExpressionEncoder, expression_encoder_state
+    from .models.modeling_heads import (
         SpatiaForCellClassification,
         SpatiaForExpressionPrediction,
         SpatiaForGeneImputation,
         SpatiaForPretraining,
         SpatiaForTissueClassification,
     )
-    from .modeling_niche import SpatiaNicheModel
-    from .modeling_spatia import SpatiaModel
-    from .modeling_tissue import SpatiaTissueModel
-    from .pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput
-    from .processing_spatia import SpatiaProcessor
+    from .models.modeling_niche import SpatiaNicheModel
+    from .models.modeling_spatia import SpatiaModel
+    from .models.modeling_tissue import SpatiaTissueModel
+    from .pipelines.pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput
+    from .models.processing_spatia import SpatiaProcessor
 
+_install_legacy_module_paths()
 _install_auto_registration()

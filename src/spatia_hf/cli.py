@@ -97,7 +97,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from spatia_hf import __version__
+    from spatia_hf.utils.version import __version__
 
     return __version__
 

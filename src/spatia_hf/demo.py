@@ -9,7 +9,6 @@ The last section is held out from every training step and used for evaluation.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spatia_hf.utils.progress import respects_progress
+from .utils.io import write_json
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     """Run the whole demo into ``out_dir`` (see the module docstring); returns what it did."""
     import torch
 
-    from spatia_hf.commands._common import resolve_device
+    from .utils.devices import resolve_device
 
     size = QUICK if quick else FULL
     out = Path(out_dir)
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     steps.run("write model cards and Hub-ready folders", p["hub"] / "model" / "README.md",
               lambda: _hub_folders(p))
     result.summary = _summary(p)
-    _write_json(out / "demo_summary.json", {"timings_s": result.timings, "paths": result.paths,
+    write_json(out / "demo_summary.json", {"timings_s": result.timings, "paths": result.paths,
                                             "size": asdict(size), "seed": seed, "held_out_section": held_out,
                                             **result.summary})
     return result
@@ -198,9 +198,9 @@ def _evaluate(p: dict[str, Path], size: DemoSize, seed: int, device: str, progre
 
 def _hub_folders(p: dict[str, Path]) -> None:
     """Hub-ready copies: model (+processor, card with the evaluation), pipeline, dataset (+card)."""
-    from spatia_hf.hub import render_dataset_card, render_pipeline_card, write_model_card
-    from spatia_hf.modeling_spatia import SpatiaModel
-    from spatia_hf.processing_spatia import SpatiaProcessor
+    from .hub.cards import render_dataset_card, render_pipeline_card, write_model_card
+    from .models.modeling_spatia import SpatiaModel
+    from .models.processing_spatia import SpatiaProcessor
 
     hub = p["hub"]
     tmp = hub.with_name(hub.name + ".tmp")
@@ -259,7 +259,3 @@ def _num(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else f"{float(v):.3f}"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    tmp.replace(path)

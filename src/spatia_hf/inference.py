@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from spatia_hf.data import schema
-from spatia_hf.modeling_spatia import SpatiaModel
-from spatia_hf.processing_spatia import SpatiaProcessor
+from .models.modeling_spatia import SpatiaModel
+from .models.processing_spatia import SpatiaProcessor
 from spatia_hf.utils.progress import respects_progress
 
 MODALITIES = ("fused", "image", "expression")
@@ -181,7 +181,7 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
         min_gene_coverage: refuse a dataset panel of which less than this fraction is in the model
             vocabulary (default: the processor's ``min_coverage``); the report is ``gene_coverage``.
     """
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from .data.datasets import load_spatia_dataset
 
     data = load_spatia_dataset(dataset_dir, configs=("cells", "niches") if niche_aware else ("cells",))
     coverage = processor.map_dataset_panel(dataset_dir, min_coverage=min_gene_coverage).report()

@@ -20,8 +20,8 @@ from spatia_hf.utils.progress import respects_progress
 
 def load_model_and_processor(model: Any, device: Any = "cpu"):
     """A path / Hub id, a ``SpatiaModel`` or any SPATIA task model -> (``SpatiaModel``, ``SpatiaProcessor``)."""
-    from spatia_hf.modeling_spatia import SpatiaModel
-    from spatia_hf.processing_spatia import SpatiaProcessor
+    from .models.modeling_spatia import SpatiaModel
+    from .models.processing_spatia import SpatiaProcessor
 
     if isinstance(model, (str, Path)):
         path = model

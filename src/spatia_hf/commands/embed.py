@@ -6,7 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from spatia_hf.commands._common import add_device_and_seed, resolve_device
+from spatia_hf.commands._common import add_device_and_seed
+from spatia_hf.utils.devices import resolve_device
 
 EXAMPLE = """example:
   spatia embed --model runs/demo/model --adata section.h5ad --image morphology.ome.tif \\

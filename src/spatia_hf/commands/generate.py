@@ -21,7 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ._common import add_device_and_seed, resolve_device
+from ..utils.devices import resolve_device
+from ._common import add_device_and_seed
 
 
 def register(subparsers) -> None:
@@ -104,8 +105,8 @@ def _read_dataset(args) -> tuple[object, list[str], list[str]]:
     import numpy as np
 
     from spatia_hf.data import schema
-    from spatia_hf.training.datasets import load_spatia_dataset
-    from spatia_hf.training.generator import dense_counts
+    from ..data.datasets import load_spatia_dataset
+    from spatia_hf.training.loop import dense_counts
 
     data = load_spatia_dataset(args.dataset, ["cells"])
     cells = data["cells"]
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from spatia_hf.evaluation.generation import save_rgb_png, tile_rgb
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, render_rgb
+    from ..pipelines.image_processing import render_rgb
+    from ..pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     start = time.perf_counter()
     if not (Path(args.pipeline) / "model_index.json").is_file():

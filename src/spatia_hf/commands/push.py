@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from spatia_hf import hub
+    from .. import hub
 
     card_kwargs: dict = {"license": args.license}
     if args.kind != "dataset":

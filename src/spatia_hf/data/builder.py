@@ -60,6 +60,7 @@ from .section import Section
 from .shards import Ragged, table_from_columns, write_parquet
 from .validation import OUTSIDE_POLICIES, validate_section
 from spatia_hf.utils.progress import respects_progress
+from ..utils.io import read_json, write_json
 
 CELL_SHARD_ROWS = 4096
 NICHE_SHARD_ROWS = 1024
@@ -487,16 +488,6 @@ def _as_params(crop_um, crop_px, niche_um, niche_px, thumb_px, label_keys, value
                        int(niche_shard_rows))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
 @respects_progress
 def build_multiscale_dataset(
     sections: Iterable[Section],
@@ -544,7 +535,7 @@ def build_multiscale_dataset(
         overwrite: replace an existing ``out_dir`` (only once the new build is complete).
         progress: show progress bars.
         vocabulary: a model's gene vocabulary (model folder / ``config.json``, dataset folder, gene list;
-            see :func:`spatia_hf.data.panel.load_vocabulary`): each section's coverage by it (kept /
+            see :func:`spatia_hf.data.gene_panel.load_vocabulary`): each section's coverage by it (kept /
             unknown genes, matched by Ensembl id where both sides have one, else by symbol) is stored
             in ``sections.json`` (``gene_coverage``). None: no report.
         min_gene_coverage: refuse a section when less than this fraction of its genes is in
@@ -570,12 +561,12 @@ def build_multiscale_dataset(
     if tmp.exists() and not resume:
         shutil.rmtree(tmp)
     if tmp.exists():
-        stored = _read_json(prog / "params.json") if (prog / "params.json").exists() else None
+        stored = read_json(prog / "params.json") if (prog / "params.json").exists() else None
         if stored is not None and stored != p.to_json():
             raise ValueError(f"resume: the interrupted build in {tmp} used other parameters ({stored}). Fix: rerun "
                              "with the same parameters, or without resume to start over")
     prog.mkdir(parents=True, exist_ok=True)
-    _write_json(prog / "params.json", p.to_json())
+    write_json(prog / "params.json", p.to_json())
 
     try:
         if p.gene_panel == "union":
@@ -600,22 +591,22 @@ def build_multiscale_dataset(
                 if panel is None:
                     panel = GenePanel.from_sections([section], "first")
                 fixed = {"layout": asdict(layout), "panel": panel.to_json()}
-                if (prog / "layout.json").exists() and _read_json(prog / "layout.json") != fixed:
+                if (prog / "layout.json").exists() and read_json(prog / "layout.json") != fixed:
                     raise ValueError(f"resume: the inputs changed since the interrupted build in {tmp} (columns or "
                                      "gene panel differ). Fix: rerun without resume")
-                _write_json(prog / "layout.json", fixed)
+                write_json(prog / "layout.json", fixed)
             if section.image.shape[0] != layout.n_channels:
                 raise ValueError(f"section {sid!r}: image: {section.image.shape[0]} channels, but earlier sections "
                                  f"have {layout.n_channels}. Fix: select the same stains for every section")
             marker = prog / f"{sid}.json"
             fp = _section_fingerprint(section)
-            done = _read_json(marker) if marker.exists() else None
+            done = read_json(marker) if marker.exists() else None
             if done is not None and done.get("fingerprint") == fp:
                 summary = done["summary"]
             else:
                 _remove_section_shards(tmp, sid)
                 summary = _build_section(section, panel, layout, p, tmp, progress)
-                _write_json(marker, {"fingerprint": fp, "summary": summary})
+                write_json(marker, {"fingerprint": fp, "summary": summary})
             summaries.append({**summary, "gene_coverage": coverage} if coverage is not None else summary)
             bar.update(1)
         bar.close()
@@ -645,7 +636,7 @@ def _gene_coverage(section: Section, vocabulary: Any, min_coverage: float) -> di
     """Coverage of a section's genes by a model vocabulary (None without one); refused below ``min_coverage``."""
     if vocabulary is None:
         return None
-    from .panel import panel_coverage
+    from .gene_panel import panel_coverage
 
     cov = panel_coverage(section.genes, vocabulary, gene_ids=section.gene_ids, counts=section.counts,
                          dropped=section.dropped)
@@ -660,7 +651,7 @@ def _gene_coverage(section: Section, vocabulary: Any, min_coverage: float) -> di
 
 def _finish(tmp: Path, panel: GenePanel, layout: _Layout, p: BuildParams, summaries: list[dict]) -> None:
     """Side files and card of a complete build; removes the resume markers."""
-    from spatia_hf import __version__
+    from ..utils.version import __version__
 
     gene_panel = {
         **panel.to_json(),
@@ -671,22 +662,17 @@ def _finish(tmp: Path, panel: GenePanel, layout: _Layout, p: BuildParams, summar
                                            "genes": s["gene_mapping"]["unknown_genes"]} for s in summaries},
         "missing_genes": {s["sample_id"]: s["gene_mapping"]["missing_genes"] for s in summaries},
     }
-    _write_json(tmp / schema.GENE_PANEL_FILE, gene_panel)
+    write_json(tmp / schema.GENE_PANEL_FILE, gene_panel)
     build = {**p.to_json(), "spatia_hf_version": __version__, "n_genes": len(panel), "gene_panel_mode": panel.mode,
              "channel_names": layout.channel_names, "label_keys": layout.label_keys,
              "value_keys": layout.value_keys, "section_label_keys": layout.section_label_keys}
     build["gene_panel"] = panel.mode if isinstance(p.gene_panel, str) else "given"
     info = {"build": build, "sections": [{k: v for k, v in s.items() if k != "gene_mapping"} for s in summaries]}
-    _write_json(tmp / SECTIONS_FILE, info)
+    write_json(tmp / SECTIONS_FILE, info)
     write_card(tmp, info)
     shutil.rmtree(tmp / PROGRESS_DIR)
 
 
-def load_gene_panel(dataset_dir: str | Path) -> dict:
-    """``gene_panel.json`` of a built dataset."""
-    return _read_json(Path(dataset_dir) / schema.GENE_PANEL_FILE)
-
-
 def load_sections_info(dataset_dir: str | Path) -> dict:
     """``sections.json`` of a built dataset: build parameters and per-section provenance."""
-    return _read_json(Path(dataset_dir) / SECTIONS_FILE)
+    return read_json(Path(dataset_dir) / SECTIONS_FILE)

@@ -11,34 +11,28 @@ from __future__ import annotations
 
 from datasets import Array3D, Features, List, Value
 
-CONFIGS = ("cells", "niches", "tissues")
-GENE_PANEL_FILE = "gene_panel.json"
-
-# shared
-SAMPLE_ID = "sample_id"
-IMAGE = "image"
-GENE_INDICES = "gene_indices"
-GENE_COUNTS = "gene_counts"
-X_UM = "x_um"
-Y_UM = "y_um"
-PIXEL_SIZE_UM = "pixel_size_um"  # µm per pixel of the stored crop (after resizing)
-
-# cells
-CELL_ID = "cell_id"
-NICHE_ID = "niche_id"
-
-# niches
-CELL_IDS = "cell_ids"
-CELL_REL_X_UM = "cell_rel_x_um"  # member centroid minus niche centre, µm
-CELL_REL_Y_UM = "cell_rel_y_um"
-N_CELLS = "n_cells"
-
-# tissues
-THUMBNAIL = "thumbnail"
-NICHE_IDS = "niche_ids"
-NICHE_X_UM = "niche_x_um"
-NICHE_Y_UM = "niche_y_um"
-N_NICHES = "n_niches"
+from ..utils.columns import (  # noqa: F401  (the names are part of this module's API)
+    CONFIGS,
+    GENE_PANEL_FILE,
+    SAMPLE_ID,
+    IMAGE,
+    GENE_INDICES,
+    GENE_COUNTS,
+    X_UM,
+    Y_UM,
+    PIXEL_SIZE_UM,
+    CELL_ID,
+    NICHE_ID,
+    CELL_IDS,
+    CELL_REL_X_UM,
+    CELL_REL_Y_UM,
+    N_CELLS,
+    THUMBNAIL,
+    NICHE_IDS,
+    NICHE_X_UM,
+    NICHE_Y_UM,
+    N_NICHES,
+)
 
 
 def _expression() -> dict:

@@ -8,7 +8,6 @@ This is several times faster than ``Dataset.from_dict(...).to_parquet`` for imag
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features
+from ..utils.io import atomic_path
 
 PARQUET_COMPRESSION = "zstd"
 ROW_GROUP_BYTES = 4 * 2**20  # Parquet expands nested lists into level arrays per row group: keep groups small
@@ -84,16 +84,14 @@ def table_from_columns(features: Features, columns: dict, n_rows: int) -> pa.Tab
 
 
 def write_parquet(table: pa.Table, path: str | Path) -> Path:
-    """Write to ``path.tmp`` and rename: a shard is either complete or absent.
+    """Write atomically (:func:`spatia_hf.utils.io.atomic_path`): a shard is either complete or absent.
 
     Row groups hold ~``ROW_GROUP_BYTES`` of data: writing one 4096-row group of 64 px crops took
     ~360 MB of level buffers, 512-row groups ~130 MB.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     row_bytes = table.nbytes / max(1, table.num_rows)
     rows = int(max(16, min(table.num_rows or 1, ROW_GROUP_BYTES // max(1.0, row_bytes))))
-    pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, row_group_size=rows)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, row_group_size=rows)
     return path

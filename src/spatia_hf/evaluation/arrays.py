@@ -129,7 +129,7 @@ def tissues_to_arrays(tissues, genes: Sequence[str]) -> SectionArrays:
 
 def load_arrays(dataset_dir: str | Path, with_images: bool = True) -> tuple[CellArrays, SectionArrays, dict]:
     """``(cells, sections, gene_panel)`` of a built dataset directory, loaded offline."""
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from ..data.datasets import load_spatia_dataset
 
     data = load_spatia_dataset(dataset_dir, configs=("cells", "tissues"))
     return (cells_to_arrays(data["cells"], data.genes, with_images), tissues_to_arrays(data["tissues"], data.genes),

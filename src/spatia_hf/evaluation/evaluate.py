@@ -162,7 +162,7 @@ def _pipeline_dir(path: str | Path) -> Path:
 
 
 def _load_pipeline(path: str | Path, device):
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from ..pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     path = _pipeline_dir(path)
     return SpatiaGenerationPipeline.from_pretrained(str(path)).to(device), path
@@ -199,7 +199,7 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
     """
     import torch
 
-    from spatia_hf.commands._common import resolve_device
+    from ..utils.devices import resolve_device
 
     from . import plots
     from .report import FIGURES_DIR, write_report

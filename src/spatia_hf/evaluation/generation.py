@@ -22,112 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
-
-N_RINGS = 8
-
-
-def as_float_images(images: Any) -> np.ndarray:
-    """Crops as float64 ``(N, C, H, W)`` in [0, 1] (uint8 is divided by 255; torch is converted)."""
-    if hasattr(images, "detach"):
-        images = images.detach().cpu().numpy()
-    x = np.asarray(images)
-    if x.ndim != 4:
-        raise ValueError(f"images: expected (N, C, H, W) crops, got shape {x.shape}")
-    return x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
-
-
-def _pixel_sizes(pixel_size_um, n: int) -> np.ndarray:
-    px = np.broadcast_to(np.asarray(pixel_size_um, dtype=np.float64), (n,)).copy()
-    if not (np.isfinite(px).all() and (px > 0).all()):
-        raise ValueError(f"pixel_size_um: expected positive µm per pixel, got {np.unique(px)[:5]}")
-    return px
-
-
-def nucleus_masks(images: Any, pixel_size_um, channel: int = 0, smooth_um: float = 0.75, level: float = 0.5,
-                  peak_quantile: float = 90.0, window_um: float = 4.0) -> np.ndarray:
-    """Boolean ``(N, H, W)`` mask of the nucleus at the centre of each crop.
-
-    The DAPI plane is smoothed (Gaussian, ``smooth_um``), its background is the 5th percentile, its
-    peak the ``peak_quantile`` percentile of a central ``window_um`` window (robust to chromatin
-    texture, unlike the maximum); the nucleus is the connected region above
-    ``background + level x (peak - background)`` that holds the brightest central pixel. A crop
-    without a nucleus (peak barely above background) gets an empty mask.
-    """
-    x = as_float_images(images)
-    n, c, h, w = x.shape
-    if not 0 <= channel < c:
-        raise ValueError(f"channel={channel}: the crops have {c} channels")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level={level}: expected a fraction in (0, 1)")
-    px = _pixel_sizes(pixel_size_um, n)
-    masks = np.zeros((n, h, w), dtype=bool)
-    cy, cx = h // 2, w // 2
-    for i in range(n):
-        plane = ndimage.gaussian_filter(x[i, channel], smooth_um / px[i]) if smooth_um > 0 else x[i, channel]
-        background = np.percentile(plane, 5)
-        half = max(1, int(round(window_um / px[i] / 2)))
-        win = plane[cy - half : cy + half + 1, cx - half : cx + half + 1]
-        peak = np.percentile(win, peak_quantile)
-        if peak - background <= 0.02:  # no nucleus at the centre
-            continue
-        labels, _ = ndimage.label(plane >= background + level * (peak - background))
-        central = labels[cy - half : cy + half + 1, cx - half : cx + half + 1]
-        if not (central > 0).any():
-            continue
-        r, col = np.unravel_index(int(np.argmax(np.where(central > 0, win, -np.inf))), win.shape)
-        masks[i] = labels == central[r, col]
-    return masks
-
-
-def nucleus_area(images: Any, pixel_size_um, channel: int = 0, **kwargs) -> np.ndarray:
-    """Area (µm²) of the central nucleus of each crop (0 when none); see :func:`nucleus_masks`."""
-    masks = nucleus_masks(images, pixel_size_um, channel=channel, **kwargs)
-    return masks.sum(axis=(1, 2)) * _pixel_sizes(pixel_size_um, len(masks)) ** 2
-
-
-def morphology_features(images: Any, pixel_size_um, nucleus_channel: int = 0) -> np.ndarray:
-    """Rotation-invariant features ``(N, F)`` of crops, for type classification and feature distances.
-
-    Per crop: nucleus area (µm², log), elongation and solidity proxies from the mask's second moments,
-    mean / std / Laplacian energy of the nuclear stain inside the nucleus (brightness, texture), and
-    for every channel the mean intensity in ``N_RINGS`` rings around the centre (out to half the crop,
-    in µm so crops of different pixel sizes compare) plus its 10/50/90th percentiles.
-    """
-    x = as_float_images(images)
-    n, c, h, w = x.shape
-    px = _pixel_sizes(pixel_size_um, n)
-    masks = nucleus_masks(x, px, channel=nucleus_channel)
-    yy, xx = np.mgrid[0:h, 0:w]
-    radius_px = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)
-    feats = []
-    for i in range(n):
-        m = masks[i]
-        area = m.sum() * px[i] ** 2
-        dapi = x[i, nucleus_channel]
-        if m.sum() >= 3:
-            ys, xs = np.nonzero(m)
-            cov = np.cov(np.stack([ys, xs]).astype(np.float64))
-            ev = np.sort(np.linalg.eigvalsh(cov))
-            elong = float(np.sqrt(ev[1] / max(ev[0], 1e-6)))
-            inside = dapi[m]
-            lap = ndimage.laplace(ndimage.gaussian_filter(dapi, 0.5))[m]
-            nuc = [np.log1p(area), np.log(elong), inside.mean(), inside.std(), np.sqrt((lap**2).mean()),
-                   m.sum() / max(np.pi * np.sqrt(ev[0] * ev[1]) * 4, 1.0)]
-        else:
-            nuc = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-        r_um = radius_px * px[i]
-        edges = np.linspace(0, (min(h, w) / 2) * px[i], N_RINGS + 1)
-        ring = np.digitize(r_um, edges) - 1
-        prof = []
-        for ch in range(c):
-            plane = x[i, ch]
-            sums = np.bincount(ring[ring < N_RINGS], weights=plane[ring < N_RINGS], minlength=N_RINGS)
-            cnts = np.bincount(ring[ring < N_RINGS], minlength=N_RINGS)
-            prof.extend((sums / np.maximum(cnts, 1)).tolist())
-            prof.extend(np.percentile(plane, [10, 50, 90]).tolist())
-        feats.append(nuc + prof)
-    return np.asarray(feats, dtype=np.float64)
+from ..utils.io import atomic_path
+from .morphology import morphology_features, nucleus_area
 
 
 def fit_type_classifier(images: Any, labels: Sequence[str], pixel_size_um, seed: int = 0):
@@ -351,8 +247,8 @@ def evaluate_generator(pipe, dataset_dir: str | Path, *, eval_sections: Sequence
     """
     from spatia_hf.data import schema
     from spatia_hf.data.synthetic import load_ground_truth
-    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
-    from spatia_hf.training.generator import dense_counts
+    from ..data.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.training.loop import dense_counts
 
     data = load_spatia_dataset(dataset_dir, ["cells"])
     genes = list(data.genes)
@@ -445,11 +341,9 @@ def save_rgb_png(rgb: np.ndarray, path: Path, scale: int = 3) -> None:
     """Write an ``(H, W, 3)`` uint8 image enlarged ``scale`` x (nearest), atomically."""
     import PIL.Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     big = np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8))
-    tmp = path.with_name(path.name + ".tmp.png")
-    PIL.Image.fromarray(big).save(tmp)
-    tmp.rename(path)
+    with atomic_path(path) as tmp:
+        PIL.Image.fromarray(big).save(tmp, format="PNG")
 
 
 def tile_rgb(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
@@ -465,7 +359,7 @@ def tile_rgb(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
 
 def _grid_figure(real, types, chosen, generated, channel_names, path: Path, k: int = 6) -> None:
     """One row per cell type: ``k`` real held-out crops, a gap, ``k`` generated crops of that type."""
-    from spatia_hf.pipeline_spatia import render_rgb
+    from ..pipelines.image_processing import render_rgb
 
     rows = []
     for t in sorted(set(types[chosen])):
@@ -480,7 +374,7 @@ def _grid_figure(real, types, chosen, generated, channel_names, path: Path, k: i
 def _perturbation_figure(pipe, counts, genes, gene, path: Path, steps, guidance, seed, out_px,
                          folds: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)) -> None:
     """One row per cell: the same noise with ``gene`` scaled by each fold (left to right)."""
-    from spatia_hf.pipeline_spatia import render_rgb
+    from ..pipelines.image_processing import render_rgb
 
     cols = []
     for fold in folds:
@@ -491,10 +385,72 @@ def _perturbation_figure(pipe, counts, genes, gene, path: Path, steps, guidance,
     save_rgb_png(tile_rgb(rows), path, scale=4)
 
 
+
+# ---------------------------------------------------------------------------------------- VAE
+NUCLEUS_CHANNEL_NAMES = ("dapi", "nuclei", "nucleus", "hoechst")
+
+
+def _nucleus_channel(channel_names: list[str]) -> int:
+    lower = [c.lower() for c in channel_names]
+    return next((i for i, c in enumerate(lower) if c in NUCLEUS_CHANNEL_NAMES), 0)
+
+
+def vae_reconstruction_metrics(vae, images: np.ndarray, pixel_size_um: np.ndarray, image_size: int,
+                               channel_names: list[str], batch_size: int = 64) -> dict[str, Any]:
+    """Held-out reconstruction quality of ``vae`` on uint8 crops ``images`` ``[N, C, H, W]``.
+
+    MSE / PSNR (dB, data range 1) per channel and overall on the posterior mean (what decoding a
+    clean latent gives), and the central nucleus area (µm², :func:`~spatia_hf.evaluation.morphology.nucleus_area`
+    on the nuclear channel) of original vs reconstructed crops: Pearson / Spearman r and median ratio.
+    The same numbers for a resize baseline (area shrink by the VAE factor, bilinear enlarge) say
+    what the latent keeps beyond its pixel count.
+    """
+    import torch
+
+    with torch.no_grad():
+        return _vae_scores(vae, images, pixel_size_um, image_size, channel_names, batch_size)
+
+
+def _vae_scores(vae, images, pixel_size_um, image_size: int, channel_names: list[str], batch_size: int) -> dict:
+    import torch
+    from scipy import stats
+
+    from ..data.crops import resize
+    from ..training.loop import images_to_model_space
+    from ..training.vae import in_batches, vae_factor
+
+    device = next(vae.parameters()).device
+    x = images_to_model_space(torch.from_numpy(np.asarray(images, dtype=np.uint8)), image_size)
+    rec = in_batches(lambda b: vae.decode(vae.encode(b.to(device, vae.dtype)).latent_dist.mode()).sample.float().cpu(),
+                      x, batch_size)
+    factor = vae_factor(vae)
+    resized = resize(resize(x, x.shape[-1] // factor), x.shape[-1])
+    original = ((x + 1) / 2).clamp(0, 1).numpy()
+    px = np.asarray(pixel_size_um, dtype=np.float64) * images.shape[-1] / image_size  # µm per model pixel
+    channel = _nucleus_channel(channel_names)
+    area_orig = nucleus_area(original, px, channel=channel)
+
+    def scores(other: torch.Tensor) -> dict[str, Any]:
+        y = ((other + 1) / 2).clamp(0, 1).numpy()
+        mse_c = ((y - original) ** 2).mean(axis=(0, 2, 3))
+        mse = float(mse_c.mean())
+        area = nucleus_area(y, px, channel=channel)
+        both = (area_orig > 0) & (area > 0)
+        out = {"mse": mse, "psnr_db": float(10 * np.log10(1.0 / max(mse, 1e-12))),
+               "mse_per_channel": {n: float(v) for n, v in zip(channel_names, mse_c)},
+               "nucleus_found_fraction": float((area > 0).mean()), "nucleus_area_n": int(both.sum())}
+        if both.sum() >= 3:
+            out.update(nucleus_area_pearson=float(stats.pearsonr(area_orig[both], area[both])[0]),
+                       nucleus_area_spearman=float(stats.spearmanr(area_orig[both], area[both])[0]),
+                       nucleus_area_median_ratio=float(np.median(area[both] / area_orig[both])))
+        return out
+
+    return {"n_crops": int(len(x)), "nucleus_channel": channel_names[channel],
+            "nucleus_found_fraction_original": float((area_orig > 0).mean()), "vae": scores(rec),
+            f"resize_x{factor}_baseline": scores(resized)}
+
+
 __all__ = [
-    "nucleus_masks",
-    "nucleus_area",
-    "morphology_features",
     "fit_type_classifier",
     "type_accuracy_of_generated",
     "perturbation_area_shift",
@@ -506,4 +462,5 @@ __all__ = [
     "evaluate_generator",
     "save_rgb_png",
     "tile_rgb",
+    "vae_reconstruction_metrics",
 ]

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .tasks import TASKS, TaskResult, higher_is_better
+from ..utils.io import atomic_write_text
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -26,12 +26,6 @@ FIGURES_DIR = "figures"
 FORMAT = "spatia-hf-evaluation"
 VERSION = 1
 MAX_EXTRA_COLUMNS = 2  # per-task table: the task's metrics plus at most this many others
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(v: float | None) -> str:
@@ -43,7 +37,7 @@ def _fmt(v: float | None) -> str:
 def results_to_json(results: Sequence[TaskResult], meta: Mapping[str, Any] | None = None,
                     figures: Mapping[str, str] | None = None) -> dict:
     """The content of ``results.json``."""
-    from spatia_hf import __version__
+    from ..utils.version import __version__
 
     numbers = [r.task for r in results]
     if len(set(numbers)) != len(numbers):
@@ -117,7 +111,7 @@ def _nan_last(v: float | None) -> float:
 def render_markdown(results: Sequence[TaskResult], meta: Mapping[str, Any] | None = None,
                     figures: Mapping[str, str] | None = None) -> str:
     """The text of ``report.md``."""
-    from spatia_hf import __version__
+    from ..utils.version import __version__
 
     by_number = {r.task: r for r in results}
     figures = dict(figures or {})
@@ -159,8 +153,8 @@ def write_report(results: Sequence[TaskResult], report_dir: str | Path, meta: Ma
             raise ValueError(f"figure {name!r}: {p} is outside {report_dir}. Fix: draw it under "
                              f"{report_dir / FIGURES_DIR}") from err
     data = results_to_json(results, meta, rel)
-    _write_atomic(report_dir / RESULTS_FILE, json.dumps(data, indent=1, allow_nan=False) + "\n")
-    _write_atomic(report_dir / REPORT_FILE, render_markdown(results, meta, rel))
+    atomic_write_text(report_dir / RESULTS_FILE, json.dumps(data, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(report_dir / REPORT_FILE, render_markdown(results, meta, rel))
     return report_dir / REPORT_FILE
 
 
@@ -173,22 +167,10 @@ def results_to_eval_results(results: Sequence[TaskResult] | str | Path, dataset_
     scores are left out. ``results`` may be task results or a results.json / report directory.
     ``source_name`` / ``source_url`` (both or neither, as the Hub requires) credit where the
     evaluation ran, e.g. the report's URL."""
-    from huggingface_hub import EvalResult
+    from ..hub.cards import report_eval_results
 
     if isinstance(results, (str, Path)):
         results = load_results(results)[0]
-    entries = []
-    for r in sorted(results, key=lambda r: r.task):
-        chosen = [m for m in r.scores if (m in methods if methods is not None else r.method_kinds.get(m) == "spatia")]
-        for m in chosen:
-            for metric in r.metrics:
-                value = r.scores[m].get(metric)
-                if value is None or math.isnan(value):
-                    continue
-                entries.append(EvalResult(
-                    task_type=r.key, task_name=r.title, dataset_type=dataset_type or dataset_name,
-                    dataset_name=dataset_name, dataset_config=dataset_config, dataset_split=dataset_split,
-                    metric_type=metric, metric_value=round(float(value), 6),
-                    metric_name=metric if m == "SPATIA" else f"{metric} ({m})", source_name=source_name,
-                    source_url=source_url))
-    return entries
+    return report_eval_results([r.to_dict() for r in results], dataset_name, dataset_type=dataset_type,
+                               methods=methods, dataset_config=dataset_config, dataset_split=dataset_split,
+                               source_name=source_name, source_url=source_url)

@@ -94,7 +94,7 @@ class SpatiaCheckpoint:
 
     @property
     def backbone(self):
-        """The composite :class:`~spatia_hf.modeling_spatia.SpatiaModel` inside any head."""
+        """The composite :class:`~spatia_hf.models.modeling_spatia.SpatiaModel` inside any head."""
         return getattr(self.model, "spatia", self.model)
 
     @property
@@ -141,11 +141,12 @@ def load_checkpoint(path: str | Path, dataset_dir: str | Path, device: torch.dev
                     fallback_processor: Any = None) -> SpatiaCheckpoint:
     """Load a SPATIA checkpoint as the class it was saved as, with its processor mapped onto the
     dataset's gene panel (``fallback_processor`` when the folder has none)."""
-    import spatia_hf
-    from spatia_hf.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
+    from ..models import modeling_cell, modeling_heads, modeling_niche, modeling_spatia, modeling_tissue
+    from ..models.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
 
     arch = checkpoint_architecture(path)
-    cls = getattr(spatia_hf, arch, None)
+    modules = (modeling_spatia, modeling_heads, modeling_cell, modeling_niche, modeling_tissue)
+    cls = next((getattr(m, arch) for m in modules if hasattr(m, arch)), None)
     if cls is None:
         raise ValueError(f"{path}: architecture {arch!r} is not a spatia_hf class. Fix: save it with a SPATIA head")
     model = cls.from_pretrained(str(path)).to(device).eval()
@@ -508,7 +509,7 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     heads of tasks 7, 8 and 10; any other SPATIA checkpoint gives the embedding-based methods only).
     """
     from spatia_hf.inference import embed_dataset
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from ..data.datasets import load_spatia_dataset
 
     wanted = set(tasks or range(1, 13))
     out = SpatiaOutputs()

@@ -3,7 +3,7 @@ otherwise, always seeded.
 
 Cells of one section share a slide, a stain and their neighbours, so holding out whole sections
 (``sample_id``) is the honest default. The default held-out section is the one training holds out
-(:func:`spatia_hf.training.datasets.default_eval_sections`, the last by name), so a model fine-tuned
+(:func:`spatia_hf.data.datasets.default_eval_sections`, the last by name), so a model fine-tuned
 with the package's defaults is never scored on its own training sections. Tasks that need training
 cells next to the scored ones (imputation from spatial neighbours) split cells within sections,
 stratified by section. Section-level classification with few sections uses leave-one-section-out.
@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 
-from spatia_hf.data import schema
 
 SPLIT_KINDS = ("section", "cell")
 
@@ -55,7 +54,7 @@ class Split:
 
 def section_split(sample_ids: Sequence[str], held_out: Sequence[str] | None = None) -> Split:
     """Hold out whole sections: ``held_out`` (default: the training default, the last section by name)."""
-    from spatia_hf.training.datasets import default_eval_sections
+    from ..data.datasets import default_eval_sections
 
     ids = np.asarray(sample_ids).astype(str)
     present = sorted(set(ids.tolist()))
@@ -95,15 +94,3 @@ def leave_one_section_out(sample_ids: Sequence[str]) -> list[Split]:
     return [section_split(sample_ids, [s]) for s in present]
 
 
-def split_cells(cells, kind: str = "section", held_out: Sequence[str] | None = None, test_fraction: float = 0.25,
-                seed: int = 0) -> Split:
-    """The split of a loaded ``cells`` Dataset (or :class:`~spatia_hf.evaluation.arrays.CellArrays`):
-    by section (``held_out`` sections) or by cell (seeded, stratified by section)."""
-    sample_ids = getattr(cells, "sample_ids", None)
-    if sample_ids is None:
-        sample_ids = np.asarray(cells.with_format("numpy")[schema.SAMPLE_ID]).astype(str)
-    if kind == "section":
-        return section_split(sample_ids, held_out)
-    if kind == "cell":
-        return cell_split(len(sample_ids), test_fraction, seed, stratify=sample_ids)
-    raise ValueError(f"kind={kind!r}: expected one of {SPLIT_KINDS}")

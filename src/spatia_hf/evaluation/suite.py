@@ -40,7 +40,7 @@ import numpy as np
 from . import baselines as B
 from . import tasks as T
 from .arrays import CellArrays, SectionArrays, load_arrays
-from .generation import nucleus_area
+from .morphology import nucleus_area
 from .morphology import log_fold_shift, true_log_shift
 from .splits import Split, cell_split, section_split
 

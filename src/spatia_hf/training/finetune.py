@@ -33,7 +33,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from spatia_hf.data import schema
-from spatia_hf.modeling_heads import (
+from ..models.modeling_heads import (
     SpatiaForCellClassification,
     SpatiaForExpressionPrediction,
     SpatiaForGeneImputation,
@@ -41,7 +41,7 @@ from spatia_hf.modeling_heads import (
 )
 
 from .arguments import DataArguments, FinetuneArguments, ModelArguments, SpatiaTrainingArguments
-from .collators import (
+from ..data.collators import (
     IGNORE_INDEX,
     CellCollator,
     ExpressionTargetCollator,
@@ -49,7 +49,7 @@ from .collators import (
     NicheCollator,
     TissueCollator,
 )
-from .datasets import (
+from ..data.datasets import (
     ArrowRows,
     NicheCellsDataset,
     SpatiaDataset,
@@ -68,10 +68,10 @@ from .setup import (
     prepare_training_args,
     resolve_resume,
     seed_everything,
-    write_json_atomic,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
 from spatia_hf.utils.progress import respects_progress
+from ..utils.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -120,30 +120,29 @@ def label_vocabulary(dataset: SpatiaDataset, config: str, column: str, train_row
 
 # ----------------------------------------------------------------------------- metrics
 def classification_metrics(eval_pred) -> dict[str, float]:
-    """macro-F1 and accuracy of argmax predictions (labels -100 ignored), with the package's metrics."""
-    from spatia_hf.evaluation.metrics import load_metric
+    """macro-F1 and accuracy of argmax predictions (labels -100 ignored), with scikit-learn."""
+    from sklearn.metrics import accuracy_score, f1_score
 
     logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     labels = np.asarray(eval_pred.label_ids).reshape(-1)
     preds = np.asarray(logits).reshape(-1, np.asarray(logits).shape[-1]).argmax(-1)
     keep = labels != IGNORE_INDEX
     preds, labels = preds[keep].tolist(), labels[keep].tolist()
-    out = {"macro_f1": load_metric("macro_f1").compute(predictions=preds, references=labels)["macro_f1"]}
-    out.update(load_metric("accuracy").compute(predictions=preds, references=labels))
-    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+    return {"macro_f1": float(f1_score(labels, preds, average="macro")), "accuracy": float(accuracy_score(labels, preds))}
 
 
 def expression_metrics(eval_pred) -> dict[str, float]:
     """Per-gene Pearson / Spearman across cells (mean and median over genes) of dense predictions."""
-    from spatia_hf.evaluation.metrics import load_metric
+    from ..utils.stats import mean_and_median, per_column_pearson, per_column_spearman
 
     logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     pred = np.asarray(logits, dtype=np.float64)
     ref = np.asarray(eval_pred.label_ids, dtype=np.float64)
     ok = np.isfinite(ref).all(axis=1)
-    res = load_metric("per_gene_correlation").compute(predictions=pred[ok].tolist(), references=ref[ok].tolist())
-    keys = ("pearson_mean", "pearson_median", "spearman_mean", "spearman_median", "n_genes", "n_genes_undefined")
-    return {k: float(res[k]) for k in keys}
+    pred, ref = pred[ok], ref[ok]
+    pearson = per_column_pearson(pred, ref)
+    return {**mean_and_median(pearson, "pearson"), **mean_and_median(per_column_spearman(pred, ref), "spearman"),
+            "n_genes": float(pred.shape[1]), "n_genes_undefined": float(np.isnan(pearson).sum())}
 
 
 def _first_output(logits, labels):
@@ -392,7 +391,7 @@ def run_finetuning(
     )
     if trainer.is_world_process_zero():
         trainer.save_state()
-        write_json_atomic(Path(training_args.output_dir) / SUMMARY_FILE, result.to_json())
+        write_json(Path(training_args.output_dir) / SUMMARY_FILE, result.to_json())
     if training_args.push_to_hub:  # every process calls it; the Trainer uploads from process zero
         trainer.push_to_hub(commit_message=f"SPATIA {result.extra['task']}: step {result.global_step}")
     return result

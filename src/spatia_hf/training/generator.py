@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,35 +44,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from spatia_hf.data import schema
+from .loop import (CHECKPOINT_PREFIX, STATE_FILE, CellBatches, LoopArguments, TrainingClock, _write_atomically,
+                   find_checkpoint, make_accelerator)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 PIPELINE_DIR = "pipeline"
 LOG_FILE = "training_log.jsonl"
 SUMMARY_FILE = "generator_training.json"
-STATE_FILE = "trainer_state.json"
 PROFILE_STATISTICS_CELLS = 4096  # training cells sampled for the per-gene profile statistics
-
-
-@dataclass(kw_only=True)
-class LoopArguments:
-    """Settings every crop-training loop here shares (the generator's and the VAE's): stopping,
-    clipping, augmentation, held-out sections, logging, devices, seed. Keyword-only, so each loop's
-    constructor keeps its required ``dataset_dir`` / ``out_dir`` first."""
-
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    max_minutes: float | None = field(default=None, metadata={"help": "stop after this much wall-clock time"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    augment: bool = field(default=True, metadata={"help": "random 90-degree rotations and flips"})
-    eval_sections: list[str] | None = field(default=None, metadata={
-        "help": "sections held out of training (default: the last section when there are several)"})
-    log_every: int = field(default=25, metadata={"help": "write a log line every N steps"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPUs; fp32 is fastest on CPU)"})
-    cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and all training randomness"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-
-    def check(self) -> None:
-        TrainingClock.check_limits(self.max_steps, self.max_minutes)
 
 
 @dataclass
@@ -147,138 +125,6 @@ class GeneratorTrainingResult:
     stopped_by: str
 
 
-# ---------------------------------------------------------------------------------------- data
-class CellBatches:
-    """Seeded batches of ``(images uint8 [B, C, H, W], counts float32 [B, G], row indices)`` from a
-    ``cells`` dataset, read straight from its Arrow shards (bounded memory).
-
-    The order of epoch ``e`` is a permutation seeded by ``(seed, e)``; process ``p`` of ``world``
-    takes every ``world``-th batch, so a resumed run replays the order an uninterrupted one saw.
-    """
-
-    def __init__(self, cells, n_genes: int, batch_size: int, seed: int, process_index: int = 0,
-                 world_size: int = 1, column_map: np.ndarray | None = None, n_model_genes: int | None = None):
-        self.cells = cells.with_format("numpy", columns=[schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS])
-        self.n = len(cells)
-        self.n_genes = n_genes
-        self.column_map = column_map  # dataset gene j -> model panel column (-1: unknown to the model)
-        self.n_model_genes = n_model_genes if n_model_genes is not None else n_genes
-        self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
-        self.world_size = world_size
-        if self.n < batch_size * world_size:
-            raise ValueError(f"batch_size={batch_size}: the training sections hold only {self.n} cells "
-                             f"({world_size} processes). Fix: use a smaller batch_size or more cells")
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // (self.batch_size * self.world_size)
-
-    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``index`` of epoch ``epoch`` for this process."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        k = index * self.world_size + self.process_index
-        rows = np.sort(order[k * self.batch_size : (k + 1) * self.batch_size])
-        return self.read(rows)
-
-    def read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.cells[np.asarray(rows, dtype=np.int64)]
-        images = torch.from_numpy(np.asarray(data[schema.IMAGE]).astype(np.uint8))
-        counts = dense_counts(data[schema.GENE_INDICES], data[schema.GENE_COUNTS], self.n_genes)
-        if self.column_map is not None:
-            known = np.flatnonzero(self.column_map >= 0)
-            mapped = torch.zeros(counts.shape[0], self.n_model_genes)
-            mapped[:, torch.from_numpy(self.column_map[known])] = counts[:, torch.from_numpy(known)]
-            counts = mapped
-        return images, counts
-
-
-def dense_counts(gene_indices, gene_counts, n_genes: int) -> torch.Tensor:
-    """Sparse per-cell ``gene_indices`` / ``gene_counts`` -> dense ``[B, n_genes]`` float32 counts."""
-    out = np.zeros((len(gene_indices), n_genes), dtype=np.float32)
-    for r, (idx, cnt) in enumerate(zip(gene_indices, gene_counts)):
-        idx = np.asarray(idx, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= n_genes):
-            raise ValueError(f"{schema.GENE_INDICES}: index {int(idx.max())} of row {r} is outside the gene panel "
-                             f"({n_genes} genes). Fix: rebuild the dataset; gene_panel.json and the shards disagree")
-        out[r, idx] = np.asarray(cnt, dtype=np.float32)
-    return torch.from_numpy(out)
-
-
-def images_to_model_space(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float in [-1, 1] at ``image_size`` px (area averaging when shrinking)."""
-    from spatia_hf.data.crops import resize
-
-    return resize(images.float() / 127.5 - 1.0, image_size)
-
-
-def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image rotated by a random multiple of 90 degrees and randomly flipped (8 symmetries)."""
-    codes = torch.randint(0, 8, (x.shape[0],), generator=generator)
-    out = torch.empty_like(x)
-    for code in range(8):
-        sel = (codes == code).nonzero().flatten()
-        if sel.numel():
-            y = torch.rot90(x[sel], k=code % 4, dims=(-2, -1))
-            out[sel] = y.flip(-1) if code >= 4 else y
-    return out
-
-
-@dataclass
-class TrainingClock:
-    """Where a batch loop is (optimizer ``step``, ``epoch``, ``index`` of the next batch in it) and
-    when it stops (``max_steps`` and/or ``max_minutes`` after ``start``, whichever comes first).
-
-    In a multi-process run the processes must stop at the same step (a process that takes one more
-    step waits forever for the others' gradients), so the wall-clock decision of the main process
-    is broadcast to all of them.
-    """
-
-    start: float
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    step: int = 0
-    epoch: int = 0
-    index: int = 0
-    stopped_by: str = "max_steps"
-
-    @staticmethod
-    def check_limits(max_steps: int | None, max_minutes: float | None) -> None:
-        """Refuse stop settings that never stop or stop before the first step."""
-        if max_steps is None and max_minutes is None:
-            raise ValueError("max_steps and max_minutes are both None: training would never stop. Fix: set one "
-                             "(e.g. --max_minutes 15)")
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps={max_steps}: expected >= 1")
-        if max_minutes is not None and not max_minutes > 0:
-            raise ValueError(f"max_minutes={max_minutes}: expected > 0")
-
-    def should_stop(self, accelerator=None) -> bool:
-        if self.max_steps is not None and self.step >= self.max_steps:
-            self.stopped_by = "max_steps"
-            return True
-        late = bool(self.max_minutes) and time.monotonic() >= self.start + 60.0 * self.max_minutes
-        if accelerator is not None and accelerator.num_processes > 1:
-            from accelerate.utils import broadcast
-
-            late = bool(broadcast(torch.tensor([int(late)], device=accelerator.device), from_process=0).item())
-        if late:
-            self.stopped_by = "max_minutes"
-        return late
-
-    def next_batch(self, batches: CellBatches, image_size: int, augment: bool,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch of ``batches`` (epochs roll over): crops in model space at ``image_size``
-        (randomly rotated / flipped with ``augment``) and their counts."""
-        if self.index >= batches.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        images, counts = batches.batch(self.epoch, self.index)
-        self.index += 1
-        x = images_to_model_space(images, image_size)
-        return (random_dihedral(x, generator) if augment else x), counts
-
-
 # ---------------------------------------------------------------------------------------- loss
 def diffusion_loss(denoiser, condition_encoder, noise_scheduler, clean: torch.Tensor, counts: torch.Tensor,
                    generator: torch.Generator, condition_dropout: float = 0.0,
@@ -290,13 +136,13 @@ def diffusion_loss(denoiser, condition_encoder, noise_scheduler, clean: torch.Te
     never learns to set it and samples come out too bright on dark, mostly-background crops.
 
     ``denoiser`` is the pipeline's UNet or transformer (DDP-wrapped or not), called through
-    :func:`~spatia_hf.pipeline_spatia.denoise` as at sampling time. ``clean`` is ``[B, C, H, W]`` in
+    :func:`~spatia_hf.pipelines.pipeline_spatia.denoise` as at sampling time. ``clean`` is ``[B, C, H, W]`` in
     [-1, 1] (or latents), ``counts`` ``[B, n_genes]`` raw counts. All randomness (noise, timesteps,
     condition dropout) comes from ``generator`` (a CPU generator).
     """
     from diffusers.training_utils import compute_snr
 
-    from spatia_hf.pipeline_spatia import denoise
+    from ..pipelines.denoisers import denoise
 
     b = clean.shape[0]
     noise = torch.randn(clean.shape, generator=generator)
@@ -326,14 +172,14 @@ def diffusion_loss(denoiser, condition_encoder, noise_scheduler, clean: torch.Te
 
 def _takes_global_condition(unet) -> bool:
     """Whether the UNet takes ``class_labels`` (works on a DDP-wrapped UNet too)."""
-    from spatia_hf.pipeline_spatia import uses_global_condition
+    from ..pipelines.denoisers import uses_global_condition
 
     return uses_global_condition(getattr(unet, "module", unet))
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def _named_trainable(unet, encoder) -> list[tuple[str, torch.nn.Parameter]]:
-    from spatia_hf.pipeline_spatia import denoiser_kind
+    from ..pipelines.denoisers import denoiser_kind
 
     return [(f"{denoiser_kind(unet)}.{n}", p) for n, p in unet.named_parameters()] + \
         [(f"condition_encoder.{n}", p) for n, p in encoder.named_parameters()]
@@ -360,59 +206,11 @@ def _optimizer_from_tensors(optimizer, tensors: dict[str, torch.Tensor], meta: d
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def find_checkpoint(out_dir: str | Path, which: str) -> Path:
-    """``which`` = a checkpoint folder, or ``"latest"`` for the newest under ``OUT/checkpoints``."""
-    if which != "latest":
-        path = Path(which)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint={which!r}: no {STATE_FILE} there. Fix: pass a "
-                                    f"{CHECKPOINT_PREFIX}<step> folder or 'latest'")
-        return path
-    found = sorted((Path(out_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"),
-                   key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit() else -1)
-    found = [p for p in found if (p / STATE_FILE).is_file()]
-    if not found:
-        raise FileNotFoundError(f"resume_from_checkpoint='latest': no checkpoint under {Path(out_dir) / 'checkpoints'}")
-    return found[-1]
-
-
-# ---------------------------------------------------------------------------------------- main loop
-def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
-    """An ``accelerate.Accelerator`` that also spans processes on a machine without a GPU.
-
-    Under ``torchrun --nproc_per_node N`` without CUDA, accelerate only sets up its multi-CPU (gloo)
-    state when asked for the CPU; otherwise every process believes it is the only one and all of
-    them write the same checkpoints. A launched run on such a machine therefore gets ``cpu=True``.
-    DDP looks for unused parameters: the condition encoder's null condition only takes part in steps
-    where condition dropout hit a cell.
-    """
-    import os
-
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu or (launched and not torch.cuda.is_available()),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-
-
 def _build_pipeline(args: GeneratorTrainingArguments, genes: list[str], channel_names: list[str], crop_px: int,
                     vae=None):
-    from spatia_hf.condition_encoder import SpatiaConditionEncoder
-    from spatia_hf.pipeline_spatia import ENCODER_PRESETS, SpatiaGenerationPipeline
+    from ..pipelines.condition_encoder import SpatiaConditionEncoder
+    from ..pipelines.condition_encoder import ENCODER_PRESETS
+    from ..pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     encoder = None
     if args.spatia_model:
@@ -435,8 +233,8 @@ def _panel_column_map(model_genes: list[str], model_ids, dataset_genes: list[str
     """
     import warnings
 
-    from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS
-    from spatia_hf.processing_spatia import SpatiaProcessor
+    from ..models.configuration_spatia import NUM_SPECIAL_TOKENS
+    from ..models.processing_spatia import SpatiaProcessor
 
     if list(model_genes) == list(dataset_genes):
         return None
@@ -451,7 +249,7 @@ def _set_profile_statistics(encoder, train_cells, n_genes: int, column_map: np.n
                             max_cells: int = PROFILE_STATISTICS_CELLS) -> None:
     """Per-gene log1p mean / std of (a seeded sample of) the training cells -> the encoder's config,
     before training: the standardised profile (global condition, expression token) is computed with them."""
-    from spatia_hf.condition_encoder import profile_statistics
+    from ..pipelines.condition_encoder import profile_statistics
 
     reader = CellBatches(train_cells, n_genes, 1, seed, column_map=column_map, n_model_genes=encoder.num_genes)
     rows = np.sort(np.random.default_rng([seed, 7]).permutation(reader.n)[:max_cells])
@@ -460,7 +258,7 @@ def _set_profile_statistics(encoder, train_cells, n_genes: int, column_map: np.n
 
 
 def train_generator(dataset_dir: str | Path, out_dir: str | Path, **kwargs) -> GeneratorTrainingResult:
-    """Train a :class:`~spatia_hf.pipeline_spatia.SpatiaGenerationPipeline` on ``dataset_dir``'s cells.
+    """Train a :class:`~spatia_hf.pipelines.pipeline_spatia.SpatiaGenerationPipeline` on ``dataset_dir``'s cells.
 
     ``kwargs`` are fields of :class:`GeneratorTrainingArguments` (``max_minutes``, ``max_steps``,
     ``batch_size``, ``seed``, ...). Returns a :class:`GeneratorTrainingResult`; the pipeline is in
@@ -478,8 +276,9 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
     from tqdm.auto import tqdm
 
     from spatia_hf.data.builder import load_sections_info
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline, sampling_scheduler, training_scheduler
-    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
+    from ..pipelines.denoisers import sampling_scheduler, training_scheduler
+    from ..pipelines.pipeline_spatia import SpatiaGenerationPipeline
+    from ..data.datasets import load_spatia_dataset, split_by_section
     from spatia_hf.training.vae import encode_to_latents, vae_factor, vae_for_generator_run
 
     args.check()
@@ -607,7 +406,7 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
 
 def _save_checkpoint(out: Path, step: int, epoch: int, index: int, accelerator, unet, encoder, optimizer,
                      lr_scheduler, ema, named, gen, args) -> None:
-    from spatia_hf.pipeline_spatia import denoiser_kind
+    from ..pipelines.denoisers import denoiser_kind
     from spatia_hf.training.vae import vae_fingerprint
 
     accelerator.wait_for_everyone()
@@ -639,8 +438,8 @@ def _save_checkpoint(out: Path, step: int, epoch: int, index: int, accelerator, 
 
 
 def _load_checkpoint(ckpt: Path, accelerator, unet, encoder, optimizer, lr_scheduler, ema, named, gen):
-    from spatia_hf.condition_encoder import SpatiaConditionEncoder
-    from spatia_hf.pipeline_spatia import denoiser_kind
+    from ..pipelines.condition_encoder import SpatiaConditionEncoder
+    from ..pipelines.denoisers import denoiser_kind
 
     state = json.loads((ckpt / STATE_FILE).read_text())
     model = accelerator.unwrap_model(unet)

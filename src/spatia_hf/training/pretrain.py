@@ -30,11 +30,11 @@ from typing import Any
 from transformers import TrainerCallback, TrainingArguments
 
 from spatia_hf.data import schema
-from spatia_hf.modeling_heads import SpatiaForPretraining
+from ..models.modeling_heads import SpatiaForPretraining
 
 from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
-from .collators import CellCollator, NicheCollator
-from .datasets import (ArrowRows, NicheCellsDataset, SpatiaDataset, default_eval_sections, load_spatia_dataset,
+from ..data.collators import CellCollator, NicheCollator
+from ..data.datasets import (ArrowRows, NicheCellsDataset, SpatiaDataset, default_eval_sections, load_spatia_dataset,
                        split_by_section, truncate)
 from .setup import (
     SUMMARY_FILE,
@@ -46,10 +46,10 @@ from .setup import (
     prepare_training_args,
     resolve_resume,
     seed_everything,
-    write_json_atomic,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
 from spatia_hf.utils.progress import respects_progress
+from ..utils.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def run_pretraining(
     )
     if trainer.is_world_process_zero():
         trainer.save_state()
-        write_json_atomic(Path(training_args.output_dir) / SUMMARY_FILE, result.to_json())
+        write_json(Path(training_args.output_dir) / SUMMARY_FILE, result.to_json())
     if training_args.push_to_hub:  # every process calls it; the Trainer uploads from process zero
         trainer.push_to_hub(commit_message=f"SPATIA {result.extra['task']}: step {result.global_step}")
     return result

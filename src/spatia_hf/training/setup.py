@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from transformers import PretrainedConfig, TrainingArguments, set_seed
 
-from spatia_hf.configuration_spatia import SpatiaConfig
+from ..models.configuration_spatia import SpatiaConfig
 from spatia_hf.data import schema
-from spatia_hf.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
+from ..models.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
 
 from .arguments import ModelArguments
-from .datasets import SpatiaDataset
+from ..data.datasets import SpatiaDataset
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +79,6 @@ def new_config(model_args: ModelArguments, dataset: SpatiaDataset, **composite) 
 
 def check_checkpoint(path: str) -> PretrainedConfig:
     """The config of a SPATIA checkpoint, or a clear error when it is missing or another model type."""
-    import spatia_hf  # noqa: F401  (registers the SPATIA configs with AutoConfig)
-
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(path)
     except OSError as err:
@@ -241,24 +236,3 @@ def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> str | b
                             "with save_strategy='steps' so checkpoints are written")
 
 
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write JSON to a temporary file in the same folder and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_np_default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _np_default(o: Any) -> Any:
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")

@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from ..utils.io import atomic_write_text
 
 TRAINING_ARGS_JSON = "training_args.json"
 LOSS_PREFIX = "loss_"
@@ -133,10 +133,7 @@ class SpatiaTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
         if self.args.should_save and os.path.isfile(pickled):
-            fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".training_args.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(self.args.to_json_string())
-            os.replace(tmp, os.path.join(output_dir, TRAINING_ARGS_JSON))
+            atomic_write_text(os.path.join(output_dir, TRAINING_ARGS_JSON), self.args.to_json_string())
             os.remove(pickled)
 
     def _reduce_sum(self, stats: torch.Tensor) -> torch.Tensor:
@@ -202,7 +199,7 @@ class TimeBudgetCallback(TrainerCallback):
 
 class EpochSeedCallback(TrainerCallback):
     """Sets ``collator.epoch`` at the start of every epoch (also on resume), for collators whose
-    random masks are seeded per example and epoch (see ``spatia_hf.training.collators``)."""
+    random masks are seeded per example and epoch (see ``spatia_hf.data.collators``)."""
 
     def __init__(self, *collators: Any) -> None:
         self.collators = [c for c in collators if c is not None and hasattr(c, "epoch")]

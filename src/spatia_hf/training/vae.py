@@ -53,18 +53,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from spatia_hf.data import schema
-from spatia_hf.training.generator import LoopArguments
+from .loop import LoopArguments
 
 VAE_DIR = "vae"
+# scores a trained VAE on held-out crops: (vae, uint8 images, µm per px, model px, channel names) -> dict
+Measure = Callable[..., dict]
 SUMMARY_FILE = "vae_training.json"
 LOG_FILE = "vae_training_log.jsonl"
-NUCLEUS_CHANNEL_NAMES = ("dapi", "nuclei", "nucleus", "hoechst")
 
 # Autoencoder sizes. The downsampling factor is 2 ** (len(block_out_channels) - 1) (diffusers'
 # convention, read back by SpatiaGenerationPipeline.vae_scale_factor). ``small`` drops the mid-block
@@ -225,7 +226,7 @@ def vae_for_generator_run(vae: str | None, out_dir: str | Path, resume_from_chec
     """
     saved_fp = None
     if resume_from_checkpoint:
-        from spatia_hf.training.generator import STATE_FILE, find_checkpoint
+        from .loop import STATE_FILE, find_checkpoint
 
         ckpt = find_checkpoint(out_dir, resume_from_checkpoint)
         state = json.loads((ckpt / STATE_FILE).read_text())
@@ -258,13 +259,7 @@ def vae_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------- measurements
-def _nucleus_channel(channel_names: list[str]) -> int:
-    lower = [c.lower() for c in channel_names]
-    return next((i for i, c in enumerate(lower) if c in NUCLEUS_CHANNEL_NAMES), 0)
-
-
-def _in_batches(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def in_batches(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
@@ -272,7 +267,7 @@ def _in_batches(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 def estimate_scaling_factor(vae, crops: torch.Tensor, generator: torch.Generator, batch_size: int = 64) -> float:
     """``1 / std`` of posterior samples of ``crops`` (``[N, C, H, W]`` in [-1, 1]): diffusers' scaling factor."""
     device = next(vae.parameters()).device
-    z = _in_batches(lambda b: vae.encode(b.to(device, vae.dtype)).latent_dist.sample(generator=generator).float().cpu(),
+    z = in_batches(lambda b: vae.encode(b.to(device, vae.dtype)).latent_dist.sample(generator=generator).float().cpu(),
                     crops, batch_size)
     std = float(z.std())
     if not (math.isfinite(std) and std > 0):
@@ -281,73 +276,30 @@ def estimate_scaling_factor(vae, crops: torch.Tensor, generator: torch.Generator
     return 1.0 / std
 
 
-@torch.no_grad()
-def reconstruction_metrics(vae, images: np.ndarray, pixel_size_um: np.ndarray, image_size: int,
-                           channel_names: list[str], batch_size: int = 64) -> dict[str, Any]:
-    """Held-out reconstruction quality of ``vae`` on uint8 crops ``images`` ``[N, C, H, W]``.
-
-    MSE / PSNR (dB, data range 1) per channel and overall on the posterior mean (what decoding a
-    clean latent gives), and the central nucleus area (µm², :func:`~spatia_hf.evaluation.generation.nucleus_area`
-    on the nuclear channel) of original vs reconstructed crops: Pearson / Spearman r and median ratio.
-    The same numbers for a resize baseline (area shrink by the VAE factor, bilinear enlarge) say
-    what the latent keeps beyond its pixel count.
-    """
-    from scipy import stats
-
-    from spatia_hf.data.crops import resize
-    from spatia_hf.evaluation.generation import nucleus_area
-    from spatia_hf.training.generator import images_to_model_space
-
-    device = next(vae.parameters()).device
-    x = images_to_model_space(torch.from_numpy(np.asarray(images, dtype=np.uint8)), image_size)
-    rec = _in_batches(lambda b: vae.decode(vae.encode(b.to(device, vae.dtype)).latent_dist.mode()).sample.float().cpu(),
-                      x, batch_size)
-    factor = vae_factor(vae)
-    resized = resize(resize(x, x.shape[-1] // factor), x.shape[-1])
-    original = ((x + 1) / 2).clamp(0, 1).numpy()
-    px = np.asarray(pixel_size_um, dtype=np.float64) * images.shape[-1] / image_size  # µm per model pixel
-    channel = _nucleus_channel(channel_names)
-    area_orig = nucleus_area(original, px, channel=channel)
-
-    def scores(other: torch.Tensor) -> dict[str, Any]:
-        y = ((other + 1) / 2).clamp(0, 1).numpy()
-        mse_c = ((y - original) ** 2).mean(axis=(0, 2, 3))
-        mse = float(mse_c.mean())
-        area = nucleus_area(y, px, channel=channel)
-        both = (area_orig > 0) & (area > 0)
-        out = {"mse": mse, "psnr_db": float(10 * np.log10(1.0 / max(mse, 1e-12))),
-               "mse_per_channel": {n: float(v) for n, v in zip(channel_names, mse_c)},
-               "nucleus_found_fraction": float((area > 0).mean()), "nucleus_area_n": int(both.sum())}
-        if both.sum() >= 3:
-            out.update(nucleus_area_pearson=float(stats.pearsonr(area_orig[both], area[both])[0]),
-                       nucleus_area_spearman=float(stats.spearmanr(area_orig[both], area[both])[0]),
-                       nucleus_area_median_ratio=float(np.median(area[both] / area_orig[both])))
-        return out
-
-    return {"n_crops": int(len(x)), "nucleus_channel": channel_names[channel],
-            "nucleus_found_fraction_original": float((area_orig > 0).mean()), "vae": scores(rec),
-            f"resize_x{factor}_baseline": scores(resized)}
-
-
 # ---------------------------------------------------------------------------------------- main loop
-def train_vae(dataset_dir: str | Path, out_dir: str | Path, **kwargs) -> VaeTrainingResult:
+def train_vae(dataset_dir: str | Path, out_dir: str | Path, measure: Measure | None = None,
+              **kwargs) -> VaeTrainingResult:
     """Train an ``AutoencoderKL`` on ``dataset_dir``'s cell crops; it is saved in ``out_dir/vae``.
 
     ``kwargs`` are fields of :class:`VaeTrainingArguments` (``size``, ``max_steps``, ``max_minutes``,
-    ``batch_size``, ``kl_weight``, ``seed``, ...).
+    ``batch_size``, ``kl_weight``, ``seed``, ...). ``measure(vae, images, pixel_size_um, image_size,
+    channel_names) -> dict`` scores the trained VAE on held-out crops for the summary, e.g.
+    :func:`spatia_hf.evaluation.generation.vae_reconstruction_metrics` (what ``examples/train_vae.py`` passes);
+    training itself measures nothing, so it does not depend on the evaluation package.
     """
-    return run_vae_training(VaeTrainingArguments(dataset_dir=str(dataset_dir), out_dir=str(out_dir), **kwargs))
+    return run_vae_training(VaeTrainingArguments(dataset_dir=str(dataset_dir), out_dir=str(out_dir), **kwargs),
+                            measure=measure)
 
 
-def run_vae_training(args: VaeTrainingArguments) -> VaeTrainingResult:
+def run_vae_training(args: VaeTrainingArguments, measure: Measure | None = None) -> VaeTrainingResult:
     """:func:`train_vae` from an arguments object."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from spatia_hf.data.builder import load_sections_info
-    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
-    from spatia_hf.training.generator import (CellBatches, TrainingClock, _write_atomically, images_to_model_space,
+    from ..data.datasets import load_spatia_dataset, split_by_section
+    from .loop import (CellBatches, TrainingClock, _write_atomically, images_to_model_space,
                                               make_accelerator)
 
     args.check()
@@ -435,10 +387,11 @@ def run_vae_training(args: VaeTrainingArguments) -> VaeTrainingResult:
         held = eval_cells if eval_cells is not None else train_cells
         rows = np.sort(np.random.default_rng([args.seed, 13]).permutation(len(held))[: args.eval_cells])
         picked = held.select(rows).with_format("numpy", columns=[schema.IMAGE, schema.PIXEL_SIZE_UM])[:]
-        metrics = reconstruction_metrics(vae, np.asarray(picked[schema.IMAGE]),
-                                         np.asarray(picked[schema.PIXEL_SIZE_UM]), image_size, channel_names)
-        metrics["evaluated_on"] = ("held-out sections" if eval_cells is not None
-                                   else "training crops (no held-out section)")
+        if measure is not None:
+            metrics = measure(vae, np.asarray(picked[schema.IMAGE]), np.asarray(picked[schema.PIXEL_SIZE_UM]),
+                              image_size, channel_names)
+            metrics["evaluated_on"] = ("held-out sections" if eval_cells is not None
+                                       else "training crops (no held-out section)")
         _write_atomically(vae_dir, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
         summary = {"arguments": asdict(args), "global_step": clock.step, "epoch": clock.epoch,
                    "stopped_by": clock.stopped_by,
@@ -470,7 +423,7 @@ __all__ = [
     "resolve_vae_dir",
     "vae_fingerprint",
     "estimate_scaling_factor",
-    "reconstruction_metrics",
+
     "train_vae",
     "run_vae_training",
 ]

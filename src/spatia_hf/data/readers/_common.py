@@ -328,7 +328,7 @@ def attach_labels_and_coverage(section, *, labels: str | Path | None = None, lab
         section.uns["labels_file"] = str(labels)
         section.uns["labels_missing"] = {c: int(lab[c].isna().sum()) for c in lab.columns}
     if vocabulary is not None:
-        from ..panel import panel_coverage
+        from ..gene_panel import panel_coverage
 
         cov = panel_coverage(section.genes, vocabulary, gene_ids=section.gene_ids, counts=section.counts,
                              dropped=section.dropped)

@@ -11,12 +11,11 @@ information about which cells express the gene and scores 0 (so a mean-imputatio
 scored, not dropped).
 """
 
-import warnings
 
 import datasets
 import evaluate
 import numpy as np
-from scipy.stats import pearsonr, rankdata
+from spatia_hf.utils.stats import mean_and_median, per_column_pearson, per_column_spearman
 
 _DESCRIPTION = """Correlation across cells, gene by gene: Pearson (scipy.stats.pearsonr) on the values and
 Spearman (Pearson on scipy.stats.rankdata ranks, average ties) on their ranks."""
@@ -39,26 +38,6 @@ Examples:
 
 _CITATION = """@article{2020SciPy-NMeth, title={{SciPy} 1.0: Fundamental Algorithms for Scientific Computing in Python},
   author={Virtanen, P. and others}, journal={Nature Methods}, volume={17}, pages={261--272}, year={2020}}"""
-
-
-def _per_column_pearson(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Pearson r of each column; NaN where the reference is constant, 0 where only the prediction is."""
-    ref_const = np.ptp(ref, axis=0) == 0
-    pred_const = np.ptp(pred, axis=0) == 0
-    out = np.full(pred.shape[1], np.nan)
-    ok = ~ref_const & ~pred_const
-    if ok.any():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[ok] = pearsonr(pred[:, ok], ref[:, ok], axis=0).statistic
-    out[~ref_const & pred_const] = 0.0
-    return out
-
-
-def _summary(values: np.ndarray, name: str) -> dict:
-    defined = values[~np.isnan(values)]
-    return {f"{name}_mean": float(defined.mean()) if defined.size else float("nan"),
-            f"{name}_median": float(np.median(defined)) if defined.size else float("nan")}
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -86,9 +65,9 @@ class PerGeneCorrelation(evaluate.Metric):
         names = list(gene_names) if gene_names is not None else [str(j) for j in range(pred.shape[1])]
         if len(names) != pred.shape[1]:
             raise ValueError(f"gene_names has {len(names)} names for {pred.shape[1]} columns")
-        pearson = _per_column_pearson(pred, ref)
-        spearman = _per_column_pearson(rankdata(pred, axis=0), rankdata(ref, axis=0))
-        return {**_summary(pearson, "pearson"), **_summary(spearman, "spearman"),
+        pearson = per_column_pearson(pred, ref)
+        spearman = per_column_spearman(pred, ref)
+        return {**mean_and_median(pearson, "pearson"), **mean_and_median(spearman, "spearman"),
                 "pearson_per_gene": pearson.tolist(), "spearman_per_gene": spearman.tolist(),
                 "gene_names": names, "n_genes": int(pred.shape[1]),
                 "n_genes_undefined": int(np.isnan(pearson).sum()), "n_cells": int(pred.shape[0])}

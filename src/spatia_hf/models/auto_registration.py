@@ -16,13 +16,13 @@ from __future__ import annotations
 import sys
 import threading
 
-from .import_hooks import add_post_import_hook, initializing, remove_post_import_hook
+from ..utils.import_hooks import add_post_import_hook, initializing, remove_post_import_hook
 
 CONFIG_AUTO = "transformers.models.auto.configuration_auto"
 MODEL_AUTO = "transformers.models.auto.modeling_auto"
 PACKAGE = "spatia_hf"
 # transformers modules the SPATIA configs / models import; they must be complete before we import ours.
-_CONFIG_DEPS = ("transformers.configuration_utils", CONFIG_AUTO, f"{PACKAGE}.configuration_spatia")
+_CONFIG_DEPS = ("transformers.configuration_utils", CONFIG_AUTO, f"{PACKAGE}.models.configuration_spatia")
 _MODEL_DEPS = ("transformers.configuration_utils", CONFIG_AUTO, "transformers.modeling_utils",
                "transformers.modeling_layers", MODEL_AUTO)
 
@@ -33,7 +33,7 @@ _done = {"configs": False, "models": False}
 def _register_configs() -> None:
     from transformers.models.auto.configuration_auto import AutoConfig
 
-    from spatia_hf.configuration_spatia import SpatiaCellConfig, SpatiaConfig, SpatiaNicheConfig, SpatiaTissueConfig
+    from .configuration_spatia import SpatiaCellConfig, SpatiaConfig, SpatiaNicheConfig, SpatiaTissueConfig
 
     for config_cls in (SpatiaCellConfig, SpatiaNicheConfig, SpatiaTissueConfig, SpatiaConfig):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)  # exist_ok: reloads are harmless
@@ -43,12 +43,12 @@ def _register_configs() -> None:
 def _register_models() -> None:
     from transformers.models.auto.modeling_auto import AutoModel, AutoModelForPreTraining
 
-    from spatia_hf.configuration_spatia import SpatiaCellConfig, SpatiaConfig, SpatiaNicheConfig, SpatiaTissueConfig
-    from spatia_hf.modeling_cell import SpatiaCellModel
-    from spatia_hf.modeling_heads import SpatiaForPretraining
-    from spatia_hf.modeling_niche import SpatiaNicheModel
-    from spatia_hf.modeling_spatia import SpatiaModel
-    from spatia_hf.modeling_tissue import SpatiaTissueModel
+    from .configuration_spatia import SpatiaCellConfig, SpatiaConfig, SpatiaNicheConfig, SpatiaTissueConfig
+    from .modeling_cell import SpatiaCellModel
+    from .modeling_heads import SpatiaForPretraining
+    from .modeling_niche import SpatiaNicheModel
+    from .modeling_spatia import SpatiaModel
+    from .modeling_tissue import SpatiaTissueModel
 
     for config_cls, model_cls in ((SpatiaCellConfig, SpatiaCellModel), (SpatiaNicheConfig, SpatiaNicheModel),
                                   (SpatiaTissueConfig, SpatiaTissueModel), (SpatiaConfig, SpatiaModel)):

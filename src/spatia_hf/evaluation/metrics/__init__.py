@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-METRICS_DIR = Path(__file__).with_suffix("")  # the sibling folder evaluation/metrics/
+METRICS_DIR = Path(__file__).parent  # evaluation/metrics/: one folder per metric module
 METRIC_NAMES = (
     "accuracy",
     "macro_f1",

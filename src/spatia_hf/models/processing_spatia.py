@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,7 +37,8 @@ import torch
 from transformers import BatchFeature
 
 from .configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID, SpatiaCellConfig, SpatiaConfig
-from .data.schema import GENE_COUNTS, GENE_INDICES, GENE_PANEL_FILE, IMAGE
+from ..utils.columns import GENE_COUNTS, GENE_INDICES, GENE_PANEL_FILE, IMAGE
+from ..utils.io import write_json
 
 PROCESSOR_FILE = "spatia_processor.json"
 _LISTED = 10
@@ -173,16 +173,7 @@ class SpatiaProcessor:
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``spatia_processor.json`` atomically (temporary file + rename)."""
         out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".spatia_processor.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-            os.replace(tmp, out / PROCESSOR_FILE)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json(out / PROCESSOR_FILE, self.to_dict(), indent=2)
         return out / PROCESSOR_FILE
 
     @classmethod
@@ -198,9 +189,7 @@ class SpatiaProcessor:
             ids = data.pop("gene_ensembl_ids", None)
             return cls(vocab, ids, **{**data, **kwargs})
         if (path / "config.json").is_file():
-            from transformers import AutoConfig
-
-            import spatia_hf  # noqa: F401  (registers the SPATIA configs)
+            from transformers import AutoConfig  # the SPATIA configs register when its Auto module loads
 
             return cls.from_config(AutoConfig.from_pretrained(path), **kwargs)
         raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE} or config.json. Fix: pass the directory a SPATIA "

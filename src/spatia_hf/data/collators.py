@@ -1,6 +1,6 @@
 """Data collators: dataset rows -> SPATIA model inputs, for every pretraining and fine-tuning task.
 
-All of them sit on :class:`~spatia_hf.processing_spatia.SpatiaProcessor` (gene-panel mapping,
+All of them sit on :class:`~spatia_hf.models.processing_spatia.SpatiaProcessor` (gene-panel mapping,
 library-size log1p normalisation, gene-token selection, image normalisation) and add what a task
 needs:
 
@@ -21,7 +21,7 @@ DataLoader workers, the number of processes, or an interruption and ``resume_fro
 (set ``collator.epoch`` each epoch, which :class:`~spatia_hf.training.trainer.EpochSeedCallback` does).
 
 Collators take a list of rows (dicts) or columns (a dict of sequences, as
-:class:`~spatia_hf.training.datasets.ArrowRows` returns).
+:class:`~spatia_hf.data.datasets.ArrowRows` returns).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from spatia_hf.configuration_spatia import PAD_TOKEN_ID
+from ..models.configuration_spatia import PAD_TOKEN_ID
 from spatia_hf.data import schema
-from spatia_hf.processing_spatia import SpatiaProcessor
+from ..models.processing_spatia import SpatiaProcessor
 
 from .datasets import example_key
 
@@ -217,7 +217,7 @@ def _stack_images(images) -> np.ndarray:
 # ----------------------------------------------------------------------------- niches
 @dataclass
 class NicheCollator:
-    """Niche examples (:class:`~spatia_hf.training.datasets.NicheCellsDataset`) -> niche inputs.
+    """Niche examples (:class:`~spatia_hf.data.datasets.NicheCellsDataset`) -> niche inputs.
 
     Member cells are encoded by ``cell_collator`` and laid out with a leading cell dimension:
     ``pixel_values [B, N, C, H, W]``, ``gene_ids/gene_values/gene_attention_mask [B, N, L]``,

@@ -12,18 +12,20 @@ its member cells' rows, fetched in a DataLoader worker so the collator only pads
 
 from __future__ import annotations
 
-import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, load_dataset
+from huggingface_hub import DatasetCard
 
-from spatia_hf.data import schema
+from . import schema
+from .gene_panel import read_gene_panel
 
 
 @dataclass
@@ -56,30 +58,14 @@ class SpatiaDataset:
         return sorted(set(ds[schema.SAMPLE_ID]))
 
 
-def read_gene_panel(dataset_dir: str | Path) -> dict:
-    """``gene_panel.json`` of a dataset directory, checked to hold a non-empty ``genes`` list."""
-    path = Path(dataset_dir) / schema.GENE_PANEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"dataset_dir={str(dataset_dir)!r}: no {schema.GENE_PANEL_FILE}. Fix: pass a directory written by "
-            "`spatia convert ...` / `spatia synth` (spatia_hf.data.builder.build_multiscale_dataset)"
-        )
-    panel = json.loads(path.read_text())
-    genes = panel.get("genes")
-    if not isinstance(genes, list) or not genes:
-        raise ValueError(f"{path}: 'genes' is missing or empty. Fix: rebuild the dataset")
-    return panel
-
-
-def load_spatia_dataset(dataset_dir: str | Path, configs: Sequence[str] = schema.CONFIGS) -> SpatiaDataset:
-    """Load ``configs`` of a built dataset directory (offline, through its card) with its gene panel.
+def load_spatia_dataset(dataset_dir: str | os.PathLike, configs: Sequence[str] = schema.CONFIGS,
+                        **hub_kwargs) -> SpatiaDataset:
+    """Load ``configs`` of a built dataset (a folder, or a Hub dataset id fetched once by
+    :func:`resolve_dataset_dir` with ``hub_kwargs``) with its gene panel.
 
     Wrap a config in :class:`ArrowRows` for fast batched reads (uint8 images, arrays).
     """
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"dataset_dir={str(dataset_dir)!r} does not exist. Fix: build it with `spatia synth` "
-                                "or `spatia convert`")
+    dataset_dir = resolve_dataset_dir(dataset_dir, **hub_kwargs)
     panel = read_gene_panel(dataset_dir)
     unknown = [c for c in configs if c not in schema.CONFIGS]
     if unknown:
@@ -94,6 +80,49 @@ def load_spatia_dataset(dataset_dir: str | Path, configs: Sequence[str] = schema
         files = sorted(str(p) for p in (dataset_dir / name).glob("*.parquet"))
         loaded[name] = load_dataset("parquet", data_files={"train": files}, split="train")
     return SpatiaDataset(dataset_dir, list(panel["genes"]), panel.get("gene_ids"), loaded, panel)
+
+
+def resolve_dataset_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False) -> Path:
+    """A local dataset folder for a path or a Hub dataset id (``snapshot_download``: downloaded once,
+    then read from the cache, also with ``HF_HUB_OFFLINE=1``). The folder has the builder's layout."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    repo_id = os.fspath(path_or_repo_id)
+    if repo_id.count("/") != 1 or os.path.isabs(repo_id) or repo_id.startswith("."):
+        raise FileNotFoundError(f"dataset {repo_id!r} is neither a local dataset folder nor a Hub id ORG/NAME. Fix: "
+                                "build it with `spatia synth` or `spatia convert`, check the path, or pass a dataset repo id")
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir,
+                                    token=token, local_files_only=local_files_only))
+    missing = _missing_dataset_files(folder)
+    if missing:
+        # offline, snapshot_download returns whatever is cached, e.g. only the one config that
+        # load_dataset(repo_id, "cells") fetched
+        raise FileNotFoundError(
+            f"the cached snapshot of dataset {repo_id!r} at {os.fspath(folder)!r} is incomplete (missing {missing}). "
+            f"Fix: call spatia_hf.data.datasets.resolve_dataset_dir({repo_id!r}) once with network access (without "
+            f"HF_HUB_OFFLINE=1) to download the whole dataset")
+    return folder
+
+
+def _missing_dataset_files(folder: Path) -> list[str]:
+    """What a dataset folder lacks for every config of its card (and the gene panel) to load."""
+    missing = [] if (folder / schema.GENE_PANEL_FILE).is_file() else [schema.GENE_PANEL_FILE]
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return missing + ["README.md"]
+    for config in DatasetCard.load(readme).data.to_dict().get("configs") or []:
+        files = config.get("data_files") or []
+        patterns = [files] if isinstance(files, str) else [f["path"] if isinstance(f, Mapping) else f for f in files]
+        for pattern in patterns:
+            for p in [pattern] if isinstance(pattern, str) else pattern:
+                if not list(folder.glob(p)):
+                    missing.append(p)
+    return missing
 
 
 def default_eval_sections(sample_ids: Sequence[str]) -> list[str]:

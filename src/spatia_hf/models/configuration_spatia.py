@@ -72,7 +72,7 @@ def _check_heads(prefix: str, hidden_size: int, num_heads: int) -> None:
 
 
 class SpatiaCellConfig(PretrainedConfig):
-    """Configuration of :class:`~spatia_hf.modeling_cell.SpatiaCellModel` (image + expression of one cell).
+    """Configuration of :class:`~spatia_hf.models.modeling_cell.SpatiaCellModel` (image + expression of one cell).
 
     Args:
         gene_vocab: gene symbols of the vocabulary, in id order after the 4 special ids. Grows with
@@ -169,7 +169,7 @@ class SpatiaCellConfig(PretrainedConfig):
 
 
 class SpatiaNicheConfig(PretrainedConfig):
-    """Configuration of :class:`~spatia_hf.modeling_niche.SpatiaNicheModel` (the cells of a neighbourhood).
+    """Configuration of :class:`~spatia_hf.models.modeling_niche.SpatiaNicheModel` (the cells of a neighbourhood).
 
     Args:
         cell_embed_dim: width of the incoming cell embeddings (the cell model's ``hidden_size``).
@@ -227,7 +227,7 @@ class SpatiaNicheConfig(PretrainedConfig):
 
 
 class SpatiaTissueConfig(PretrainedConfig):
-    """Configuration of :class:`~spatia_hf.modeling_tissue.SpatiaTissueModel` (the niches of a section).
+    """Configuration of :class:`~spatia_hf.models.modeling_tissue.SpatiaTissueModel` (the niches of a section).
 
     Args:
         niche_embed_dim: width of the incoming niche embeddings (the niche model's ``hidden_size``).
@@ -317,7 +317,7 @@ class SpatiaTissueConfig(PretrainedConfig):
 
 
 class SpatiaConfig(PretrainedConfig):
-    """Composite configuration of :class:`~spatia_hf.modeling_spatia.SpatiaModel` and its heads.
+    """Composite configuration of :class:`~spatia_hf.models.modeling_spatia.SpatiaModel` and its heads.
 
     Holds the three scale configs (like ``CLIPConfig`` holds text and vision) plus the settings of
     the pretraining objectives and heads.

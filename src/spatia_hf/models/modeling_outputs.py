@@ -10,7 +10,7 @@ from transformers.utils import ModelOutput
 
 @dataclass
 class SpatiaCellOutput(ModelOutput):
-    """Output of :class:`~spatia_hf.modeling_cell.SpatiaCellModel`.
+    """Output of :class:`~spatia_hf.models.modeling_cell.SpatiaCellModel`.
 
     Args:
         cell_embeds: ``[B, D]`` pooled (fused) cell embedding.
@@ -35,7 +35,7 @@ class SpatiaCellOutput(ModelOutput):
 
 @dataclass
 class SpatiaNicheOutput(ModelOutput):
-    """Output of :class:`~spatia_hf.modeling_niche.SpatiaNicheModel`.
+    """Output of :class:`~spatia_hf.models.modeling_niche.SpatiaNicheModel`.
 
     Args:
         niche_embeds: ``[B, D]`` niche embedding (invariant to the order of cells).
@@ -52,7 +52,7 @@ class SpatiaNicheOutput(ModelOutput):
 
 @dataclass
 class SpatiaTissueOutput(ModelOutput):
-    """Output of :class:`~spatia_hf.modeling_tissue.SpatiaTissueModel`.
+    """Output of :class:`~spatia_hf.models.modeling_tissue.SpatiaTissueModel`.
 
     Args:
         tissue_embeds: ``[B, D]`` section embedding (size-weighted mean of the final tokens).
@@ -76,7 +76,7 @@ class SpatiaTissueOutput(ModelOutput):
 
 @dataclass
 class SpatiaModelOutput(ModelOutput):
-    """Output of the composite :class:`~spatia_hf.modeling_spatia.SpatiaModel`: the scale that ran.
+    """Output of the composite :class:`~spatia_hf.models.modeling_spatia.SpatiaModel`: the scale that ran.
 
     Args:
         cell_embeds: ``[B, D]`` (cell inputs) or ``[B, N, D]`` context-aware (niche inputs).
@@ -95,7 +95,7 @@ class SpatiaModelOutput(ModelOutput):
 
 @dataclass
 class SpatiaPretrainingOutput(ModelOutput):
-    """Output of :class:`~spatia_hf.modeling_heads.SpatiaForPretraining`.
+    """Output of :class:`~spatia_hf.models.modeling_heads.SpatiaForPretraining`.
 
     ``loss`` is the weighted sum of the objectives that ran; each objective's own (unweighted)
     loss is reported so a Trainer callback can log it.

@@ -1,7 +1,7 @@
 """The generator's condition encoder: a cell's expression -> cross-attention tokens for the denoiser.
 
 :class:`SpatiaConditionEncoder` wraps SPATIA's expression branch
-(:class:`~spatia_hf.modeling_cell.SpatiaExpressionEncoder`: gene-identity embedding + value
+(:class:`~spatia_hf.models.modeling_cell.SpatiaExpressionEncoder`: gene-identity embedding + value
 encoding + self-attention) and adds what a diffusion denoiser needs from it:
 
 * a fixed number of condition tokens (``num_condition_tokens`` learned queries attend over the
@@ -45,8 +45,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID, SpatiaCellConfig
-from .modeling_cell import SpatiaExpressionEncoder, expression_encoder_state
+from ..models.configuration_spatia import NUM_SPECIAL_TOKENS, PAD_TOKEN_ID, SpatiaCellConfig
+from ..models.modeling_cell import SpatiaExpressionEncoder, expression_encoder_state
 
 # The fields of SpatiaCellConfig the expression branch depends on (image fields are left out).
 EXPRESSION_CONFIG_KEYS = (
@@ -62,6 +62,18 @@ MIN_PROFILE_STD = 0.1
 MAX_PROFILE_Z = 10.0
 
 
+# Encoder sizes all take the standardised profile as the global condition (``global_vector``);
+# encoders saved before that option read back with the flattened tokens.
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=16, num_attention_heads=2, num_expression_layers=1, cross_attention_dim=16,
+                 num_condition_tokens=4, global_vector="profile"),
+    "small": dict(hidden_size=64, num_attention_heads=4, num_expression_layers=2, cross_attention_dim=64,
+                  num_condition_tokens=8, max_gene_tokens=64, expression_token=True, global_vector="profile"),
+    "base": dict(hidden_size=256, num_attention_heads=8, num_expression_layers=4, cross_attention_dim=256,
+                 num_condition_tokens=16, expression_token=True, global_vector="profile"),
+}
+
+
 def expression_config_from(cell_config: SpatiaCellConfig | dict) -> dict[str, Any]:
     """The expression-branch subset of a cell config, as a JSON-safe dict."""
     d = cell_config.to_dict() if isinstance(cell_config, SpatiaCellConfig) else dict(cell_config)
@@ -70,7 +82,7 @@ def expression_config_from(cell_config: SpatiaCellConfig | dict) -> dict[str, An
 
 def log1p_normalize(counts: torch.Tensor, normalize_total: float | None) -> torch.Tensor:
     """``[B, G]`` raw counts -> ``log1p(counts / size_factor)`` with ``size_factor = max(library, 1) /
-    normalize_total`` (exactly :class:`~spatia_hf.processing_spatia.SpatiaProcessor`'s values, so a
+    normalize_total`` (exactly :class:`~spatia_hf.models.processing_spatia.SpatiaProcessor`'s values, so a
     pretrained expression branch sees what it was trained on); raw log1p when ``normalize_total`` is None."""
     x = counts.float()
     if normalize_total is not None:

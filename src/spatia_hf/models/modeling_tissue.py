@@ -2,7 +2,7 @@
 
 A section has 10^3-10^5 niche tokens. At the start of each layer the tokens that are spatial
 neighbours *and* have similar attention keys are merged (ToMe bipartite matching restricted to
-the ``merge_k`` nearest neighbours, :mod:`spatia_hf.token_merging`), so even the first attention
+the ``merge_k`` nearest neighbours, :mod:`spatia_hf.models.token_merging`), so even the first attention
 runs on the reduced set. Merged tokens are size-weighted means, attention is proportional
 (``log size`` added to the logits), and every merge is recorded so the final tokens unmerge back
 to one output per input niche. ``merge_ratio=0`` never calls the matching and is exactly the plain

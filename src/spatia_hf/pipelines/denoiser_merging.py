@@ -4,11 +4,11 @@ On a CPU the full-resolution self-attention of a small UNet dominates its time (
 quadratic in the ``H*W`` image tokens). Like tomesd (ToMe for Stable Diffusion) we merge
 similar image tokens before self-attention and unmerge the attention output afterwards, so
 attention runs on ``N - r`` tokens and the rest of the network is untouched. Unlike tomesd, the
-matching is the package's own :func:`~spatia_hf.token_merging.spatial_bipartite_matching`, the
+matching is the package's own :func:`~spatia_hf.models.token_merging.spatial_bipartite_matching`, the
 same code path the tissue transformer uses:
 
 * a source token may merge only into one of its ``k`` nearest destination tokens on the token
-  grid (:func:`~spatia_hf.token_merging.grid_positions`, destinations on a 2x2 stride as in
+  grid (:func:`~spatia_hf.models.token_merging.grid_positions`, destinations on a 2x2 stride as in
   tomesd), so merges stay local and the matching costs ``N x k`` dot products instead of tomesd's
   dense ``(3N/4) x (N/4)`` similarity matrix; the neighbour lists depend only on the grid size and
   are cached per resolution;
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spatia_hf.token_merging import (
+from ..models.token_merging import (
     SpatialNeighbours,
     grid_destination_mask,
     grid_positions,

@@ -8,7 +8,7 @@
 - :class:`SpatiaForExpressionPrediction`: expression from the image alone.
 - :class:`SpatiaForTissueClassification`: section-level labels from niche embeddings.
 
-All heads wrap ``self.spatia`` (a :class:`~spatia_hf.modeling_spatia.SpatiaModel`), so a pretraining
+All heads wrap ``self.spatia`` (a :class:`~spatia_hf.models.modeling_spatia.SpatiaModel`), so a pretraining
 checkpoint loads into any of them with ``from_pretrained``.
 """
 

@@ -16,7 +16,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 from .configuration_spatia import SpatiaCellConfig, SpatiaConfig
-from .hub import SpatiaModelHubMixin  # model card on save_pretrained / push_to_hub (hub.py owner)
+from ..hub.mixins import SpatiaModelHubMixin  # the SPATIA card on save_pretrained / push_to_hub
 from .modeling_layers import init_module_parameters
 
 # which checkpoint kinds (config model_type) each model kind may be loaded from

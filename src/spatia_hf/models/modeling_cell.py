@@ -358,7 +358,7 @@ def _keep_index(patch_mask: torch.Tensor) -> torch.Tensor:
     counts = (~patch_mask).sum(dim=1)
     if bool((counts != counts[0]).any()):
         raise ValueError("image_patch_mask: every row must hide the same number of patches. "
-                         "Fix: build it with spatia_hf.modeling_layers.random_patch_mask")
+                         "Fix: build it with spatia_hf.models.modeling_layers.random_patch_mask")
     order = torch.argsort(patch_mask.to(torch.int8), dim=1, stable=True)
     return order[:, : int(counts[0])]
 
@@ -382,7 +382,7 @@ def _find_cell_model(model) -> SpatiaCellModel:
 def expression_encoder_state(model_or_path) -> tuple[SpatiaCellConfig, dict[str, torch.Tensor]]:
     """Config and state dict of the expression branch of a SPATIA model or checkpoint.
 
-    Accepts a :class:`SpatiaCellModel`, :class:`~spatia_hf.modeling_spatia.SpatiaModel`, any SPATIA
+    Accepts a :class:`SpatiaCellModel`, :class:`~spatia_hf.models.modeling_spatia.SpatiaModel`, any SPATIA
     head, or a path/hub id of one of them. The generation pipeline builds its condition encoder
     from this with :meth:`SpatiaExpressionEncoder.from_spatia`.
     """

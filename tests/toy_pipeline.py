@@ -1,7 +1,7 @@
 """A tiny diffusers pipeline whose denoiser is a ``ModelMixin`` defined in this package.
 
 It has the layout that matters for Hub round trips of ``SpatiaGenerationPipeline``: ``model_index.json``
-names the denoiser by its package module path (``["spatia_hf.testing.toy_pipeline", "ToyDenoiser"]``),
+names the denoiser by its package module path (``["toy_pipeline", "ToyDenoiser"]``),
 which diffusers' generic Hub download rejects. Tests of the Hub machinery use it so they do not
 depend on the size or speed of the real generator.
 """
@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from ..hub import SpatiaPipelineHubMixin
+from spatia_hf.hub import SpatiaPipelineHubMixin
 
 
 class ToyDenoiser(ModelMixin, ConfigMixin):

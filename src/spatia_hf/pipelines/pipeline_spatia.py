@@ -25,7 +25,7 @@ Components (``register_modules``, one folder each in a saved pipeline, named in 
   load unchanged, with ``transformer=None``;
 * ``scheduler``: any diffusers scheduler; training uses DDPM, sampling DPM-Solver++ or DDIM, swapped
   with ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``;
-* ``condition_encoder``: :class:`~spatia_hf.condition_encoder.SpatiaConditionEncoder`, SPATIA's
+* ``condition_encoder``: :class:`~spatia_hf.pipelines.condition_encoder.SpatiaConditionEncoder`, SPATIA's
   expression branch plus a learned null condition; it carries the gene panel;
 * ``vae`` (optional, None by default): an ``AutoencoderKL`` for latent generation at >= 128 px; at
   the default 32-64 px the denoiser works in pixel space. ``spatia_hf.training.vae.train_vae`` trains
@@ -41,7 +41,7 @@ Perturbation (``perturbation={"NUCSIZE": 4.0}``) multiplies that gene's counts b
 generates the control and the perturbed images from the same initial noise (and the same sampler
 noise), so a morphology difference is attributable to the edit alone.
 
-Token merging (ToMe in the denoiser's self-attention, ``spatia_hf.denoiser_merging``) is off by
+Token merging (ToMe in the denoiser's self-attention, ``spatia_hf.pipelines.denoiser_merging``) is off by
 default (``token_merging_ratio=0.0``): it is recorded in the pipeline config, saved in
 ``model_index.json``, and changed with :meth:`SpatiaGenerationPipeline.set_token_merging`. It patches
 the ``BasicTransformerBlock`` self-attention of either denoiser: the UNet's at its finest attention
@@ -63,7 +63,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtTransformer2DModel,
+from diffusers import (AutoencoderKL, PixArtTransformer2DModel,
                        UNet2DConditionModel)
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -71,69 +71,28 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .condition_encoder import SpatiaConditionEncoder
-from .configuration_spatia import NUM_SPECIAL_TOKENS
-from .hub import SpatiaPipelineHubMixin  # Hub-id loading + push with the SPATIA card (hub.py owner)
-from .processing_spatia import SpatiaProcessor
+from ..hub.mixins import SpatiaPipelineHubMixin  # Hub-id loading + push with the SPATIA card
+from ..hub.push import push_pipeline
+from ..models.configuration_spatia import NUM_SPECIAL_TOKENS
+from ..models.processing_spatia import SpatiaProcessor
+from .condition_encoder import ENCODER_PRESETS, SpatiaConditionEncoder
+from .denoisers import (DENOISERS, denoise, denoiser_kind, make_transformer, make_unet, sampling_scheduler,
+                        training_scheduler, uses_global_condition)
+from .image_processing import DEFAULT_CHANNEL_NAMES, default_channel_names, render_rgb
 
 # diffusers accepts a component's library from a Hub repo only when it is a key of LOADABLE_CLASSES
-# (or a code file in the repo); ours is named by module path. Register that path so
-# ``SpatiaGenerationPipeline.from_pretrained("org/name")`` works with the package installed.
+# (or a code file in the repo); ours is named by module path. Register that path, and the one pipelines
+# saved before the package layout of 0.2 recorded, so ``SpatiaGenerationPipeline.from_pretrained("org/name")``
+# works with the package installed.
 CONDITION_ENCODER_MODULE = SpatiaConditionEncoder.__module__
-LOADABLE_CLASSES.setdefault(CONDITION_ENCODER_MODULE, {"ModelMixin": ["save_pretrained", "from_pretrained"]})
+for _module in (CONDITION_ENCODER_MODULE, "spatia_hf.condition_encoder"):
+    LOADABLE_CLASSES.setdefault(_module, {"ModelMixin": ["save_pretrained", "from_pretrained"]})
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-DEFAULT_CHANNEL_NAMES = ("DAPI", "boundary")
 # Classifier-free guidance: on the demo tissue (800 training steps) guidance 4 labelled generated cells with
 # their condition's type 0.62-0.73 of the time vs 0.53-0.56 at 2, at a larger morphology-feature FID.
 DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_TOKEN_MERGING_RATIO = 0.0
-
-# RGB colour of a stain channel by (lower-case) name; unknown channels take the palette in order.
-CHANNEL_COLORS = {
-    "dapi": (0.0, 0.35, 1.0), "nuclei": (0.0, 0.35, 1.0), "nucleus": (0.0, 0.35, 1.0), "hoechst": (0.0, 0.35, 1.0),
-    "boundary": (0.0, 1.0, 0.0), "membrane": (0.0, 1.0, 0.0), "cell_boundary": (0.0, 1.0, 0.0),
-}
-PALETTE = ((1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0))
-
-# Denoiser sizes: ``tiny`` for tests (seconds on CPU), ``small`` for the CPU demo (32-64 px pixel space,
-# attention only at 1/2 and 1/4 resolution, where it is cheap on a CPU), ``base`` for GPUs.
-# NB: diffusers' UNet2DConditionModel reads ``attention_head_dim`` as the number of heads (a legacy
-# naming); ``small`` uses 2 heads (head width 16 and 32): many narrow heads are slow on a CPU.
-UNET_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=8,
-                 norm_num_groups=8),
-    "small": dict(block_out_channels=(16, 32, 64),
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                  attention_head_dim=2, norm_num_groups=8),
-    "base": dict(block_out_channels=(128, 256, 256, 512),
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                   "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 layers_per_block=2, attention_head_dim=32, norm_num_groups=32),
-}
-# DiT sizes (``PixArtTransformer2DModel``, patch size 2 at 32-64 px, so 256-1024 patch tokens): one
-# resolution, self- and cross-attention in every block. ``small`` costs about what the ``small`` UNet
-# costs per training step on a CPU at 32 px (2 heads of width 48: few wide heads, as for the UNet);
-# ``base`` is DiT-S (384 wide, 12 blocks, 6 heads).
-TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, patch_size=2),
-    "small": dict(num_attention_heads=2, attention_head_dim=48, num_layers=4, patch_size=2),
-    "base": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, patch_size=2),
-}
-DENOISERS = ("unet", "transformer")
-# Encoder sizes all take the standardised profile as the global condition (``global_vector``);
-# encoders saved before that option read back with the flattened tokens.
-ENCODER_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=16, num_attention_heads=2, num_expression_layers=1, cross_attention_dim=16,
-                 num_condition_tokens=4, global_vector="profile"),
-    "small": dict(hidden_size=64, num_attention_heads=4, num_expression_layers=2, cross_attention_dim=64,
-                  num_condition_tokens=8, max_gene_tokens=64, expression_token=True, global_vector="profile"),
-    "base": dict(hidden_size=256, num_attention_heads=8, num_expression_layers=4, cross_attention_dim=256,
-                 num_condition_tokens=16, expression_token=True, global_vector="profile"),
-}
 
 
 @dataclass
@@ -154,153 +113,6 @@ class SpatiaPipelineOutput(BaseOutput):
     perturbed_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     unknown_genes: list[str] | None = None
     gene_coverage: dict[str, Any] | None = None
-
-
-def default_channel_names(n_channels: int) -> list[str]:
-    return list(DEFAULT_CHANNEL_NAMES) if n_channels == 2 else [f"channel_{i}" for i in range(n_channels)]
-
-
-def channel_colors(channel_names: Sequence[str]) -> np.ndarray:
-    """``[C, 3]`` RGB colour of each channel (see :data:`CHANNEL_COLORS`)."""
-    colors, k = [], 0
-    for name in channel_names:
-        c = CHANNEL_COLORS.get(str(name).lower())
-        if c is None:
-            c = PALETTE[k % len(PALETTE)]
-            k += 1
-        colors.append(c)
-    return np.asarray(colors, dtype=np.float32)
-
-
-def render_rgb(images: np.ndarray | torch.Tensor, channel_names: Sequence[str]) -> np.ndarray:
-    """``[N, C, H, W]`` stains in [0, 1] -> ``[N, H, W, 3]`` uint8 RGB (additive channel colours)."""
-    x = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, np.float32)
-    if x.ndim != 4 or x.shape[1] != len(channel_names):
-        raise ValueError(f"images: expected [N, {len(channel_names)}, H, W] (one plane per channel of "
-                         f"{list(channel_names)}), got {x.shape}")
-    rgb = np.einsum("nchw,ck->nhwk", np.clip(x, 0.0, 1.0), channel_colors(channel_names))
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
-
-
-def make_unet(size: str = "small", image_size: int = 32, in_channels: int = 2, cross_attention_dim: int = 64,
-              global_condition_dim: int | None = None, **overrides) -> UNet2DConditionModel:
-    """A ``UNet2DConditionModel`` of preset ``size`` for ``image_size`` px (pixel space) inputs.
-
-    ``global_condition_dim``: also take a global condition vector of that width as ``class_labels``
-    (diffusers' ``class_embed_type="projection"``: an MLP added to the timestep embedding).
-    """
-    if size not in UNET_PRESETS:
-        raise ValueError(f"size={size!r}: expected one of {sorted(UNET_PRESETS)}")
-    cfg = dict(UNET_PRESETS[size])
-    levels = len(cfg["block_out_channels"])
-    if image_size % 2 ** (levels - 1):
-        raise ValueError(f"image_size={image_size}: must be divisible by {2 ** (levels - 1)} for the {size!r} UNet "
-                         f"({levels} resolution levels)")
-    if global_condition_dim is not None:
-        if not (isinstance(global_condition_dim, int) and global_condition_dim > 0):
-            raise ValueError(f"global_condition_dim={global_condition_dim!r}: expected a positive integer or None")
-        cfg.update(class_embed_type="projection", projection_class_embeddings_input_dim=global_condition_dim)
-    cfg.update(overrides)
-    return UNet2DConditionModel(sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
-                                cross_attention_dim=cross_attention_dim, **cfg)
-
-
-def make_transformer(size: str = "small", image_size: int = 32, in_channels: int = 2, cross_attention_dim: int = 64,
-                     **overrides) -> PixArtTransformer2DModel:
-    """A DiT denoiser (diffusers' ``PixArtTransformer2DModel``) of preset ``size`` for ``image_size`` px inputs.
-
-    It cross-attends to condition tokens of width ``cross_attention_dim`` in every block and predicts
-    ``in_channels`` planes (no learned sigma). PixArt-alpha's resolution / aspect-ratio micro-conditions
-    are off (cells are fixed-size crops); the patch size must divide ``image_size``.
-    """
-    if size not in TRANSFORMER_PRESETS:
-        raise ValueError(f"size={size!r}: expected one of {sorted(TRANSFORMER_PRESETS)}")
-    cfg = dict(TRANSFORMER_PRESETS[size])
-    cfg.update(overrides)
-    if image_size % cfg["patch_size"]:
-        raise ValueError(f"image_size={image_size}: must be divisible by the {size!r} transformer's patch_size "
-                         f"{cfg['patch_size']}. Fix: use an image size that is a multiple of it")
-    cfg.setdefault("out_channels", in_channels)
-    cfg.setdefault("use_additional_conditions", False)
-    return PixArtTransformer2DModel(sample_size=image_size, in_channels=in_channels,
-                                    cross_attention_dim=cross_attention_dim, **cfg)
-
-
-def denoiser_kind(denoiser) -> str:
-    """``"unet"`` (diffusers UNets: ``forward(sample, timestep, ...)``) or ``"transformer"`` (diffusers 2-D
-    transformers: ``forward(hidden_states, encoder_hidden_states, timestep, ...)``); works on a
-    DDP-wrapped model too."""
-    model = getattr(denoiser, "module", denoiser)
-    params = inspect.signature(model.forward).parameters
-    if "sample" in params and "encoder_hidden_states" in params:
-        return "unet"
-    if {"hidden_states", "encoder_hidden_states", "timestep"} <= set(params):
-        return "transformer"
-    raise TypeError(f"denoiser: a {type(model).__name__} is neither a diffusers UNet (forward(sample, timestep, "
-                    "encoder_hidden_states)) nor a cross-attention transformer (forward(hidden_states, "
-                    "encoder_hidden_states, timestep)). Fix: use make_unet(...) or make_transformer(...)")
-
-
-def denoise(denoiser, sample: torch.Tensor, timestep: torch.Tensor | int | float, encoder_hidden_states: torch.Tensor,
-            class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The denoiser's prediction (noise or v) for ``sample`` at ``timestep``, whichever kind it is.
-
-    One call site for the pipeline and the training loop, so both feed a UNet or a transformer the
-    same way. A UNet gets ``class_labels`` (the global condition, or None). A transformer is called
-    as diffusers' ``PixArtAlphaPipeline`` calls it: the timestep broadcast to the batch,
-    ``added_cond_kwargs`` without micro-conditions, and of a learned-sigma output (``2 * C`` planes)
-    only the first ``C``; it takes no ``class_labels``.
-    """
-    if denoiser_kind(denoiser) == "unet":
-        return denoiser(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
-                        return_dict=False)[0]
-    if class_labels is not None:
-        raise ValueError("class_labels: a transformer denoiser takes cross-attention only (no global condition). "
-                         "Fix: pass class_labels=None (uses_global_condition(transformer) is False)")
-    t = timestep if torch.is_tensor(timestep) else torch.tensor(
-        [timestep], dtype=torch.float64 if isinstance(timestep, float) else torch.int64)
-    t = t.to(sample.device)
-    if t.dim() == 0:
-        t = t[None]
-    t = t.expand(sample.shape[0])
-    out = denoiser(sample, encoder_hidden_states=encoder_hidden_states, timestep=t,
-                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-    if out.shape[1] == 2 * sample.shape[1]:  # learned sigma: the prediction is the first half
-        out = out.chunk(2, dim=1)[0]
-    return out
-
-
-def uses_global_condition(denoiser) -> bool:
-    """Whether ``denoiser`` takes the global condition (``class_labels``): read from its config, so a
-    pipeline saved before the global path existed keeps running with cross-attention only. Always
-    False for a transformer (its config has no ``class_embed_type``: cross-attention only)."""
-    return denoiser.config.get("class_embed_type") == "projection"
-
-
-def training_scheduler(prediction_type: str = "v_prediction", num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """The noise schedule generators are trained with: DDPM, cosine betas (good for small images)."""
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type=prediction_type, clip_sample=True, clip_sample_range=1.0)
-
-
-def sampling_scheduler(train_scheduler: SchedulerMixin, latent: bool = False) -> DPMSolverMultistepScheduler:
-    """The default sampler of a trained pipeline: DPM-Solver++ (2nd order) on the training schedule.
-
-    In pixel space the data lie in [-1, 1]; at the first steps of the cosine schedule the predicted
-    clean image is ``(x_t - sigma * eps) / alpha`` with ``alpha`` ~ 1e-4, so a small noise-prediction
-    error becomes a huge, multistep-propagated x0 error (pure noise comes out). Dynamic thresholding
-    (``thresholding=True``, ``sample_max_value=1``) clips those predictions to the data range, as
-    DDPM/DDIM's ``clip_sample`` does; ``lambda_min_clipped=-5.1`` (diffusers' IF/unCLIP setting)
-    skips the last, worst-conditioned steps of the cosine schedule.
-
-    ``latent=True`` (a pipeline with a VAE): no thresholding. Scaled latents have unit variance but
-    no [-1, 1] bound, and dynamic thresholding would clip and rescale them (Stable Diffusion samples
-    its latents unthresholded too).
-    """
-    extra = {"lambda_min_clipped": -5.1} if train_scheduler.config.get("beta_schedule") == "squaredcos_cap_v2" else {}
-    clip = {"thresholding": False} if latent else {"thresholding": True, "sample_max_value": 1.0}
-    return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
-                                                   solver_order=2, **clip, **extra)
 
 
 def _expression_matrix(expression: Any, gene_names: Sequence[str] | None) -> tuple[np.ndarray, list[str] | None]:
@@ -547,7 +359,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
     def set_token_merging(self, ratio: float, max_downsample: int | None = None) -> None:
         """Merge ``ratio`` of the self-attention tokens in the denoiser (0 removes merging).
 
-        Patches the denoiser (``unet`` or ``transformer``) through ``spatia_hf.denoiser_merging``
+        Patches the denoiser (``unet`` or ``transformer``) through ``spatia_hf.pipelines.denoiser_merging``
         (spatially guided ToMe) in the self-attention at most ``max_downsample`` times coarser than
         the input (None: the finest level with attention; a transformer's blocks all attend over its
         patch grid, level 1) and records both in the pipeline config (saved in ``model_index.json``);
@@ -595,14 +407,10 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if push_to_hub:
-            from huggingface_hub import create_repo
-
-            repo_id = kwargs.pop("repo_id", out.name)
-            repo_id = create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None),
-                                  token=kwargs.get("token")).repo_id
-            self._upload_folder(str(out), repo_id, token=kwargs.get("token"),
-                                commit_message=kwargs.get("commit_message"), create_pr=kwargs.get("create_pr", False))
+        if push_to_hub:  # the same route as push_to_hub / `spatia push`: one commit with the SPATIA card
+            push_pipeline(out, kwargs.pop("repo_id", out.name), token=kwargs.get("token"),
+                          private=kwargs.get("private"), commit_message=kwargs.get("commit_message"),
+                          create_pr=kwargs.get("create_pr", False))
 
     # ------------------------------------------------------------------ inputs
     def prepare_expression(
@@ -882,13 +690,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         else:
             images = self.postprocess(self.decode_latents(latents), output_type)
         self.maybe_free_model_hooks()
-        if perturbed:
-            if isinstance(images, list):
-                control, edited = images[:n], images[n:]
-            else:
-                control, edited = images[:n], images[n:]
-        else:
-            control, edited = images, None
+        control, edited = (images[:n], images[n:]) if perturbed else (images, None)  # lists, arrays and tensors alike
         if not return_dict:
             return (control, edited) if perturbed else (control,)
         return SpatiaPipelineOutput(images=control, perturbed_images=edited, unknown_genes=unknown,
@@ -920,18 +722,4 @@ def _restore_generator_states(generator, states) -> None:
         g.set_state(s)
 
 
-__all__ = [
-    "SpatiaGenerationPipeline",
-    "SpatiaPipelineOutput",
-    "make_unet",
-    "make_transformer",
-    "denoise",
-    "denoiser_kind",
-    "uses_global_condition",
-    "render_rgb",
-    "training_scheduler",
-    "sampling_scheduler",
-    "UNET_PRESETS",
-    "TRANSFORMER_PRESETS",
-    "ENCODER_PRESETS",
-]
+__all__ = ["SpatiaGenerationPipeline", "SpatiaPipelineOutput"]
