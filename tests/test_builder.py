@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from spatia_hf.data import schema
-from spatia_hf.data.builder import build_multiscale_dataset, load_sections_info
+from spatia_hf.data.builder import build_multiscale_dataset, interrupted_builds, load_sections_info
 from spatia_hf.data.gene_panel import read_gene_panel
 from spatia_hf.data.section import Section
 from spatia_hf.data.synthetic import build_tiny_dataset, make_synthetic_sections
@@ -53,7 +53,7 @@ def test_three_configs_load_with_load_dataset(built, secs):
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "config_name: niches" in card and "path: cells/*.parquet" in card
     assert sorted(p.name for p in (out / "cells").iterdir()) == ["synth_s00-00000.parquet", "synth_s01-00000.parquet"]
-    assert not list(out.parent.glob("ds.tmp-*"))
+    assert not list(out.parent.glob(".ds.*"))  # no staging folder left
 
 
 def test_crops_are_centred_on_nuclei(built):
@@ -343,7 +343,7 @@ def test_resume_after_interruption_gives_identical_shards(secs, tmp_path, monkey
 
     with pytest.raises(KeyboardInterrupt):
         build_multiscale_dataset(interrupted(), tmp_path / "resumed", resume=True, **kw)
-    tmp = tmp_path / "resumed.tmp-build"
+    [tmp] = interrupted_builds(tmp_path / "resumed")
     assert (tmp / "_progress" / "synth_s00.json").exists() and not (tmp_path / "resumed").exists()
 
     import spatia_hf.data.builder as builder
@@ -368,9 +368,11 @@ def test_resume_refuses_other_parameters(secs, tmp_path):
         build_multiscale_dataset(interrupted(), tmp_path / "r", resume=True, crop_px=16, progress=False)
     with pytest.raises(ValueError, match="resume: the interrupted build .* used other parameters"):
         build_multiscale_dataset(secs, tmp_path / "r", resume=True, crop_px=24, progress=False)
-    # without resume the stale temporary folder is replaced
+    # without resume a fresh build runs beside it; the interrupted one (made by an earlier call) is left alone
+    [staged] = interrupted_builds(tmp_path / "r")
     build_multiscale_dataset(secs, tmp_path / "r", crop_px=16, niche_px=16, thumb_px=32, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staged.name, "r"])
+    assert interrupted_builds(tmp_path / "r") == [staged]
 
 
 def test_build_tiny_dataset(tmp_path):

@@ -58,20 +58,45 @@ def test_save_load_round_trip_gives_identical_images(pipe, tmp_path):
     assert index["vae"] == [None, None] and index["channel_names"] == ["DAPI", "boundary"]
     weights = sorted(p.name for p in (tmp_path / "gen").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
     assert weights == ["diffusion_pytorch_model.safetensors"] * 2
-    assert not (tmp_path / "gen.tmp-save").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]  # no temporary left beside it
     loaded = _load(tmp_path / "gen")
     assert loaded.genes == GENES
     assert torch.equal(_run(loaded).images, before)
 
 
-def test_save_pretrained_replaces_an_existing_folder_whole(pipe, tmp_path):
+def test_save_pretrained_keeps_the_users_files_and_replaces_stale_weights(pipe, tmp_path):
     out = tmp_path / "gen"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "unet").mkdir(parents=True)
+    (out / "my_notes.txt").write_text("mine")
+    (out / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    (out / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    for name in ("gen.tmp-save", "gen.old-save", "gen.tmp"):  # names earlier versions used as temporaries
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text(name)
     pipe.save_pretrained(out)
-    assert (out / "model_index.json").is_file() and not (out / "stale.txt").exists()
+    assert (out / "model_index.json").is_file() and (out / "my_notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    for name in ("gen.tmp-save", "gen.old-save", "gen.tmp"):
+        assert (tmp_path / name / "keep.txt").read_text() == name
+    assert _load(out).genes == GENES
     with pytest.raises(ValueError, match="safetensors only"):
         pipe.save_pretrained(out, safe_serialization=False)
+
+
+def test_save_pretrained_failing_mid_write_leaves_the_previous_save(pipe, tmp_path, monkeypatch):
+    out = tmp_path / "gen"
+    pipe.save_pretrained(out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    from diffusers import ModelMixin
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ModelMixin, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        pipe.save_pretrained(out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]
 
 
 def test_hub_layout_accepts_the_module_path_component():

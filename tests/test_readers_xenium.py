@@ -125,7 +125,7 @@ def _assert_failed_cleanly(code: int, out: Path, capsys, *needles: str) -> str:
     assert code == 1, err
     for needle in needles:
         assert needle in err, err
-    assert not out.exists() and not out.with_name(out.name + ".tmp-build").exists()
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
     return err
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from spatia_hf.cli import main
-from spatia_hf.data.builder import PROGRESS_DIR, TMP_SUFFIX
+from spatia_hf.data.builder import PROGRESS_DIR, interrupted_builds
 from spatia_hf.data.synthetic import build_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,16 +66,16 @@ def test_killed_conversion_resumes_to_byte_identical_shards(tmp_path):
     assert main([*convert, "--out", str(reference)]) == 0
 
     out = tmp_path / "ds"
-    tmp = out.with_name(out.name + TMP_SUFFIX)
-    first_marker = tmp / PROGRESS_DIR / "synth_s00.json"
     proc = subprocess.Popen([str(SPATIA), *convert, "--out", str(out)], env=child_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    kill_when(proc, first_marker.exists)
+    kill_when(proc, lambda: any((p / PROGRESS_DIR / "synth_s00.json").exists()
+                                for p in tmp_path.glob(".ds.*.spatia-build")))
+    [tmp] = interrupted_builds(out)
 
     markers = sorted(p.name for p in (tmp / PROGRESS_DIR).glob("synth_s*.json"))
     assert not out.exists() and "synth_s00.json" in markers and len(markers) < 4, markers  # really mid-way
     assert main([*convert, "--out", str(out), "--resume"]) == 0
-    assert not tmp.exists()
+    assert not tmp.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ds")) == []
 
     got, want = files(out), files(reference)
     assert sorted(got) == sorted(want)

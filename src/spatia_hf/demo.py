@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spatia_hf.utils.progress import respects_progress
-from .utils.io import write_json
+from .utils.io import atomic_write_text, staged_dir, weight_files, write_json
 
 
 @dataclass(frozen=True)
@@ -198,26 +198,25 @@ def _evaluate(p: dict[str, Path], size: DemoSize, seed: int, device: str, progre
 
 def _hub_folders(p: dict[str, Path]) -> None:
     """Hub-ready copies: model (+processor, card with the evaluation), pipeline, dataset (+card)."""
+    from .data.builder import stale_shard
     from .hub.cards import render_dataset_card, render_pipeline_card, write_model_card
     from .models.modeling_spatia import SpatiaModel
     from .models.processing_spatia import SpatiaProcessor
 
-    hub = p["hub"]
-    tmp = hub.with_name(hub.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     results = p["report"] / "results.json"
     eval_results = results if results.exists() else None
     model = SpatiaModel.from_pretrained(p["pretrained"])
-    model.save_pretrained(tmp / "model")
-    SpatiaProcessor.from_pretrained(p["pretrained"]).save_pretrained(tmp / "model")
-    write_model_card(tmp / "model", model, eval_results=eval_results)
-    shutil.copytree(p["generator"] / "pipeline", tmp / "pipeline")
-    (tmp / "pipeline" / "README.md").write_text(str(render_pipeline_card(tmp / "pipeline",
-                                                                         eval_results=eval_results)))
-    shutil.copytree(p["dataset"], tmp / "dataset")
-    (tmp / "dataset" / "README.md").write_text(str(render_dataset_card(tmp / "dataset")))
-    shutil.rmtree(hub, ignore_errors=True)
-    tmp.replace(hub)
+    weights = weight_files("model", "diffusion_pytorch_model")
+    with staged_dir(p["hub"], stale=lambda rel: weights(rel) or (rel.parts[0] == "dataset" and stale_shard(
+            Path(*rel.parts[1:])))) as tmp:
+        model.save_pretrained(tmp / "model")
+        SpatiaProcessor.from_pretrained(p["pretrained"]).save_pretrained(tmp / "model")
+        write_model_card(tmp / "model", model, eval_results=eval_results)
+        shutil.copytree(p["generator"] / "pipeline", tmp / "pipeline")
+        atomic_write_text(tmp / "pipeline" / "README.md", str(render_pipeline_card(tmp / "pipeline",
+                                                                                    eval_results=eval_results)))
+        shutil.copytree(p["dataset"], tmp / "dataset")
+        atomic_write_text(tmp / "dataset" / "README.md", str(render_dataset_card(tmp / "dataset")))
 
 
 def _summary(p: dict[str, Path]) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def add_builder_arguments(parser: argparse.ArgumentParser) -> None:
                    help="refuse a section when less than this fraction of its genes is in --vocabulary "
                         "(default 0: report only)")
     g.add_argument("--resume", action="store_true", help="reuse finished sections of an interrupted build")
-    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into --out if it exists (only this command's files are replaced)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from spatia_hf.commands._common import add_device_and_seed
 from spatia_hf.utils.devices import resolve_device
+from spatia_hf.utils.io import atomic_path
 
 EXAMPLE = """example:
   spatia embed --model runs/demo/model --adata section.h5ad --image morphology.ome.tif \\
@@ -62,10 +63,8 @@ def run(args: argparse.Namespace) -> int:
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
           min_gene_coverage=args.min_gene_coverage)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        adata.write_h5ad(tmp)
     cov = adata.uns["spatia"]["gene_coverage"]
     print(f"embedded {adata.n_obs} cells in {time.perf_counter() - start:.1f} s -> {out}")
     print(f"  obsm['X_spatia'] {adata.obsm['X_spatia'].shape}, obsm['X_spatia_niche'] "

@@ -2,7 +2,7 @@
 
 Expression comes from a file (``--expression``: ``.h5ad``, ``.csv``/``.tsv`` with gene columns, or
 ``.npy`` with ``--gene-names``) or from the cells of a built dataset (``--dataset``). Writes to
-``--out`` (assembled in a temporary folder, renamed when complete):
+``--out`` (assembled in a temporary folder, moved into place when complete; other files in OUT are kept):
 
 ```
 OUT/images.npy            uint8 (N, C, H, W) generated crops (np.load(..., allow_pickle=False))
@@ -15,13 +15,12 @@ OUT/generation.json       pipeline, inputs, cell ids, seed, steps, guidance, unk
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 from ..utils.devices import resolve_device
+from ..utils.io import staged_dir, write_json
 from ._common import add_device_and_seed
 
 
@@ -53,7 +52,8 @@ def register(subparsers) -> None:
     parser.add_argument("--min-gene-coverage", type=float, default=0.0,
                         help="refuse expression of which less than this fraction of genes is in the pipeline's "
                              "panel (default 0: any overlap)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out if it exists (only this command's files are replaced)")
     add_device_and_seed(parser)
     parser.set_defaults(func=run)
 
@@ -169,10 +169,9 @@ def run(args: argparse.Namespace) -> int:
     def to_uint8(parts):
         return (torch.cat(parts).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # over an earlier --out: only this command's files are replaced (perturbed.npy of an earlier perturbation run
+    # is stale when this one has none)
+    with staged_dir(out, stale=lambda rel: str(rel) == "perturbed.npy") as tmp:
         control = to_uint8(images)
         np.save(tmp / "images.npy", control)
         rgb = render_rgb(control / 255.0, pipe.config.channel_names)
@@ -191,13 +190,7 @@ def run(args: argparse.Namespace) -> int:
                 "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
                 "token_merging_ratio": pipe.config.token_merging_ratio, "channel_names": pipe.config.channel_names,
                 "image_shape": list(control.shape[1:]), "unknown_genes": unknown}
-        (tmp / "generation.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "generation.json", meta)
     what = f" + {len(control)} perturbed ({perturbation})" if perturbation else ""
     print(f"generated {len(control)} images{what} ({control.shape[1]}x{control.shape[2]}x{control.shape[3]}) in "
           f"{time.perf_counter() - start:.1f} s -> {out / 'images.npy'}, {out / 'grid.png'}")

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     parser.add_argument("--cell-types", type=int, default=6, help="number of cell types, 5-8 (default 6)")
     parser.add_argument("--domains", type=int, default=3, help="spatial domains per section (default 3)")
     parser.add_argument("--pixel-size", type=float, default=0.5, help="µm per image pixel (default 0.5)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out if it exists (only this command's files are replaced)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

@@ -12,9 +12,12 @@ DIR/sections.json                  build parameters, per-section normalisation, 
 DIR/cells/<sample_id>-00000.parquet  ...  DIR/niches/...  DIR/tissues/<sample_id>-00000.parquet
 ```
 
-Everything is written to ``DIR.tmp-build`` and renamed to ``DIR`` at the end. Each finished
-section leaves a marker in ``DIR.tmp-build/_progress``; ``resume=True`` reuses finished sections of
-an interrupted build (same parameters, same inputs) and yields byte-identical shards.
+Everything is written to a staging folder beside ``DIR`` (``.DIR.<random>.spatia-build``, made by
+``utils.io.new_stage``) and moved into ``DIR`` at the end (``utils.io.publish``: over an existing
+``DIR`` only the build's own files are replaced, plus shards of sections it no longer holds). Each
+finished section leaves a marker in the staging folder's ``_progress``; ``resume=True`` reuses the
+finished sections of the newest interrupted build (same parameters, same inputs) and yields
+byte-identical shards.
 
 Defaults (CPU scale; the paper uses 224-256 px crops): cells 32 µm -> 64 px, niches 50 µm grid
 tiles -> 64 px, thumbnails 256 px; per-slide 0.5 / 99.5 percentile normalisation.
@@ -22,9 +25,11 @@ tiles -> 64 px, thumbnails 256 px; per-slide 0.5 / 99.5 percentile normalisation
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -60,7 +65,7 @@ from .section import Section
 from .shards import Ragged, table_from_columns, write_parquet
 from .validation import OUTSIDE_POLICIES, validate_section
 from spatia_hf.utils.progress import respects_progress
-from ..utils.io import read_json, write_json
+from ..utils.io import new_stage, publish, read_json, write_json
 
 CELL_SHARD_ROWS = 4096
 NICHE_SHARD_ROWS = 1024
@@ -72,7 +77,7 @@ CROP_THREADS = 2
 SHARDS_IN_FLIGHT = 2
 SHARD_THREADS = 2
 SECTIONS_FILE = "sections.json"
-TMP_SUFFIX = ".tmp-build"
+BUILD_SUFFIX = ".spatia-build"  # staging folder of a (resumable) build: .DIR.<random>.spatia-build beside DIR
 PROGRESS_DIR = "_progress"
 _RESERVED = set(schema.cell_features(1, 1).keys()) | set(schema.niche_features(1, 1).keys()) | set(
     schema.tissue_features(1, 1).keys())
@@ -199,7 +204,8 @@ def _shard_name(sample_id: str, k: int) -> str:
 
 
 def _remove_section_shards(root: Path, sample_id: str) -> None:
-    pattern = re.compile(rf"^{re.escape(sample_id)}-\d{{5}}\.parquet(\.tmp)?$")
+    """A section's shards in the staging folder ``root`` (and temporaries of a killed shard write)."""
+    pattern = re.compile(rf"^\.?{re.escape(sample_id)}-\d{{5}}\.parquet(\.tmp|\..+\.tmp\.parquet)?$")
     for config in schema.CONFIGS:
         d = root / config
         if d.is_dir():
@@ -488,6 +494,22 @@ def _as_params(crop_um, crop_px, niche_um, niche_px, thumb_px, label_keys, value
                        int(niche_shard_rows))
 
 
+_SHARD = re.compile(r"^.+-\d{5}\.parquet$")
+
+
+def stale_shard(rel: Path) -> bool:
+    """``publish`` rule: a shard in a config folder (one of an earlier build's sections that this build lacks)."""
+    return len(rel.parts) == 2 and rel.parts[0] in schema.CONFIGS and bool(_SHARD.match(rel.name))
+
+
+def interrupted_builds(out_dir: str | Path) -> list[Path]:
+    """Staging folders of interrupted builds of ``out_dir`` (those holding resume markers), newest first."""
+    out = Path(os.path.abspath(out_dir))
+    found = [p for p in out.parent.glob(f".{glob.escape(out.name)}.*{BUILD_SUFFIX}")
+             if (p / PROGRESS_DIR / "params.json").is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
 @respects_progress
 def build_multiscale_dataset(
     sections: Iterable[Section],
@@ -532,7 +554,8 @@ def build_multiscale_dataset(
         percentiles: per-slide robust intensity percentiles mapped to 0 and 255.
         tile_px: image tile side read at once (memory ~ C x (tile_px + crop)^2 x itemsize).
         resume: reuse the finished sections of an interrupted build with the same parameters.
-        overwrite: replace an existing ``out_dir`` (only once the new build is complete).
+        overwrite: build into an existing ``out_dir`` (once the new build is complete): its dataset files are
+            replaced, shards of sections the new build lacks removed, every other file kept.
         progress: show progress bars.
         vocabulary: a model's gene vocabulary (model folder / ``config.json``, dataset folder, gene list;
             see :func:`spatia_hf.data.gene_panel.load_vocabulary`): each section's coverage by it (kept /
@@ -556,13 +579,13 @@ def build_multiscale_dataset(
     if min_gene_coverage > 0 and vocabulary is None:
         raise ValueError(f"min_gene_coverage={min_gene_coverage}: needs a vocabulary to measure coverage against. "
                          "Fix: pass vocabulary= (CLI: --vocabulary MODEL_DIR)")
-    tmp = out.with_name(out.name + TMP_SUFFIX)
+    found = interrupted_builds(out) if resume else []
+    tmp = found[0] if found else new_stage(out, BUILD_SUFFIX)
+    created = not found  # only a staging folder made by this call is ever removed on failure
     prog = tmp / PROGRESS_DIR
-    if tmp.exists() and not resume:
-        shutil.rmtree(tmp)
-    if tmp.exists():
-        stored = read_json(prog / "params.json") if (prog / "params.json").exists() else None
-        if stored is not None and stored != p.to_json():
+    if found:
+        stored = read_json(prog / "params.json")
+        if stored != p.to_json():
             raise ValueError(f"resume: the interrupted build in {tmp} used other parameters ({stored}). Fix: rerun "
                              "with the same parameters, or without resume to start over")
     prog.mkdir(parents=True, exist_ok=True)
@@ -613,20 +636,13 @@ def build_multiscale_dataset(
         if not summaries:
             raise ValueError("no sections to build. Fix: check the reader's input paths")
         _finish(tmp, panel, layout, p, summaries)
-        if out.exists():  # overwrite=True: swap only now that the new build is complete
-            old = out.with_name(out.name + ".old-build")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish(tmp, out, stale=stale_shard)  # overwrite=True: files replaced only now that the build is complete
     except KeyboardInterrupt:
         print(f"interrupted: finished sections are kept in {tmp}; rerun with resume=True (CLI: --resume) "
               "to continue", file=sys.stderr)
         raise
     except BaseException:
-        if not resume:
+        if created and not resume:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

@@ -92,6 +92,6 @@ cells = load_dataset("path/to/this/folder", "cells", split="train").with_format(
 
 
 def write_card(out_dir: str | Path, info: dict) -> Path:
-    path = Path(out_dir) / "README.md"
-    render_card(info).save(path)
-    return path
+    from ..utils.io import atomic_write_text
+
+    return atomic_write_text(Path(out_dir) / "README.md", str(render_card(info)))

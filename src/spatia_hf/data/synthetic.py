@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,6 +41,7 @@ from scipy.spatial import cKDTree
 from .section import Section
 from .synthetic_render import CellShapes, render_cells
 from spatia_hf.utils.progress import respects_progress
+from ..utils.io import read_json, staged_dir, write_json
 
 GROUND_TRUTH_KEY = "synthetic_ground_truth"
 PIXEL_SIZE_KEY = "spatial_pixel_size_um"
@@ -434,13 +434,23 @@ def load_ground_truth(source) -> dict:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def _stale_sections(out: Path):
+    """``stale=`` rule for :func:`write_synthetic`: the section files an earlier manifest in ``out`` lists."""
+    try:
+        named = {Path(e[k]) for e in read_json(out / MANIFEST)["sections"] for k in ("h5ad", "image")}
+    except (OSError, ValueError, KeyError, TypeError):
+        named = set()
+    return lambda rel: rel in named
+
+
 @respects_progress
 def write_synthetic(out_dir: str | Path, n_sections: int = 2, n_cells: int = 2000, seed: int = 0, *,
                     overwrite: bool = False, progress: bool = True, **overrides) -> list[dict]:
     """Write ``<sample_id>.h5ad`` + ``<sample_id>.ome.tif`` per section and ``synthetic.json``.
 
-    The folder is assembled in ``out_dir.tmp`` and renamed when complete. Returns the manifest
-    entries (paths relative to ``out_dir``).
+    The folder is assembled in a temporary sibling and moved into place when complete; over an existing
+    folder (``overwrite=True``) only its files are replaced, and the sections its old ``synthetic.json``
+    lists are removed. Returns the manifest entries (paths relative to ``out_dir``).
     """
     from tqdm.auto import tqdm
 
@@ -452,11 +462,8 @@ def write_synthetic(out_dir: str | Path, n_sections: int = 2, n_cells: int = 200
     cfg.check()
     prog = _programme(cfg, seed)
     gt = _ground_truth(prog, cfg, seed)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     entries = []
-    try:
+    with staged_dir(out, stale=_stale_sections(out)) as tmp:
         for i in tqdm(range(n_sections), desc="synthetic sections", disable=not progress):
             s = _simulate_section(i, n_cells, seed, cfg, prog, gt)
             h5, tif = f"{s.sample_id}.h5ad", f"{s.sample_id}.ome.tif"
@@ -468,13 +475,7 @@ def write_synthetic(out_dir: str | Path, n_sections: int = 2, n_cells: int = 200
         manifest = {"seed": seed, "n_sections": n_sections, "n_cells": n_cells, "n_genes": len(prog.genes),
                     "pixel_size_um": cfg.pixel_size_um, "config": asdict(cfg), "sections": entries,
                     "ground_truth": gt}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / MANIFEST, manifest)
     return entries
 
 

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 from huggingface_hub import CommitInfo
 
+from ..utils.io import staged_dir, weight_files
 from .cards import write_model_card
 from .push import push_model, push_pipeline, snapshot_pipeline
 
@@ -20,9 +21,13 @@ class SpatiaModelHubMixin:
         push = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None)
         token = kwargs.pop("token", None)
-        out = super().save_pretrained(save_directory, *args, **kwargs)
-        if model_card and kwargs.get("is_main_process", True):
-            write_model_card(save_directory, self, eval_results=eval_results, repo_id=repo_id)
+        if not kwargs.get("is_main_process", True):
+            out = super().save_pretrained(save_directory, *args, **kwargs)
+        else:  # staged, then moved in: never half-written, and the folder's other files are kept
+            with staged_dir(save_directory, stale=weight_files("model")) as tmp:
+                out = super().save_pretrained(tmp, *args, **kwargs)
+                if model_card:
+                    write_model_card(tmp, self, eval_results=eval_results, repo_id=repo_id)
         if push and kwargs.get("is_main_process", True):
             push_model(save_directory, repo_id or Path(save_directory).name, token=token, keep_card=True)
         return out

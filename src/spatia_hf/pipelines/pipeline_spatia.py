@@ -54,7 +54,6 @@ import copy
 import inspect
 import math
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,7 @@ from ..hub.mixins import SpatiaPipelineHubMixin  # Hub-id loading + push with th
 from ..hub.push import push_pipeline
 from ..models.configuration_spatia import NUM_SPECIAL_TOKENS
 from ..models.processing_spatia import SpatiaProcessor
+from ..utils.io import staged_dir, weight_files
 from .condition_encoder import ENCODER_PRESETS, SpatiaConditionEncoder
 from .denoisers import (DENOISERS, denoise, denoiser_kind, make_transformer, make_unet, sampling_scheduler,
                         training_scheduler, uses_global_condition)
@@ -386,27 +386,14 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         variant: str | None = None, max_shard_size: int | str | None = None,
                         push_to_hub: bool = False, **kwargs) -> None:
-        """``DiffusionPipeline.save_pretrained`` written to a temporary folder and renamed when complete
-        (never half-written); safetensors only."""
+        """``DiffusionPipeline.save_pretrained`` staged in a unique temporary sibling and moved into
+        ``save_directory`` when complete (never half-written): an existing folder keeps the files this save
+        does not write, except stale weight files of an earlier save of its components; safetensors only."""
         if not safe_serialization:
             raise ValueError("safe_serialization=False: spatia-hf writes safetensors only. Fix: drop the argument")
         out = Path(save_directory)
-        tmp = out.with_name(out.name + ".tmp-save")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with staged_dir(out, stale=weight_files("diffusion_pytorch_model", "model")) as tmp:
             super().save_pretrained(tmp, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
-            if out.exists():
-                old = out.with_name(out.name + ".old-save")
-                shutil.rmtree(old, ignore_errors=True)
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if push_to_hub:  # the same route as push_to_hub / `spatia push`: one commit with the SPATIA card
             push_pipeline(out, kwargs.pop("repo_id", out.name), token=kwargs.get("token"),
                           private=kwargs.get("private"), commit_message=kwargs.get("commit_message"),

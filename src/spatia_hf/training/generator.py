@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,8 +43,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from spatia_hf.data import schema
-from .loop import (CHECKPOINT_PREFIX, STATE_FILE, CellBatches, LoopArguments, TrainingClock, _write_atomically,
-                   find_checkpoint, make_accelerator)
+from ..utils.io import remove_own, staged_dir, weight_files, write_json
+from .loop import (CHECKPOINT_PREFIX, STATE_FILE, CellBatches, LoopArguments, TrainingClock, find_checkpoint,
+                   make_accelerator)
 
 PIPELINE_DIR = "pipeline"
 LOG_FILE = "training_log.jsonl"
@@ -396,9 +396,7 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
                    "image_size": image_size, "crop_px": crop_px, "channel_names": channel_names,
                    "final_loss_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
                    "num_processes": accelerator.num_processes, "device": str(accelerator.device)}
-        tmp = out / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        tmp.rename(out / SUMMARY_FILE)
+        write_json(out / SUMMARY_FILE, summary)
     accelerator.wait_for_everyone()
     return GeneratorTrainingResult(pipeline_dir, clock.step, time.monotonic() - start, losses, train_sections,
                                    eval_sections, clock.stopped_by)
@@ -429,12 +427,26 @@ def _save_checkpoint(out: Path, step: int, epoch: int, index: int, accelerator, 
                  "arguments": asdict(args), "vae_fingerprint": vae_fingerprint(args.vae) if args.vae else None}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float) + "\n")
 
-    _write_atomically(root / f"{CHECKPOINT_PREFIX}{step}", write)
+    with staged_dir(root / f"{CHECKPOINT_PREFIX}{step}", stale=weight_files("diffusion_pytorch_model")) as tmp:
+        write(tmp)
     keep = max(int(args.checkpoints_total_limit), 1)
-    done = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+    done = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()
+                   and (p / STATE_FILE).is_file()),  # rotate only checkpoints this loop wrote
                   key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_own(old, _checkpoint_file)
+
+
+_CHECKPOINT_FILES = {STATE_FILE, "ema.safetensors", "optimizer.safetensors", "rng.safetensors"}
+_CHECKPOINT_MODELS = {"unet", "transformer", "condition_encoder"}
+
+
+def _checkpoint_file(rel: Path) -> bool:
+    """The files ``_save_checkpoint`` writes (rotation removes these, and keeps anything else)."""
+    if len(rel.parts) == 1:
+        return rel.name in _CHECKPOINT_FILES
+    return (len(rel.parts) == 2 and rel.parts[0] in _CHECKPOINT_MODELS
+            and (rel.name == "config.json" or weight_files("diffusion_pytorch_model")(rel)))
 
 
 def _load_checkpoint(ckpt: Path, accelerator, unet, encoder, optimizer, lr_scheduler, ema, named, gen):

@@ -6,7 +6,6 @@ One module so both loops stop, checkpoint, resume and launch under ``torchrun`` 
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,20 +173,6 @@ class TrainingClock:
         self.index += 1
         x = images_to_model_space(images, image_size)
         return (random_dihedral(x, generator) if augment else x), counts
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def find_checkpoint(out_dir: str | Path, which: str) -> Path:

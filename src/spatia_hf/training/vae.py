@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from spatia_hf.data import schema
+from ..utils.io import staged_dir, weight_files, write_json
 from .loop import LoopArguments
 
 VAE_DIR = "vae"
@@ -299,7 +300,7 @@ def run_vae_training(args: VaeTrainingArguments, measure: Measure | None = None)
 
     from spatia_hf.data.builder import load_sections_info
     from ..data.datasets import load_spatia_dataset, split_by_section
-    from .loop import (CellBatches, TrainingClock, _write_atomically, images_to_model_space,
+    from .loop import (CellBatches, TrainingClock, images_to_model_space,
                                               make_accelerator)
 
     args.check()
@@ -392,7 +393,8 @@ def run_vae_training(args: VaeTrainingArguments, measure: Measure | None = None)
                               image_size, channel_names)
             metrics["evaluated_on"] = ("held-out sections" if eval_cells is not None
                                        else "training crops (no held-out section)")
-        _write_atomically(vae_dir, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
+        with staged_dir(vae_dir, stale=weight_files("diffusion_pytorch_model")) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
         summary = {"arguments": asdict(args), "global_step": clock.step, "epoch": clock.epoch,
                    "stopped_by": clock.stopped_by,
                    "train_minutes": round(train_minutes, 2), "elapsed_s": round(time.monotonic() - start, 1),
@@ -403,9 +405,7 @@ def run_vae_training(args: VaeTrainingArguments, measure: Measure | None = None)
                    "final_loss_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
                    "reconstruction": metrics, "num_processes": accelerator.num_processes,
                    "device": str(accelerator.device)}
-        tmp = out / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        tmp.rename(out / SUMMARY_FILE)
+        write_json(out / SUMMARY_FILE, summary)
     accelerator.wait_for_everyone()
     return VaeTrainingResult(vae_dir, clock.step, time.monotonic() - start, losses, scaling_factor, metrics,
                              clock.stopped_by)
