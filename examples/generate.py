@@ -23,6 +23,7 @@ import torch
 import spatia_hf  # noqa: F401  (registers the SPATIA classes)
 from spatia_hf import SpatiaGenerationPipeline
 from spatia_hf.evaluation.generation import evaluate_generator
+from spatia_hf.utils.io import write_json
 
 
 def main() -> None:
@@ -55,8 +56,7 @@ def main() -> None:
     report = evaluate_generator(pipe, args.dataset, n_per_type=args.n_per_type, n_perturb=args.n_perturb,
                                 fold=args.fold, gene=args.gene, num_inference_steps=args.steps,
                                 guidance_scale=args.guidance_scale, seed=args.seed, figures_dir=args.out)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "generation_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(Path(args.out) / "generation_report.json", report)
     t = report["type_accuracy"]
     print(f"type accuracy of generated cells: {t['accuracy']:.3f} (chance {t['chance_uniform']:.3f}, majority "
           f"{t['chance_majority']:.3f}; real held-out crops {t['real_held_out_accuracy']:.3f}; n={t['n']})")

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,101 @@ def test_killed_pretraining_resumes_to_identical_weights_and_loss(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{k} differs after the resume")
+
+
+# ----------------------------------------------------------------------------- reduced variants (default suite)
+# One child process each (the cost is mostly its imports); the resume runs in this process. They check what the
+# slow variants check at a smaller size, next to folders of the user's at every name a temporary ever had.
+def plant_user_folders(target: Path) -> dict[Path, str]:
+    placed = {}
+    for suffix in (".tmp", ".tmp-build", ".old-build", ".tmp-save", ".old-save"):
+        folder = target.with_name(target.name + suffix)
+        folder.mkdir(parents=True)
+        placed[folder / "mine.txt"] = suffix
+    placed[target.with_name(f".{target.name}.tmp")] = "hidden"
+    for path, text in placed.items():
+        path.write_text(text)
+    return placed
+
+
+def assert_kept(placed: dict[Path, str]) -> None:
+    for path, text in placed.items():
+        assert path.read_text() == text, f"{path} changed"
+
+
+def test_killed_conversion_resumes_quick(tmp_path):
+    synth = tmp_path / "synth"
+    assert main(["synth", "--out", str(synth), "--sections", "3", "--cells", "150", "--seed", "2",
+                 "--no-progress"]) == 0
+    convert = ["convert", "synthetic", str(synth), *SIZES]
+    reference = tmp_path / "reference"
+    assert main([*convert, "--out", str(reference)]) == 0
+
+    out = tmp_path / "ds"
+    placed = plant_user_folders(out)
+    proc = subprocess.Popen([str(SPATIA), *convert, "--out", str(out)], env=child_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill_when(proc, lambda: any((p / PROGRESS_DIR / "synth_s00.json").exists()
+                                for p in tmp_path.glob(".ds.*.spatia-build")))
+    [tmp] = interrupted_builds(out)
+    assert not out.exists() and len(list((tmp / PROGRESS_DIR).glob("synth_s*.json"))) < 3  # really mid-way
+    assert main([*convert, "--out", str(out), "--resume"]) == 0
+    assert not tmp.exists() and interrupted_builds(out) == []
+    assert files(out) == files(reference)
+    assert_kept(placed)
+
+
+def test_killed_pretraining_resumes_quick(tmp_path, monkeypatch):
+    import runpy
+
+    dataset = build_tiny_dataset(tmp_path / "ds", n_sections=2, n_cells=40, seed=1, crop_px=16, niche_px=16,
+                                 thumb_px=32)
+    out = tmp_path / "run"
+    placed = plant_user_folders(out)
+
+    cmd_ = pretrain_cmd(dataset, out)
+    cmd_[cmd_.index("--max_steps") + 1], cmd_[cmd_.index("--save_steps") + 1] = "6", "2"
+    proc = subprocess.Popen(cmd_, env=child_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    checkpoint = out / "checkpoint-2"
+    kill_when(proc, (checkpoint / "trainer_state.json").exists)
+    assert not (out / "model.safetensors").exists()
+    written = (checkpoint / "trainer_state.json").stat().st_mtime_ns
+
+    monkeypatch.setattr(sys, "argv", [*cmd_[1:], "--resume_from_checkpoint", str(checkpoint)])
+    runpy.run_path(cmd_[1], run_name="__main__")  # the same script, resumed in this process
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 7))
+    assert (checkpoint / "trainer_state.json").stat().st_mtime_ns == written  # continued, not started over
+    assert_kept(placed)
+
+
+def test_killed_generator_training_resumes_to_the_same_losses(tmp_path):
+    from spatia_hf.training.generator import train_generator
+
+    dataset = build_tiny_dataset(tmp_path / "ds", n_sections=2, n_cells=40, seed=1, crop_px=16, niche_px=16,
+                                 thumb_px=32)
+    common = dict(size="tiny", batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1, progress=False, seed=3,
+                  max_steps=8)
+    torch.set_num_threads(1)
+    full = train_generator(dataset, tmp_path / "full", **common)
+
+    out = tmp_path / "gen"
+    placed = plant_user_folders(out)
+    (out / "checkpoints").mkdir(parents=True)
+    placed.update(plant_user_folders(out / "checkpoints" / "checkpoint-2"))
+    argv = [sys.executable, str(REPO / "examples" / "train_generator.py"), "--dataset_dir", str(dataset),
+            "--out_dir", str(out)] + [x for k, v in common.items() for x in (f"--{k}", str(v).lower()
+                                                                              if isinstance(v, bool) else str(v))]
+    proc = subprocess.Popen(argv, env=child_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    kill_when(proc, (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists)
+    assert not (out / "pipeline").exists()  # killed before the end
+    done = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")
+                  if (p / "trainer_state.json").is_file())
+    resumed = train_generator(dataset, out, resume_from_checkpoint="latest", **common)
+    assert resumed.global_step == 8
+    np.testing.assert_allclose(resumed.losses, full.losses[done[-1]:], rtol=1e-5)
+    assert (out / "pipeline" / "model_index.json").is_file()
+    assert_kept(placed)

@@ -84,6 +84,18 @@ class PanelMapping:
         }
 
 
+def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                  integer: bool = False, strict: bool = False) -> None:
+    """A processor setting is a finite number (an integer where asked) within its range."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and bool(np.isfinite(value)) and (not integer or float(value) == int(value))
+    ok = ok and (low is None or (value > low if strict else value >= low)) and (high is None or value <= high)
+    if not ok:
+        bound = (f"{'>' if strict else '>='} {low}" if low is not None else "") + (f" and <= {high}" if high else "")
+        raise ValueError(f"{name}={value!r}: expected a finite {'integer' if integer else 'number'} {bound}. Fix: "
+                         f"pass a valid {name}")
+
+
 class SpatiaProcessor:
     """Turns crops and counts into ``pixel_values``, ``gene_ids``, ``gene_values``, ``gene_counts``,
     ``gene_attention_mask`` and ``size_factors``.
@@ -124,14 +136,17 @@ class SpatiaProcessor:
         if self.gene_ensembl_ids is not None and len(self.gene_ensembl_ids) != len(self.gene_vocab):
             raise ValueError(f"gene_ensembl_ids: {len(self.gene_ensembl_ids)} ids for {len(self.gene_vocab)} genes. "
                              "Fix: align them with gene_vocab or pass None")
-        if max_genes < 1:
-            raise ValueError(f"max_genes={max_genes}: use at least 1")
-        if zero_ratio < 0:
-            raise ValueError(f"zero_ratio={zero_ratio}: use a non-negative ratio")
-        if target_sum <= 0:
-            raise ValueError(f"target_sum={target_sum}: use a positive library size")
-        if not 0.0 <= min_coverage <= 1.0:
-            raise ValueError(f"min_coverage={min_coverage}: use a fraction in [0, 1]")
+        _check_number("max_genes", max_genes, 1, integer=True)
+        _check_number("zero_ratio", zero_ratio, 0.0)
+        _check_number("target_sum", target_sum, 0.0, strict=True)
+        _check_number("min_coverage", min_coverage, 0.0, 1.0)
+        _check_number("image_size", image_size, 1, integer=True)
+        _check_number("num_channels", num_channels, 1, integer=True)
+        _check_number("seed", seed, 0, integer=True)
+        for name, v in (("image_mean", image_mean), ("image_std", image_std)):
+            for x in ([v] if isinstance(v, (int, float)) and not isinstance(v, bool) else
+                      (v if isinstance(v, (list, tuple)) and v else [v])):
+                _check_number(name, x, 0.0 if name == "image_std" else None, strict=name == "image_std")
         self.image_size = int(image_size)
         self.num_channels = int(num_channels)
         self.max_genes = int(max_genes)
@@ -183,11 +198,19 @@ class SpatiaProcessor:
         path = Path(path)
         file = path / PROCESSOR_FILE
         if file.is_file():
-            data = json.loads(file.read_text())
-            data.pop("processor_class", None)
-            vocab = data.pop("gene_vocab")
-            ids = data.pop("gene_ensembl_ids", None)
-            return cls(vocab, ids, **{**data, **kwargs})
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+                data.pop("processor_class", None)
+                vocab = data.pop("gene_vocab")
+                ids = data.pop("gene_ensembl_ids", None)
+                if not isinstance(vocab, list) or not (ids is None or isinstance(ids, list)):
+                    raise TypeError("gene_vocab / gene_ensembl_ids must be lists")
+                return cls(vocab, ids, **{**data, **kwargs})
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+                if "Fix:" in str(err) and type(err).__module__ == "builtins":
+                    raise ValueError(f"{file}: {err}") from None
+                raise ValueError(f"{file}: not a readable SpatiaProcessor file ({type(err).__name__}: {err}). Fix: "
+                                 "re-copy it, or save the processor again (processor.save_pretrained)") from None
         if (path / "config.json").is_file():
             from transformers import AutoConfig  # the SPATIA configs register when its Auto module loads
 
@@ -329,7 +352,8 @@ class SpatiaProcessor:
         """Many cells' sparse counts -> padded ``gene_ids``/``gene_values``/``gene_counts``/
         ``gene_attention_mask`` ``[B, L]`` and ``size_factors [B]``."""
         if len(gene_indices) != len(gene_counts):
-            raise ValueError(f"{GENE_INDICES}/{GENE_COUNTS}: {len(gene_indices)} vs {len(gene_counts)} cells")
+            raise ValueError(f"{GENE_INDICES}/{GENE_COUNTS}: {len(gene_indices)} vs {len(gene_counts)} cells. Fix: give "
+                             "one list of indices and one of counts per cell")
         rng = self._rng if seed is None else np.random.default_rng(seed)
         cells = [self.encode_cell(i, c, rng) for i, c in zip(gene_indices, gene_counts)]
         length = self.max_genes if self.pad_to_max_genes else max([len(c["gene_ids"]) for c in cells] + [1])
@@ -387,6 +411,8 @@ class SpatiaProcessor:
                                  "Fix: normalise stains per slide to uint8 (spatia_hf.data.normalize) first")
             x = torch.from_numpy(arr.astype(np.float32) / 255.0)
         elif np.issubdtype(arr.dtype, np.floating):
+            if arr.size and not np.isfinite(arr).all():
+                raise ValueError(f"{IMAGE}: float crops hold NaN or inf. Fix: pass finite crops in [0, 1] (or uint8)")
             x = torch.from_numpy(arr.astype(np.float32))
         else:
             raise ValueError(f"{IMAGE}: dtype {arr.dtype} is not an image. Fix: pass uint8 (C, H, W) crops")
@@ -410,7 +436,7 @@ class SpatiaProcessor:
         Missing modalities are skipped (image-only or expression-only batches work).
         """
         if return_tensors != "pt":
-            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' is supported")
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' is supported. Fix: use return_tensors='pt'")
         if rows is not None:
             cols = _columns(rows)
             images = cols.get(IMAGE, images)
@@ -421,10 +447,12 @@ class SpatiaProcessor:
             data["pixel_values"] = self.preprocess_images(images)
         if gene_indices is not None or gene_counts is not None:
             if gene_indices is None or gene_counts is None:
-                raise ValueError(f"give both {GENE_INDICES} and {GENE_COUNTS}")
+                raise ValueError(f"give both {GENE_INDICES} and {GENE_COUNTS}. Fix: pass the counts with their gene "
+                                 "indices (or neither)")
             data.update(self.encode_expression(gene_indices, gene_counts, seed=seed))
         if not data:
-            raise ValueError(f"nothing to process: give rows with {IMAGE!r} and/or {GENE_INDICES!r}/{GENE_COUNTS!r}")
+            raise ValueError(f"nothing to process. Fix: give rows with {IMAGE!r} and/or {GENE_INDICES!r}/"
+                             f"{GENE_COUNTS!r}")
         return BatchFeature(data=data)
 
     def __repr__(self) -> str:

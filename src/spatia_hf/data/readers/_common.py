@@ -52,6 +52,43 @@ def decode_ids(values) -> np.ndarray:
     return np.array([v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in arr], dtype=object)
 
 
+_CSV_ERRORS = (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError)
+
+
+def read_csv(path: Path, fix: str = "re-copy or re-export the file (it looks truncated or corrupt)",
+             **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose parse errors (empty file, broken quoting, bytes that are not UTF-8) become one
+    ``ValueError`` naming the file."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist. Fix: check the path (and the export's layout)") from None
+    except _CSV_ERRORS as err:
+        raise ValueError(f"{path}: cannot be read as CSV ({type(err).__name__}: {err}). Fix: {fix}") from None
+
+
+def integer_column(values: pd.Series, source: str, column: str) -> np.ndarray:
+    """A column of integer ids (CosMx ``fov``, ``cell_ID``) as int64; anything else is a clear error."""
+    num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(num) | (num != np.round(num)) | (np.abs(num) > 2**53)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{source}: column {column!r} holds {values.iloc[first]!r} (row {first}), expected integer "
+                         "ids. Fix: pass the instrument's unmodified export")
+    return num.astype(np.int64)
+
+
+def numeric_column(values: pd.Series, source: str, column: str) -> np.ndarray:
+    """A column of finite numbers (coordinates, offsets) as float64; anything else is a clear error."""
+    num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(num)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{source}: column {column!r} holds {values.iloc[first]!r} (row {first}), expected a finite "
+                         "number. Fix: pass the instrument's unmodified export")
+    return num
+
+
 def check_columns(have: Iterable[str], required: Sequence[str], source: str, fix: str) -> None:
     have = [str(c) for c in have]
     missing = [c for c in required if c not in have]
@@ -71,7 +108,7 @@ def read_cell_table(path: Path, required: Sequence[str], fix: str) -> pd.DataFra
         header = pd.read_csv(path, nrows=0)
         check_columns(header.columns, required, str(path), fix)
         return pd.read_csv(path, low_memory=False)
-    except (OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"{path}: cannot be read ({type(err).__name__}: {err}). Fix: re-copy or re-export the "
                          "file (it looks truncated or corrupt)") from None
     except Exception as err:  # pyarrow.ArrowInvalid and friends
@@ -105,10 +142,7 @@ def read_count_csv(path: Path, id_columns: Sequence[str], control_prefixes: Sequ
             (CosMx ``NegPrb``/``SystemControl``, MERSCOPE ``Blank-``).
         drop_rows: optional ``f(keys_chunk) -> bool mask`` of rows to drop (CosMx background cell 0).
     """
-    try:
-        header = list(pd.read_csv(path, nrows=0).columns)
-    except (OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ValueError(f"{path}: cannot be read ({type(err).__name__}: {err}). Fix: re-copy the file") from None
+    header = list(read_csv(path, nrows=0).columns)
     check_columns(header, id_columns, str(path), fix or "pass the instrument's unmodified export")
     features = [c for c in header if c not in id_columns]
     control = {p: [c for c in features if str(c).startswith(p)] for p in control_prefixes}
@@ -145,7 +179,7 @@ def read_count_csv(path: Path, id_columns: Sequence[str], control_prefixes: Sequ
             ints = np.round(g)
             blocks.append(sp.csr_matrix(ints.astype(np.int32) if np.array_equal(ints, g) else g.astype(np.float32)))
             keys.append(k)
-    except (OSError, EOFError, pd.errors.ParserError) as err:
+    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"{path}: cannot be read ({type(err).__name__}: {err}). Fix: re-copy the file (it looks "
                          "truncated or corrupt)") from None
     if not blocks:
@@ -214,7 +248,7 @@ def load_labels(path: str | Path, cell_ids: Sequence[str], *, id_column: str | N
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} does not exist. Fix: pass a CSV with a cell id column")
-    df = pd.read_csv(path, dtype=str)
+    df = read_csv(path, "pass a CSV with a cell id column", dtype=str)
     key = id_column or str(df.columns[0])
     check_columns(df.columns, [key], str(path), "name the cell id column with --labels-id-column")
     df = df.drop_duplicates(subset=key).set_index(key)

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..section import Section
+from ._errors import clear_reader_errors
 
 PIXEL_SIZE_KEY = "spatial_pixel_size_um"
 GROUND_TRUTH_KEY = "synthetic_ground_truth"
@@ -69,6 +70,7 @@ def _safe_sample_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "section"
 
 
+@clear_reader_errors("AnnData .h5ad with its image")
 def read_anndata(
     adata_or_path,
     image,
@@ -233,9 +235,14 @@ def read_synthetic_dir(synth_dir: str | Path) -> Iterator[Section]:
     manifest = root / "synthetic.json"
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} does not exist. Fix: pass a folder written by `spatia synth`")
-    for entry in json.loads(manifest.read_text())["sections"]:
-        yield read_anndata(root / entry["h5ad"], root / entry["image"], entry["pixel_size_um"],
-                           sample_id=entry["sample_id"])
+    try:
+        entries = [(root / e["h5ad"], root / e["image"], float(e["pixel_size_um"]), str(e["sample_id"]))
+                   for e in json.loads(manifest.read_text(encoding="utf-8"))["sections"]]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{manifest}: not a `spatia synth` manifest ({type(err).__name__}: {err}). Fix: re-copy the "
+                         "folder or write it again with `spatia synth`") from None
+    for h5ad, image, pixel_size_um, sample_id in entries:
+        yield read_anndata(h5ad, image, pixel_size_um, sample_id=sample_id)
 
 
 def synthetic_sections_from_args(args: argparse.Namespace) -> Iterator[Section]:

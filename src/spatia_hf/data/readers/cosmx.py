@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..section import Section
+from ._errors import clear_reader_errors
 from . import _common as C
 from .images import TIFF_SUFFIXES, FovMosaic, FovTile
 
@@ -107,6 +108,13 @@ def _image_header(path: Path) -> tuple[int, int, int, np.dtype]:
     return bands, h, w, dtype
 
 
+def _cell_ids(table: pd.DataFrame, cell_col: str, fov_col: str, source: str) -> np.ndarray:
+    """``"<cell_ID>_<fov>"`` per row (the CosMx cell key), from integer id columns."""
+    cell = C.integer_column(table[cell_col], source, cell_col).astype(str).astype(object)
+    fov = C.integer_column(table[fov_col], source, fov_col).astype(str).astype(object)
+    return (cell + "_" + fov).astype(object)
+
+
 def _fit_axis(local: np.ndarray, glob: np.ndarray, fov: int, axis: str, source: str) -> tuple[int, float]:
     """``global = a * local + b`` with ``a`` = +-1, from a FOV's cells (least squares, then snapped)."""
     if len(local) >= 2 and np.ptp(local) > 1e-6:
@@ -125,6 +133,10 @@ def _placements(meta: pd.DataFrame, fov_col: str, fov_pos: pd.DataFrame | None, 
     """Per FOV: (a_x, b_x, a_y, b_y) of global = a * local + b, in global pixels."""
     out = {}
     has_local = all(c in meta.columns for c in LOCAL_COLUMNS)
+    meta = meta.assign(**{c: C.numeric_column(meta[c], meta_src, c) for c in ("CenterX_global_px", "CenterY_global_px")})
+    for c in LOCAL_COLUMNS:  # unreadable local centroids count as missing: the FOV positions file places the FOV
+        if c in meta.columns:
+            meta = meta.assign(**{c: pd.to_numeric(meta[c], errors="coerce").replace([np.inf, -np.inf], np.nan)})
     for fov, g in meta.groupby(fov_col, sort=True):
         fov = int(fov)
         if has_local and g[list(LOCAL_COLUMNS)].notna().all().all():
@@ -148,16 +160,19 @@ def _placements(meta: pd.DataFrame, fov_col: str, fov_pos: pd.DataFrame | None, 
 def _read_fov_positions(path: Path | None, pixel_size_um: float) -> pd.DataFrame | None:
     if path is None:
         return None
-    df = pd.read_csv(path)
+    df = C.read_csv(path)
     col = _fov_column(list(df.columns), path)
     if {"x_global_px", "y_global_px"} <= set(df.columns):
-        x, y = df["x_global_px"].astype(float), df["y_global_px"].astype(float)
+        x, y = (C.numeric_column(df[c], str(path), c) for c in ("x_global_px", "y_global_px"))
     elif {"x_global_mm", "y_global_mm"} <= set(df.columns):
-        x, y = df["x_global_mm"].astype(float) * 1000 / pixel_size_um, df["y_global_mm"].astype(float) * 1000 / pixel_size_um
+        x, y = (C.numeric_column(df[c], str(path), c) * 1000 / pixel_size_um for c in ("x_global_mm", "y_global_mm"))
     else:
         raise ValueError(f"{path}: columns x_global_px/y_global_px (or x_global_mm/y_global_mm) missing (columns: "
                          f"{C.listed(df.columns, 10)}). Fix: pass the CosMx FOV positions file")
-    return pd.DataFrame({"x_px": x.to_numpy(), "y_px": y.to_numpy()}, index=df[col].astype(int).to_numpy())
+    fov = C.integer_column(df[col], str(path), col)
+    if len(set(fov.tolist())) != len(fov):
+        raise ValueError(f"{path}: column {col!r} lists a FOV twice. Fix: pass the CosMx FOV positions file unmodified")
+    return pd.DataFrame({"x_px": x, "y_px": y}, index=fov)
 
 
 def build_mosaic(placements: dict[int, tuple[int, float, int, float]], images: dict[int, Path], *,
@@ -207,6 +222,7 @@ def _check_cells_on_their_fov(cpx: np.ndarray, fov_of_cell: np.ndarray, mosaic: 
                              "and count those cells")
 
 
+@clear_reader_errors("CosMx flat-file export")
 def read_cosmx(
     path: str | Path,
     *,
@@ -251,21 +267,23 @@ def read_cosmx(
         raise ValueError(f"missing_images={missing_images!r}: expected one of {MISSING_POLICIES}")
     files = _files(folder, dataset_id)
 
-    expr_header = list(pd.read_csv(files["expr"], nrows=0).columns)
+    expr_header = list(C.read_csv(files["expr"], nrows=0).columns)
     efov = _fov_column(expr_header, files["expr"])
+    expr_src = str(files["expr"])
     table = C.read_count_csv(files["expr"], [efov, "cell_ID"], control_prefixes,
-                             drop_rows=lambda k: pd.to_numeric(k["cell_ID"]) == 0, chunk_rows=chunk_rows,
+                             drop_rows=lambda k: C.integer_column(k["cell_ID"], expr_src, "cell_ID") == 0,
+                             chunk_rows=chunk_rows,
                              fix="pass the CosMx expression matrix (fov, cell_ID, one column per target)")
     keys = table.keys
-    expr_ids = (keys["cell_ID"].astype(int).astype(str) + "_" + keys[efov].astype(int).astype(str)).to_numpy(object)
+    expr_ids = _cell_ids(keys, "cell_ID", efov, expr_src)
 
-    meta_header = list(pd.read_csv(files["meta"], nrows=0).columns)
+    meta_header = list(C.read_csv(files["meta"], nrows=0).columns)
     mfov = _fov_column(meta_header, files["meta"])
     need = [mfov] + [c for c in META_COLUMNS if c != "fov"]
     meta = C.read_cell_table(files["meta"], need, "pass the CosMx cell metadata (fov, cell_ID, CenterX_global_px, "
                              "CenterY_global_px)")
-    meta = meta[pd.to_numeric(meta["cell_ID"]) != 0].reset_index(drop=True)
-    meta_ids = (meta["cell_ID"].astype(int).astype(str) + "_" + meta[mfov].astype(int).astype(str)).to_numpy(object)
+    meta = meta[C.integer_column(meta["cell_ID"], str(files["meta"]), "cell_ID") != 0].reset_index(drop=True)
+    meta_ids = _cell_ids(meta, "cell_ID", mfov, str(files["meta"]))
     rows_e, rows_m, mismatch = C.align_ids(expr_ids, meta_ids, f"{files['expr']} (fov, cell_ID)",
                                            f"{files['meta']} (fov, cell_ID)", on_mismatch)
     counts = table.counts[rows_e]
@@ -275,7 +293,7 @@ def read_cosmx(
     dropped["cells:background (cell_ID 0)"] = table.n_rows_dropped
     dropped.update(mismatch)
 
-    fov_of_cell = meta[mfov].astype(int).to_numpy()
+    fov_of_cell = C.integer_column(meta[mfov], str(files["meta"]), mfov)
     keep = np.ones(len(meta), dtype=bool)
     if fovs is not None:
         keep &= np.isin(fov_of_cell, np.asarray(list(fovs), dtype=int))
@@ -305,7 +323,7 @@ def read_cosmx(
     drop_cols = {mfov, "cell_ID", "CenterX_global_px", "CenterY_global_px", *LOCAL_COLUMNS}
     obs = meta[[c for c in meta.columns if c not in drop_cols]].copy()
     obs = obs[[c for c in obs.columns if pd.api.types.is_numeric_dtype(obs[c]) and not pd.api.types.is_bool_dtype(obs[c])]]
-    obs.insert(0, "fov", meta[mfov].astype(int).to_numpy())
+    obs.insert(0, "fov", fov_of_cell[keep])
     obs.index = pd.Index(cell_ids, dtype=object)
     n_ch = mosaic.shape[0]
     names = list(channel_names) if channel_names else (["R", "G", "B"] if n_ch == 3 and "Composite" in image_dir

@@ -177,7 +177,11 @@ class AxesView(LazyImage):
         if self._c is not None:
             index[self._c] = c
         index[self._y], index[self._x] = rows, cols
-        out = np.asarray(self.array[tuple(index)])
+        try:
+            out = np.asarray(self.array[tuple(index)])
+        except Exception as err:  # a codec's or zarr's error on damaged tiles (DeflateError, TiffFileError, ...)
+            raise ValueError(f"{self.source}: its pixel data cannot be decoded ({type(err).__name__}: {err}). Fix: "
+                             "re-copy or re-export the file; it looks corrupt") from None
         kept = [i for i in range(len(self.axes)) if i not in self._index]  # axes still present in ``out``
         if self._project is not None:
             out = out.max(axis=kept.index(self._project))
@@ -247,8 +251,12 @@ def ome_pixels(path: str | Path) -> tuple[float | None, list[str] | None]:
     """OME ``PhysicalSizeX`` (µm) and channel names recorded in a TIFF's OME-XML (None when absent)."""
     import tifffile
 
-    with tifffile.TiffFile(path) as tf:
-        return _ome_pixels(tf)
+    try:
+        with tifffile.TiffFile(path) as tf:
+            return _ome_pixels(tf)
+    except Exception as err:  # TiffFileError, struct.error, ... on a damaged file
+        raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
+                         "re-copy the file") from None
 
 
 def _ome_pixels(tf) -> tuple[float | None, list[str] | None]:
@@ -264,7 +272,12 @@ def _ome_pixels(tf) -> tuple[float | None, list[str] | None]:
         return None, None
     size = pixels.get("PhysicalSizeX")
     unit = pixels.get("PhysicalSizeXUnit", "µm")
-    px = float(size) * _UNIT_TO_UM.get(unit, 1.0) if size else None
+    try:
+        px = float(size) * _UNIT_TO_UM.get(unit, 1.0) if size else None
+    except ValueError:  # an unreadable PhysicalSizeX counts as absent: the caller asks for the pixel size
+        px = None
+    if px is not None and not (np.isfinite(px) and px > 0):
+        px = None
     names = [c.get("Name") for c in pixels if c.tag.endswith("Channel")]
     return px, (names if names and all(names) else None)
 
@@ -323,14 +336,31 @@ def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[
     except Exception as err:  # tifffile raises TiffFileError, struct.error, ValueError on broken files
         raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
                          "re-copy the file") from None
+    try:
+        return _open_level(tf, path, series, level, fixed, project, memmap, ome)
+    except ValueError as err:
+        if "Fix:" in str(err) and type(err).__module__ == "builtins":
+            raise
+        raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
+                         "re-copy the file") from None
+    except Exception as err:  # tifffile reads tags and pages lazily: TiffFileError, struct.error, KeyError, ...
+        raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
+                         "re-copy the file") from None
+
+
+def _open_level(tf, path: Path, series: int, level: int, fixed, project, memmap: bool, ome: bool):
+    import tifffile
+
     with tf:
         if not tf.series:
             raise ValueError(f"image {path}: not a readable TIFF (no image in it). Fix: re-export or re-copy the file")
         if not 0 <= series < len(tf.series):
-            raise ValueError(f"image {path}: series={series} but the file has {len(tf.series)} series")
+            raise ValueError(f"image {path}: series={series} but the file has {len(tf.series)} series. Fix: choose "
+                             f"series 0..{len(tf.series) - 1}")
         s = tf.series[series]
         if not 0 <= level < len(s.levels):
-            raise ValueError(f"image {path}: level={level} but the pyramid has {len(s.levels)} levels")
+            raise ValueError(f"image {path}: level={level} but the pyramid has {len(s.levels)} levels. Fix: choose "
+                             f"level 0..{len(s.levels) - 1}")
         lv = s.levels[level]
         _check_complete(lv, path)
         axes, shape, n_levels = lv.axes.upper(), tuple(int(v) for v in lv.shape), len(s.levels)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..section import Section
+from ._errors import clear_reader_errors
 from . import _common as C
 from .images import ChannelStack, open_tiff
 
@@ -95,6 +96,7 @@ def _id_column(columns: Sequence[str], source: Path) -> str:
                      f"{C.listed(columns, 10)}). Fix: pass the MERSCOPE export")
 
 
+@clear_reader_errors("MERSCOPE region folder")
 def read_merscope(
     path: str | Path,
     *,
@@ -127,17 +129,17 @@ def read_merscope(
         if not p.is_file():
             raise FileNotFoundError(f"{p} does not exist. Fix: pass a MERSCOPE region folder (it holds {CELL_BY_GENE} "
                                     f"and {CELL_METADATA})")
-    header = list(pd.read_csv(cbg_path, nrows=0).columns)
+    header = list(C.read_csv(cbg_path, nrows=0).columns)
     cid = _id_column(header, cbg_path)
     table = C.read_count_csv(cbg_path, [cid], blank_prefixes, chunk_rows=chunk_rows,
                              fix="pass the MERSCOPE cell_by_gene.csv (cell id column, one column per gene)")
     ids = table.keys[cid].astype(str).to_numpy(object)
 
-    mheader = list(pd.read_csv(meta_path, nrows=0).columns)
+    mheader = list(C.read_csv(meta_path, nrows=0).columns)
     mid = _id_column(mheader, meta_path)
     C.check_columns(mheader, ["center_x", "center_y"], str(meta_path), "pass the MERSCOPE cell_metadata.csv "
                     "(center_x, center_y in µm)")
-    meta = pd.read_csv(meta_path, dtype={mid: str})
+    meta = C.read_csv(meta_path, dtype={mid: str})
     rows_c, rows_m, mismatch = C.align_ids(ids, meta[mid].astype(str).to_numpy(object), f"{cbg_path} ({cid})",
                                            f"{meta_path} ({mid or 'first column'})", on_mismatch)
     counts = table.counts[rows_c]

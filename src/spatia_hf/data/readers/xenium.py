@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..section import Section
+from ._errors import clear_reader_errors
 from . import _common as C
 from .images import ChannelSelect, ChannelStack, ome_pixels, open_tiff
 
@@ -68,9 +69,15 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, list[str],
                     raise ValueError(f"{path}: HDF5 field matrix/{field} is missing. Fix: pass an unmodified "
                                      f"{MATRIX_FILE} (10x feature-barcode matrix, v3 layout)")
                 arrays[field] = g[field][()]
-    except OSError as err:
+    except ValueError as err:
+        if "Fix:" in str(err):
+            raise
         raise ValueError(f"{path}: cannot read HDF5 field matrix/{field} ({err}). Fix: re-copy the file; it looks "
                          "truncated or corrupt") from None
+    except (OSError, KeyError, RuntimeError, TypeError) as err:  # h5py's errors on damaged files
+        raise ValueError(f"{path}: cannot read HDF5 field matrix/{field} ({type(err).__name__}: {err}). Fix: re-copy "
+                         "the file; it looks truncated or corrupt") from None
+    _check_10x_arrays(path, arrays)
     n_features, n_cells = (int(v) for v in arrays["shape"][:2])
     barcodes = C.decode_ids(arrays["barcodes"])
     ids, names, types = (list(C.decode_ids(arrays[f"features/{k}"])) for k in ("id", "name", "feature_type"))
@@ -94,6 +101,23 @@ def read_10x_h5(path: str | Path) -> tuple[sp.csr_matrix, np.ndarray, list[str],
     return counts, barcodes, ids, names, types
 
 
+def _check_10x_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Each field of a 10x matrix is a 1-D array of the right kind (numbers / strings)."""
+    for field, value in arrays.items():
+        value = np.asarray(value)
+        numeric = field in ("data", "indices", "indptr", "shape")
+        ok = value.ndim == 1 and (np.issubdtype(value.dtype, np.number) if numeric
+                                  else value.dtype.kind in "SUO")
+        if field == "shape":
+            ok = ok and len(value) >= 2 and np.issubdtype(value.dtype, np.integer) and bool((value[:2] >= 0).all())
+        elif field in ("indices", "indptr"):
+            ok = ok and np.issubdtype(value.dtype, np.integer)
+        if not ok:
+            kind = "integer" if field in ("indices", "indptr", "shape") else ("numeric" if numeric else "string")
+            raise ValueError(f"{path}: HDF5 field matrix/{field} is not a 1-D {kind} array (dtype {value.dtype}, "
+                             f"shape {value.shape}). Fix: re-copy or re-export the file")
+
+
 def _read_experiment(folder: Path) -> dict[str, Any]:
     path = folder / EXPERIMENT_FILE
     if not path.is_file():
@@ -103,6 +127,9 @@ def _read_experiment(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err}). Fix: re-copy the file") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'pixel_size', got {type(meta).__name__}. Fix: re-copy "
+                         "the file, or pass pixel_size_um")
     return meta
 
 
@@ -204,6 +231,7 @@ def _select_channels(image, names: list[str], channels: Sequence[str | int] | No
     return ChannelSelect(image, idx), [names[i] for i in idx]
 
 
+@clear_reader_errors("Xenium output folder")
 def read_xenium(
     path: str | Path,
     *,
