@@ -345,3 +345,30 @@ def test_evaluation_report_keeps_user_files(tmp_path):
     assert_kept(placed)
     assert (out / "report.md").is_file() and (out / "results.json").is_file()
     assert_no_temporaries(tmp_path)
+
+
+def test_demo_hub_folders_keep_user_files(tiny_data, tmp_path):
+    from spatia_hf.data.gene_panel import read_gene_panel
+    from spatia_hf.demo import _hub_folders
+    from spatia_hf.models.configuration_spatia import SpatiaConfig
+    from spatia_hf.models.modeling_spatia import SpatiaModel
+    from spatia_hf.models.processing_spatia import SpatiaProcessor
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
+
+    genes = read_gene_panel(tiny_data)["genes"]
+    config = SpatiaConfig.from_preset("tiny", gene_vocab=genes, num_channels=2)
+    p = {name: tmp_path / name for name in ("pretrained", "generator", "report", "hub")}
+    p["dataset"] = tiny_data
+    SpatiaModel(config).save_pretrained(p["pretrained"])
+    SpatiaProcessor.from_config(config).save_pretrained(p["pretrained"])
+    SpatiaGenerationPipeline.from_genes(genes, image_size=16, size="tiny").save_pretrained(p["generator"] / "pipeline")
+    _hub_folders(p)
+    placed = plant(p["hub"])
+    for sub in ("model", "pipeline", "dataset"):
+        placed.update(plant(p["hub"] / sub, inside=True))
+    (p["hub"] / "dataset" / "cells" / "gone_s09-00000.parquet").write_bytes(b"a shard of a section no longer built")
+    _hub_folders(p)  # a second demo run into the same folder
+    assert_kept(placed)
+    assert not (p["hub"] / "dataset" / "cells" / "gone_s09-00000.parquet").exists()
+    assert (p["hub"] / "model" / "model.safetensors").is_file() and (p["hub"] / "pipeline" / "README.md").is_file()
+    assert_no_temporaries(tmp_path)

@@ -207,8 +207,11 @@ def _hub_folders(p: dict[str, Path]) -> None:
     eval_results = results if results.exists() else None
     model = SpatiaModel.from_pretrained(p["pretrained"])
     weights = weight_files("model", "diffusion_pytorch_model")
-    with staged_dir(p["hub"], stale=lambda rel: weights(rel) or (rel.parts[0] == "dataset" and stale_shard(
-            Path(*rel.parts[1:])))) as tmp:
+
+    def stale(rel: Path) -> bool:  # weights of an earlier save; shards of sections the new dataset lacks
+        return weights(rel) or (rel.parts[0] == "dataset" and stale_shard(Path(*rel.parts[1:])))
+
+    with staged_dir(p["hub"], stale=stale) as tmp:
         model.save_pretrained(tmp / "model")
         SpatiaProcessor.from_pretrained(p["pretrained"]).save_pretrained(tmp / "model")
         write_model_card(tmp / "model", model, eval_results=eval_results)
