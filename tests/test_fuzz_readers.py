@@ -698,7 +698,8 @@ def test_synthetic_manifest_fuzz_findings_stay_fixed(synth_template, damage):
 
 
 @pytest.mark.parametrize("field,value", [("max_genes", -1), ("image_size", None), ("target_sum", float("inf")),
-                                         ("image_std", 0), ("gene_vocab", "G0")])
+                                         ("image_std", 0), ("gene_vocab", "G0"), ("image_size", 1e308),
+                                         ("zero_ratio", 1e308), ("target_sum", 1e308)])
 def test_processor_file_fuzz_findings_stay_fixed(tmp_path, field, value):
     from spatia_hf.models.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
 

@@ -91,7 +91,8 @@ def _check_number(name: str, value: Any, low: float | None = None, high: float |
     ok = ok and bool(np.isfinite(value)) and (not integer or float(value) == int(value))
     ok = ok and (low is None or (value > low if strict else value >= low)) and (high is None or value <= high)
     if not ok:
-        bound = (f"{'>' if strict else '>='} {low}" if low is not None else "") + (f" and <= {high}" if high else "")
+        bound = (f"{'>' if strict else '>='} {low}" if low is not None else "") + (f" and <= {high}" if high is not None
+                                                                                 else "")
         raise ValueError(f"{name}={value!r}: expected a finite {'integer' if integer else 'number'} {bound}. Fix: "
                          f"pass a valid {name}")
 
@@ -136,13 +137,13 @@ class SpatiaProcessor:
         if self.gene_ensembl_ids is not None and len(self.gene_ensembl_ids) != len(self.gene_vocab):
             raise ValueError(f"gene_ensembl_ids: {len(self.gene_ensembl_ids)} ids for {len(self.gene_vocab)} genes. "
                              "Fix: align them with gene_vocab or pass None")
-        _check_number("max_genes", max_genes, 1, integer=True)
-        _check_number("zero_ratio", zero_ratio, 0.0)
-        _check_number("target_sum", target_sum, 0.0, strict=True)
+        _check_number("max_genes", max_genes, 1, 2**20, integer=True)
+        _check_number("zero_ratio", zero_ratio, 0.0, 1e3)
+        _check_number("target_sum", target_sum, 0.0, 1e12, strict=True)
         _check_number("min_coverage", min_coverage, 0.0, 1.0)
-        _check_number("image_size", image_size, 1, integer=True)
-        _check_number("num_channels", num_channels, 1, integer=True)
-        _check_number("seed", seed, 0, integer=True)
+        _check_number("image_size", image_size, 1, 2**14, integer=True)
+        _check_number("num_channels", num_channels, 1, 256, integer=True)
+        _check_number("seed", seed, 0, 2**63 - 1, integer=True)
         for name, v in (("image_mean", image_mean), ("image_std", image_std)):
             for x in ([v] if isinstance(v, (int, float)) and not isinstance(v, bool) else
                       (v if isinstance(v, (list, tuple)) and v else [v])):
