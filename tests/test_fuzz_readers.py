@@ -690,8 +690,9 @@ def test_merscope_fuzz_findings_stay_fixed(merscope_template, case):
 @pytest.mark.parametrize("damage", [("truncate", "synthetic.json", 0.5),
                                     ("edit", "synthetic.json", raw_edit(lambda b: b"\xdb" + b[1:])),
                                     ("edit", "synthetic.json", raw_edit(lambda b: b"-0.5")),
-                                    ("edit", "synthetic.json", raw_edit(lambda b: b"{}"))],
-                         ids=["truncated", "not-utf8", "a-number", "no-sections"])
+                                    ("edit", "synthetic.json", raw_edit(lambda b: b"{}")),
+                                    ("edit", "synthetic.json", raw_edit(lambda b: b'{"sections": ""}'))],
+                         ids=["truncated", "not-utf8", "a-number", "no-sections", "sections-empty"])
 def test_synthetic_manifest_fuzz_findings_stay_fixed(synth_template, damage):
     err = outcome(read_synth_folder, synth_template, damage)
     assert err is not None and "not a `spatia synth` manifest" in str(err) and "Fix:" in str(err), err

@@ -236,8 +236,11 @@ def read_synthetic_dir(synth_dir: str | Path) -> Iterator[Section]:
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} does not exist. Fix: pass a folder written by `spatia synth`")
     try:
+        listed = json.loads(manifest.read_text(encoding="utf-8"))["sections"]
+        if not isinstance(listed, list) or not listed:
+            raise TypeError(f"'sections' is {listed!r}, expected a non-empty list")
         entries = [(root / e["h5ad"], root / e["image"], float(e["pixel_size_um"]), str(e["sample_id"]))
-                   for e in json.loads(manifest.read_text(encoding="utf-8"))["sections"]]
+                   for e in listed]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{manifest}: not a `spatia synth` manifest ({type(err).__name__}: {err}). Fix: re-copy the "
                          "folder or write it again with `spatia synth`") from None
