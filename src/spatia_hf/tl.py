@@ -61,6 +61,7 @@ def embed(
     copy: bool = False,
     progress: bool = True,
     min_gene_coverage: float | None = None,
+    check_units: bool = True,
 ):
     """Embed every cell of ``adata`` with SPATIA and write the results into it.
 
@@ -69,7 +70,10 @@ def embed(
         image: the section's morphology image: a path (``.tif``/``.ome.tif``) or a ``(C, H, W)`` array.
         model: a SPATIA checkpoint path / Hub id or a loaded model.
         pixel_size_um: µm per image pixel (default from ``uns`` or the OME metadata).
-        spatial_units: ``"px"`` when ``obsm[spatial_key]`` is in image pixels, ``"um"`` when in µm.
+        spatial_units: ``"px"`` when ``obsm[spatial_key]`` is in pixels of ``image`` (scanpy/squidpy's
+            convention, and ``spatia synth``'s), ``"um"`` when in µm (spatialdata-io's Xenium and MERSCOPE
+            tables). Centroids that fall off the image, or crowd into a small corner where the other unit
+            would fit, are refused with the other unit named; ``check_units=False`` skips that check.
         n_domains: number of spatial domains clustered from the niche-aware embedding.
         cluster_method: ``"auto"`` (Leiden when installed, else k-means), ``"leiden"`` or ``"kmeans"``.
         crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
@@ -91,7 +95,7 @@ def embed(
     adata = adata.copy() if copy else adata
     spatia_model, processor = load_model_and_processor(model, device)
     section = read_anndata(adata, image, pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units,
-                           layer=layer, label_keys=[])
+                           layer=layer, label_keys=[], check_units=check_units)
     processor.map_panel(section.genes, section.gene_ids, min_coverage=min_gene_coverage)  # refuse before building
     sizes = {k: v for k, v in {"crop_um": crop_um, "niche_um": niche_um}.items() if v is not None}
     image_size = spatia_model.config.cell_config.image_size

@@ -30,7 +30,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     parser.add_argument("--spatial-key", default="spatial", help="obsm key of the centroids (default spatial)")
     parser.add_argument("--spatial-units", choices=("px", "um"), default="px",
-                        help="units of obsm[--spatial-key]: image pixels (default) or µm")
+                        help="units of obsm[--spatial-key]: pixels of --image (default; scanpy/squidpy) or µm "
+                             "(spatialdata-io's Xenium/MERSCOPE tables)")
+    parser.add_argument("--no-unit-check", action="store_true",
+                        help="accept centroids that cover only a small corner of the image")
     parser.add_argument("--layer", default=None, help="layer with raw counts (default X)")
     parser.add_argument("--n-domains", type=int, default=5, help="number of spatial domains (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     embed(adata, args.image, args.model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
-          min_gene_coverage=args.min_gene_coverage)
+          min_gene_coverage=args.min_gene_coverage, check_units=not args.no_unit_check)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     adata.write_h5ad(tmp)
