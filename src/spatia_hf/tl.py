@@ -8,6 +8,7 @@ to an AnnData that has raw counts and ``obsm["spatial"]``, leaving everything el
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,36 @@ from spatia_hf.utils.progress import respects_progress
 
 
 def load_model_and_processor(model: Any, device: Any = "cpu"):
-    """A path / Hub id, a ``SpatiaModel`` or any SPATIA task model -> (``SpatiaModel``, ``SpatiaProcessor``)."""
+    """A folder / Hub id, a ``SpatiaModel`` or any SPATIA task model -> (``SpatiaModel``, ``SpatiaProcessor``).
+
+    A Hub id is downloaded once into the Hub cache (offline: read from it; not cached: one-line error
+    with the fix). The processor comes from the checkpoint's ``spatia_processor.json``; a checkpoint
+    without one (or an in-memory model) gets the processor defaults for its config, with a warning,
+    since its normalisation may differ from what the model was trained with.
+    """
     from .models.modeling_spatia import SpatiaModel
-    from .models.processing_spatia import SpatiaProcessor
+    from .models.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
+    from .utils.hub_ids import resolve_folder
 
     if isinstance(model, (str, Path)):
-        path = model
-        model = SpatiaModel.from_pretrained(path)
-        try:
-            processor = SpatiaProcessor.from_pretrained(path)
-        except (OSError, FileNotFoundError):
-            processor = SpatiaProcessor.from_config(model.config)
+        folder = resolve_folder(model, what="model", required=("config.json",))
+        loaded = SpatiaModel.from_pretrained(folder)
+        if (folder / PROCESSOR_FILE).is_file():
+            processor = SpatiaProcessor.from_pretrained(folder)
+        else:
+            warnings.warn(f"model {str(model)!r} has no {PROCESSOR_FILE}: using the processor defaults for its "
+                          "config (log1p of counts scaled to 10,000, images (x/255-0.5)/0.5). Fix: save the "
+                          "processor it was trained with beside the weights (processor.save_pretrained(folder))",
+                          UserWarning, stacklevel=3)
+            processor = SpatiaProcessor.from_config(loaded.config)
+        model = loaded
     else:
         model = getattr(model, "spatia", model)
+        if not isinstance(model, SpatiaModel):
+            raise TypeError(f"model: expected a SpatiaModel (or a SPATIA task model), a folder or a Hub id, got "
+                            f"{type(model).__name__}")
+        warnings.warn("model given as an object: using the processor defaults for its config. Fix: pass the "
+                      "checkpoint folder or Hub id so its saved processor is used", UserWarning, stacklevel=3)
         processor = SpatiaProcessor.from_config(model.config)
     if not isinstance(model, SpatiaModel):
         raise TypeError(f"model: expected a SpatiaModel (or a SPATIA task model), got {type(model).__name__}")

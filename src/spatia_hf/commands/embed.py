@@ -49,9 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     from spatia_hf.tl import embed
 
+    from spatia_hf.utils.hub_ids import resolve_folder
+
     for flag, path in (("--adata", args.adata), ("--image", args.image)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} does not exist")
+    model = resolve_folder(args.model, what="--model", required=("config.json",))  # before reading the data
     out = Path(args.out)
     if out.suffix != ".h5ad":
         raise ValueError(f"--out {out}: expected a .h5ad path")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, KeyError, ValueError) as err:  # truncated / not HDF5
         raise ValueError(f"--adata {args.adata}: not a readable .h5ad ({type(err).__name__}: {err}). Fix: re-copy "
                          "or re-export the file") from None
-    embed(adata, args.image, args.model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
+    embed(adata, args.image, model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
           min_gene_coverage=args.min_gene_coverage, check_units=not args.no_unit_check)
