@@ -9,9 +9,10 @@ from pathlib import Path
 from spatia_hf.commands._common import add_device_and_seed
 from spatia_hf.utils.devices import resolve_device
 
-EXAMPLE = """example:
-  spatia embed --model runs/demo/model --adata section.h5ad --image morphology.ome.tif \\
-      --pixel-size 0.2125 --out section_spatia.h5ad
+EXAMPLE = """example (a model you pretrained; `make demo` writes one to runs/demo/hub/model, but its vocabulary
+is the synthetic panel, so it refuses real genes):
+  spatia embed --model runs/mine/pretrained --adata section.h5ad --image morphology.ome.tif \\
+      --pixel-size 0.2125 --spatial-units um --out section_spatia.h5ad
 writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (niche-aware), obs["spatia_domain"] and
 uns["spatia"] (parameters, gene-panel coverage); everything else in the input is kept."""
 
