@@ -166,7 +166,7 @@ class SpatiaTrainer(Trainer):
         place for are used; the rest describe a text model and are ignored)."""
         if not self.is_world_process_zero():
             return
-        from spatia_hf.hub import DEFAULT_LICENSE, write_model_card
+        from ..hub.cards import DEFAULT_LICENSE, write_model_card
 
         dataset_id = dataset if isinstance(dataset, str) and dataset.count("/") == 1 else None
         write_model_card(self.args.output_dir, self.model, eval_results=self.card_results(),
@@ -177,7 +177,7 @@ class SpatiaTrainer(Trainer):
                     token: str | None = None, revision: str | None = None, private: bool | None = None,
                     **card_kwargs):
         """Save the final model, then publish ``output_dir`` with SPATIA's card in one commit."""
-        from spatia_hf.hub import push_model
+        from ..hub.push import push_model
 
         self.save_model(_internal_call=True)  # every process (sharded saves), written by process zero
         if not self.is_world_process_zero():
