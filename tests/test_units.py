@@ -60,3 +60,10 @@ def test_read_anndata_checks_units_and_can_be_told_not_to():
     section = read_anndata(adata, image, PX, spatial_units="um")
     np.testing.assert_allclose(section.centroids_um, adata.obsm["spatial"])
     read_anndata(adata, image, PX, check_units=False)  # the user says the corner is right
+
+
+def test_um_read_as_pixels_of_a_half_micron_image_is_caught_too():
+    xy = np.random.default_rng(1).uniform(10, 390, size=(300, 2))  # µm on a 800 px image at 0.5 µm/px
+    with pytest.raises(ValueError, match="they look like µm"):
+        check_spatial_units(xy, "px", 0.5, (800, 800))
+    check_spatial_units(xy, "um", 0.5, (800, 800))

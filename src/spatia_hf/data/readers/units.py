@@ -18,9 +18,11 @@ UNIT_WORD = {"px": "image pixels", "um": "µm"}
 # refuse when more than this fraction of centroids falls off the image (a few edge cells are normal:
 # the builder drops or refuses those one by one with --outside)
 MAX_OUTSIDE = 0.25
-# "a tiny part of the image": the centroids' bounding box spans less than this fraction of the image
-# along both axes, while the other unit spans at least twice as much and keeps the cells on the image
-TINY_SPAN = 0.25
+# "a small part of the image": the centroids' bounding box spans less than SMALL_SPAN of the image along
+# both axes while the other unit keeps the cells on the image and spans at least OTHER_RATIO times as much
+# (µm read as pixels shrink the layout by the pixel size: 0.2125 for Xenium, 0.5 for many exports)
+SMALL_SPAN = 0.7
+OTHER_RATIO = 1.5
 
 
 def image_fit(xy_px: np.ndarray, height: int, width: int) -> tuple[float, float]:
@@ -66,7 +68,7 @@ def check_spatial_units(xy: np.ndarray, units: str, pixel_size_um: float, image_
         fix = fix_other if other_fits else ("Fix: check pixel_size_um (--pixel-size), that the image belongs to "
                                             "these cells, and spatial_units ('px' or 'um')")
         raise ValueError(f"{where}, {1 - inside:.0%} of them fall outside it. {fix}")
-    if span < TINY_SPAN and other_fits and span_o >= 2 * span:
+    if span < SMALL_SPAN and other_fits and span_o >= OTHER_RATIO * span:
         raise ValueError(f"{where}, they cover only {span:.0%} of its width or height (as {UNIT_WORD[other]}: "
                          f"{min(span_o, 1):.0%}). {fix_other}. If the cells really occupy only that corner of the "
                          "image, pass check_units=False (CLI: --no-unit-check)")
