@@ -70,3 +70,30 @@ def test_impute_hides_the_genes_and_writes_a_layer_and_a_table(imputation_dir):
     np.testing.assert_allclose(other.obsm["X_spatia_imputed"].to_numpy(), table.to_numpy(), atol=1e-5)
     with pytest.raises(ValueError, match=r"\['NOT_A_GENE'\] are not in the model's vocabulary"):
         tl.impute(adata, image, str(imputation_dir), ["NOT_A_GENE"], pixel_size_um=px, progress=False)
+
+
+def test_to_spatialdata_puts_the_table_on_circles_in_um(tmp_path):
+    pytest.importorskip("spatialdata")
+    adata, _, px = _external_adata(n_cells=20)
+    adata.obs["spatia_domain"] = np.arange(20) % 3
+    sdata = tl.to_spatialdata(adata, tmp_path / "sec.zarr", pixel_size_um=px)
+    circles = sdata.shapes["cells"]
+    np.testing.assert_allclose(np.c_[circles.geometry.x, circles.geometry.y], adata.obsm["spatial"] * px)
+    table = sdata.tables["table"]
+    assert list(table.obs["spatia_domain"]) == list(adata.obs["spatia_domain"])
+    assert table.uns["spatialdata_attrs"]["region"] == "cells"
+    import spatialdata
+
+    back = spatialdata.read_zarr(tmp_path / "sec.zarr")
+    assert back.tables["table"].n_obs == 20 and len(back.shapes["cells"]) == 20
+
+
+def test_to_spatialdata_without_the_extra_names_it(monkeypatch):
+    import sys
+
+    from spatia_hf.data.readers.spatialdata_reader import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "spatialdata", None)
+    adata, _, px = _external_adata(n_cells=5)
+    with pytest.raises(MissingExtraError, match=r"pip install 'spatia-hf\[spatialdata\]'"):
+        tl.to_spatialdata(adata, pixel_size_um=px)

@@ -3,6 +3,9 @@
 ``spatia_hf.tl.embed(adata, image, model)`` adds SPATIA cell embeddings (``obsm["X_spatia"]``),
 niche-aware embeddings (``obsm["X_spatia_niche"]``) and spatial domains (``obs["spatia_domain"]``)
 to an AnnData that has raw counts and ``obsm["spatial"]``, leaving everything else as it was.
+``annotate`` writes cell types from a fine-tuned annotation head into ``obs``, ``impute`` predicted
+expression from a fine-tuned imputation head into a layer, and ``to_spatialdata`` turns the result into a
+SpatialData object for that ecosystem. Like scanpy: ``copy=False`` writes in place and returns None.
 """
 
 from __future__ import annotations
@@ -298,6 +301,63 @@ def impute(adata, image: Any, model: Any, genes: Sequence[str], *, pixel_size_um
         "genes": genes, "measured_genes": measured, "layer_added": layer_added if measured else None,
         "key_added": key_added, "units": f"log1p(counts / library * {processor.target_sum:g})", "seed": seed}
     return adata if copy else None
+
+
+def to_spatialdata(adata, path: str | Path | None = None, *, spatial_key: str = "spatial",
+                   spatial_units: str = "px", pixel_size_um: float | None = None, region: str = "cells",
+                   cell_diameter_um: float = 10.0, overwrite: bool = False):
+    """The AnnData (with what ``embed`` / ``annotate`` / ``impute`` wrote) as a SpatialData object.
+
+    Cells become circles (``cell_diameter_um``) at their centroids in µm in the ``global`` coordinate
+    system, and the AnnData the table annotating them (``obs["region"]`` / ``obs["instance_id"]``), so
+    ``spatialdata-plot`` and napari-spatialdata show SPATIA's domains, labels and embeddings on the cells.
+    Needs the ``spatialdata`` extra (``pip install 'spatia-hf[spatialdata]'``).
+
+    Args:
+        path: a ``.zarr`` folder to write (atomically: written beside it, then renamed); None only returns.
+        spatial_units / pixel_size_um: what ``obsm[spatial_key]`` holds; pixels need the pixel size.
+    """
+    import os
+    import shutil
+
+    import pandas as pd
+
+    from .data.readers.spatialdata_reader import _require_spatialdata
+
+    _require_spatialdata()
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+
+    if spatial_key not in adata.obsm:
+        raise ValueError(f"adata: obsm[{spatial_key!r}] is missing (obsm has {list(adata.obsm)}). Fix: store the "
+                         "cell centroids there or name the key with spatial_key")
+    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    if spatial_units == "px":
+        px = pixel_size_um if pixel_size_um is not None else adata.uns.get("spatial_pixel_size_um")
+        if px is None:
+            raise ValueError("spatial_units='px' needs the pixel size to place cells in µm. Fix: pass "
+                             "pixel_size_um=..., or spatial_units='um' when obsm holds µm")
+        xy = xy * float(px)
+    elif spatial_units != "um":
+        raise ValueError(f"spatial_units={spatial_units!r}: expected 'px' or 'um'")
+    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), cell_diameter_um / 2.0),
+                               index=pd.RangeIndex(len(xy)))
+    table = adata.copy()
+    table.obs["region"] = pd.Categorical([region] * table.n_obs)
+    table.obs["instance_id"] = np.arange(table.n_obs)
+    table = TableModel.parse(table, region=region, region_key="region", instance_key="instance_id")
+    sdata = SpatialData(shapes={region: shapes}, tables={"table": table})
+    if path is not None:
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists. Fix: choose another path or pass overwrite=True")
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        sdata.write(os.fspath(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return sdata
 
 
 def _without_columns(rows: dict, hidden: np.ndarray) -> dict:
