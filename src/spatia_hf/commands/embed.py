@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     embed(adata, args.image, model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
-          min_gene_coverage=args.min_gene_coverage, check_units=not args.no_unit_check)
+          min_gene_coverage=args.min_gene_coverage, check_units=not args.no_unit_check,
+          progress=not args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     adata.write_h5ad(tmp)
