@@ -17,7 +17,7 @@ def test_help_is_for_users(command, capsys):
 
 
 def test_help_paths_under_runs_demo_are_ones_the_demo_writes():
-    from spatia_hf.demo import run_demo  # noqa: F401  (the folders below are the demo's)
+    from spatia_hf.demo import run_demo
 
     parser = build_parser()
     text = " ".join(sub.format_help() for sub in parser._subparsers._group_actions[0].choices.values())

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hub_server import LoopbackHub, isolated_hf_home
 
 from spatia_hf.models.configuration_spatia import SpatiaConfig
 from spatia_hf.models.modeling_spatia import SpatiaModel
 from spatia_hf.models.processing_spatia import SpatiaProcessor
-from hub_server import LoopbackHub, isolated_hf_home
 from spatia_hf.utils.hub_ids import HubUnavailableError, resolve_folder
 
 GENES = [f"GENE{j}" for j in range(12)]

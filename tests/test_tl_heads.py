@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from test_embed import _external_adata
 
 import spatia_hf.tl as tl
 from spatia_hf.models.configuration_spatia import SpatiaConfig
 from spatia_hf.models.modeling_heads import SpatiaForCellClassification, SpatiaForGeneImputation
 from spatia_hf.models.processing_spatia import SpatiaProcessor
-from test_embed import _external_adata
 
 GENES = [f"GENE{j}" for j in range(30)] + ["UNMEASURED1", "UNMEASURED2"]
 

@@ -49,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from spatia_hf.tl import embed
-
     from spatia_hf.utils.hub_ids import resolve_folder
 
     for flag, path in (("--adata", args.adata), ("--image", args.image)):

@@ -107,7 +107,7 @@ def resolve_folder(path_or_id: str | os.PathLike, *, what: str = "model", repo_t
                 local_files_only=local_files_only, force_download=force_download,
                 allow_patterns=None if allow_patterns is None else list(allow_patterns),
                 ignore_patterns=list(PICKLE_PATTERNS)))
-        except Exception as err:  # noqa: BLE001 - translated, re-raised
+        except Exception as err:
             new = _translate(err, text, what, repo_type)
             if new is err:
                 raise
@@ -140,7 +140,7 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, *, what: str = "m
         if not isinstance(err, LocalEntryNotFoundError):
             return None  # the repo exists but has no such file
         new = _translate(err, text, what, repo_type)
-    except Exception as err:  # noqa: BLE001 - translated, re-raised
+    except Exception as err:
         new = _translate(err, text, what, repo_type)
         if new is err:
             raise
