@@ -2,14 +2,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch lies on this kind of machine's disk; users with GPUs install their own torch first.
+# torch to install when $(VENV) has none (a CPU build lies on our CI machines' disk). A torch already in
+# $(VENV) is kept (install your CUDA/ROCm build there first, or point VENV at a conda env:
+# `make setup VENV=$$CONDA_PREFIX`); `make setup TORCH_SPEC=` installs none and lets pip pick.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo demo-quick test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)') found in $(VENV)"; \
+	elif [ -n "$(TORCH_SPEC)" ]; then \
+		echo "$(PY) -m pip install -q $(TORCH_SPEC)"; $(PY) -m pip install -q "$(TORCH_SPEC)"; \
+	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

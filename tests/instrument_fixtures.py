@@ -273,11 +273,14 @@ def write_cosmx(folder: Path, *, slide: str = "Run5_S1", grid: tuple[int, int] =
 def write_merscope(folder: Path, *, n_cells: int = 40, n_genes: int = 12, n_blanks: int = 4,
                    um_per_px: float = 0.5, offset_px: tuple[float, float] = (-150.25, -80.75),
                    image_hw: tuple[int, int] = (240, 300), stains=("DAPI", "PolyT"), z_planes=(2, 3), seed: int = 0,
-                   marker_cell: int = 7, shuffle_metadata: bool = True) -> Truth:
+                   marker_cell: int = 7, shuffle_metadata: bool = True, transform_file: bool = True,
+                   manifest: bool = True, ome_description: bool = False) -> Truth:
     """A MERSCOPE region folder: ``cell_by_gene.csv`` (with ``Blank-*`` codewords),
     ``cell_metadata.csv`` (``center_x``, ``center_y`` in µm), ``images/mosaic_<stain>_z<N>.tif``
-    (plain uncompressed TIFFs, as the instrument writes) and the 3x3 µm -> px affine.
-    ``shuffle_metadata`` lists the metadata's cells in another order than ``cell_by_gene.csv``."""
+    (plain uncompressed TIFFs, as the instrument writes), the 3x3 µm -> px affine (``transform_file``)
+    and ``images/manifest.json`` (``bbox_microns`` + mosaic size, the same affine; ``manifest``).
+    ``shuffle_metadata`` lists the metadata's cells in another order than ``cell_by_gene.csv``;
+    ``ome_description`` gives the mosaics an OME description tifffile cannot parse (as real ones have)."""
     import tifffile
 
     rng = np.random.default_rng(seed)
@@ -302,14 +305,25 @@ def write_merscope(folder: Path, *, n_cells: int = 40, n_genes: int = 12, n_blan
     if shuffle_metadata:
         meta = meta.sample(frac=1.0, random_state=seed)
     meta.to_csv(folder / "cell_metadata.csv")
-    np.savetxt(folder / "images" / "micron_to_mosaic_pixel_transform.csv", m, fmt="%.6f", delimiter=" ")
+    if transform_file:
+        np.savetxt(folder / "images" / "micron_to_mosaic_pixel_transform.csv", m, fmt="%.6f", delimiter=" ")
+    if manifest:
+        x0, y0 = -offset_px[0] / s, -offset_px[1] / s
+        (folder / "images" / "manifest.json").write_text(json.dumps({
+            "microns_per_pixel": um_per_px, "mosaic_width_pixels": w, "mosaic_height_pixels": h,
+            "bbox_microns": [x0, y0, x0 + w / s, y0 + h / s],
+            "mosaic_files": [{"stain": st, "z": z, "file_name": f"mosaic_{st}_z{z}.tif"}
+                             for z in z_planes for st in stains]}))
+    broken_ome = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/'
+                  '2016-06"><Image ID="Image:0"><Pixels')  # cut short: tifffile's OME parser fails on it
     col, row = px[marker_cell].astype(int)
     for z in z_planes:
         for st in stains:
             img = _noise(rng, (h, w))
             if st == stains[0] and z == max(z_planes):
                 _draw_marker(img, row, col)
-            tifffile.imwrite(folder / "images" / f"mosaic_{st}_z{z}.tif", img)
+            tifffile.imwrite(folder / "images" / f"mosaic_{st}_z{z}.tif", img,
+                             **({"description": broken_ome, "metadata": None} if ome_description else {}))
     return Truth(ids, um, sp.csr_matrix(counts), genes, ids[marker_cell], um_per_px, {"Blank-": n_blanks},
                  {"um_to_px": m})
 

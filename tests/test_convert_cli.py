@@ -74,7 +74,8 @@ def test_cli_errors_are_one_line_and_leave_no_output(synth_dir, tmp_path, capsys
     assert "--image: 2 images for 1 --adata files" in capsys.readouterr().err
     assert main(base + ["--spatial-units", "um"]) == 1  # pixels read as µm put half the cells off the image
     err = capsys.readouterr().err.strip()
-    assert err.startswith("spatia convert: error: section 'synth_s00': centroids_um:") and "lie outside" in err
+    assert err.startswith("spatia convert: error: ") and "fall outside it" in err
+    assert "they look like image pixels; pass spatial_units='px'" in err
     assert len(err.splitlines()) == 1
     a = _adata(synth_dir)
     del a.obsm["spatial"]

@@ -132,8 +132,11 @@ def test_from_model_config_and_checkpoint(tmp_path):
     assert (proc.image_size, proc.num_channels, proc.max_genes) == (32, 2, 64)
     cfg.save_pretrained(tmp_path)
     assert SpatiaProcessor.from_pretrained(tmp_path).gene_vocab == VOCAB
-    with pytest.raises(FileNotFoundError, match="spatia_processor.json"):
+    with pytest.raises(FileNotFoundError, match="no such folder, and not a Hub id"):
         SpatiaProcessor.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="spatia_processor.json"):
+        SpatiaProcessor.from_pretrained(tmp_path / "empty")
 
 
 @pytest.fixture(scope="module")

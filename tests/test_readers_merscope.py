@@ -1,5 +1,6 @@
 """MERSCOPE reader: blanks dropped, the µm -> mosaic affine places cells, mosaics memory-mapped."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,37 @@ def test_bad_transform_missing_column_small_image_and_mismatch(region, tmp_path,
     _fails(folder, tmp_path / "ds", capsys, "cell ids differ", "1 only in the matrix")
     s = read_merscope(folder, on_mismatch="intersect")
     assert s.n_cells == 39 and s.dropped["cells_only_in_matrix"] == 1
+
+
+def test_without_the_transform_file_the_manifest_defines_it_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "region_1"
+    truth = write_merscope(folder, um_per_px=UM_PER_PX, transform_file=False)
+    s = read_merscope(folder)
+    np.testing.assert_allclose(s.um_to_px, truth.extra["um_to_px"], atol=1e-9)
+    assert s.pixel_size_um == pytest.approx(UM_PER_PX) and s.uns["transform_source"].endswith("manifest.json")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no micron_to_mosaic_pixel_transform.csv; using the µm -> mosaic pixel " \
+                                    "transform derived from manifest.json" in err
+    out = build_multiscale_dataset([s], tmp_path / "ds", **crop_args(UM_PER_PX))
+    assert np.abs(marker_offset(cell_image(out, truth.marker_cell))).max() == 0  # same crops as with the file
+
+
+def test_a_manifest_that_disagrees_with_the_mosaic_or_no_transform_at_all_is_refused(tmp_path):
+    folder = tmp_path / "region_2"
+    write_merscope(folder, transform_file=False)
+    manifest = folder / "images" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "mosaic_width_pixels": 999}))
+    with pytest.raises(ValueError, match="mosaic 999 x 240 px, but .* is 300 x 240 px"):
+        read_merscope(folder, quiet=True)
+    manifest.unlink()
+    with pytest.raises(FileNotFoundError, match="neither micron_to_mosaic_pixel_transform.csv nor manifest.json"):
+        read_merscope(folder)
+
+
+def test_tifffile_ome_parse_errors_stay_out_of_the_terminal(tmp_path, capfd, caplog):
+    folder = tmp_path / "region_3"
+    write_merscope(folder, ome_description=True)
+    s = read_merscope(folder)
+    assert not capfd.readouterr().err and not [r for r in caplog.records if r.name == "tifffile"]
+    assert any("OME series raised ParseError" in m for m in s.uns["images"][0]["tifffile_messages"])

@@ -574,9 +574,18 @@ def test_push_to_hub_passes_through_to_the_trainer(tiny_dir, tmp_path):
 
     with LoopbackHub() as hub, hub.client():
         args = _training_args(tmp_path, max_steps=1, push_to_hub=True, hub_model_id="lab/spatia-tiny",
-                              hub_token=hub.token)
+                              hub_token=hub.token, do_eval=True)
         run_pretraining(ModelArguments(preset="tiny"), DataArguments(dataset_dir=str(tiny_dir), max_cells_per_niche=4),
                         args)
         files = hub.files("lab/spatia-tiny")
     assert {"config.json", "model.safetensors", "spatia_processor.json", "spatia_training.json"} <= set(files)
     assert files["model.safetensors"] == (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert not any(name.endswith((".bin", ".pt", ".pth")) or name.startswith("checkpoint-") for name in files)
+    # SPATIA's card, not transformers' generic one: library, citation, model-index from the held-out evaluation
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "spatia-hf" and "arXiv:2507.04704" in card.text
+    results = card.data.eval_results
+    assert results and results[0].task_name.startswith("SPATIA pretraining objectives")
+    assert {r.metric_name for r in results} >= {"loss"}

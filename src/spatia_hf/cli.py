@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
+import warnings
 from types import ModuleType
 
 COMMANDS = ("demo", "synth", "convert", "pretrain", "finetune", "embed", "generate", "evaluate", "push")
@@ -79,6 +81,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"spatia-hf {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also accepted after the command)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = _chosen_command(argv) if argv is not None else None
     for name in COMMANDS:
@@ -104,19 +108,56 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = _take_debug(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     quiet = bool(getattr(args, "no_progress", False))
-    try:
-        with _progress(quiet):
-            result = args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:  # user errors: one line, no traceback
-        print(f"spatia {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        if not debug:  # library warnings as one line each, not file:line + source
+            warnings.showwarning = _one_line_warning
+        try:
+            with _progress(quiet):
+                result = args.func(args)
+        except EXPECTED_ERRORS as err:
+            if debug:
+                raise
+            print(f"spatia {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"spatia {args.command}: interrupted", file=sys.stderr)
+            return 130
     return int(result or 0)
+
+
+# Failures a user can cause and fix (bad paths, values, files, network, a missing optional package):
+# one line on stderr and exit code 1. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (OSError, ValueError, ImportError)
+
+
+def _take_debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere before ``--`` (or SPATIA_DEBUG=1): tracebacks instead of one-line errors."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end] or os.environ.get("SPATIA_DEBUG", "") not in ("", "0")
+    return debug, [a for i, a in enumerate(argv) if not (a == "--debug" and i < end)]
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line: ours already are; others keep their first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} (run with --debug for the full message)"
+    return text if isinstance(err, (ValueError, FileNotFoundError)) else f"{type(err).__name__}: {text}"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"spatia: warning: {text}", file=sys.stderr if file is None else file)
 
 
 def _progress(quiet: bool) -> contextlib.AbstractContextManager:

@@ -3,35 +3,60 @@
 ``spatia_hf.tl.embed(adata, image, model)`` adds SPATIA cell embeddings (``obsm["X_spatia"]``),
 niche-aware embeddings (``obsm["X_spatia_niche"]``) and spatial domains (``obs["spatia_domain"]``)
 to an AnnData that has raw counts and ``obsm["spatial"]``, leaving everything else as it was.
+``annotate`` writes cell types from a fine-tuned annotation head into ``obs``, ``impute`` predicted
+expression from a fine-tuned imputation head into a layer, and ``to_spatialdata`` turns the result into a
+SpatialData object for that ecosystem. Like scanpy: ``copy=False`` writes in place and returns None.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy as copy_module
+import json
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from spatia_hf.data import schema
 from spatia_hf.data.builder import build_multiscale_dataset
 from spatia_hf.data.readers.anndata_reader import read_anndata
 from spatia_hf.utils.progress import respects_progress
 
 
 def load_model_and_processor(model: Any, device: Any = "cpu"):
-    """A path / Hub id, a ``SpatiaModel`` or any SPATIA task model -> (``SpatiaModel``, ``SpatiaProcessor``)."""
+    """A folder / Hub id, a ``SpatiaModel`` or any SPATIA task model -> (``SpatiaModel``, ``SpatiaProcessor``).
+
+    A Hub id is downloaded once into the Hub cache (offline: read from it; not cached: one-line error
+    with the fix). The processor comes from the checkpoint's ``spatia_processor.json``; a checkpoint
+    without one (or an in-memory model) gets the processor defaults for its config, with a warning,
+    since its normalisation may differ from what the model was trained with.
+    """
     from .models.modeling_spatia import SpatiaModel
-    from .models.processing_spatia import SpatiaProcessor
+    from .models.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
+    from .utils.hub_ids import resolve_folder
 
     if isinstance(model, (str, Path)):
-        path = model
-        model = SpatiaModel.from_pretrained(path)
-        try:
-            processor = SpatiaProcessor.from_pretrained(path)
-        except (OSError, FileNotFoundError):
-            processor = SpatiaProcessor.from_config(model.config)
+        folder = resolve_folder(model, what="model", required=("config.json",))
+        loaded = SpatiaModel.from_pretrained(folder)
+        if (folder / PROCESSOR_FILE).is_file():
+            processor = SpatiaProcessor.from_pretrained(folder)
+        else:
+            warnings.warn(f"model {str(model)!r} has no {PROCESSOR_FILE}: using the processor defaults for its "
+                          "config (log1p of counts scaled to 10,000, images (x/255-0.5)/0.5). Fix: save the "
+                          "processor it was trained with beside the weights (processor.save_pretrained(folder))",
+                          UserWarning, stacklevel=3)
+            processor = SpatiaProcessor.from_config(loaded.config)
+        model = loaded
     else:
         model = getattr(model, "spatia", model)
+        if not isinstance(model, SpatiaModel):
+            raise TypeError(f"model: expected a SpatiaModel (or a SPATIA task model), a folder or a Hub id, got "
+                            f"{type(model).__name__}")
+        warnings.warn("model given as an object: using the processor defaults for its config. Fix: pass the "
+                      "checkpoint folder or Hub id so its saved processor is used", UserWarning, stacklevel=3)
         processor = SpatiaProcessor.from_config(model.config)
     if not isinstance(model, SpatiaModel):
         raise TypeError(f"model: expected a SpatiaModel (or a SPATIA task model), got {type(model).__name__}")
@@ -61,6 +86,7 @@ def embed(
     copy: bool = False,
     progress: bool = True,
     min_gene_coverage: float | None = None,
+    check_units: bool = True,
 ):
     """Embed every cell of ``adata`` with SPATIA and write the results into it.
 
@@ -69,7 +95,10 @@ def embed(
         image: the section's morphology image: a path (``.tif``/``.ome.tif``) or a ``(C, H, W)`` array.
         model: a SPATIA checkpoint path / Hub id or a loaded model.
         pixel_size_um: µm per image pixel (default from ``uns`` or the OME metadata).
-        spatial_units: ``"px"`` when ``obsm[spatial_key]`` is in image pixels, ``"um"`` when in µm.
+        spatial_units: ``"px"`` when ``obsm[spatial_key]`` is in pixels of ``image`` (scanpy/squidpy's
+            convention, and ``spatia synth``'s), ``"um"`` when in µm (spatialdata-io's Xenium and MERSCOPE
+            tables). Centroids that fall off the image, or crowd into a small corner where the other unit
+            would fit, are refused with the other unit named; ``check_units=False`` skips that check.
         n_domains: number of spatial domains clustered from the niche-aware embedding.
         cluster_method: ``"auto"`` (Leiden when installed, else k-means), ``"leiden"`` or ``"kmeans"``.
         crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
@@ -90,14 +119,10 @@ def embed(
                          "embed a whole section (all its cells in one AnnData)")
     adata = adata.copy() if copy else adata
     spatia_model, processor = load_model_and_processor(model, device)
-    section = read_anndata(adata, image, pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units,
-                           layer=layer, label_keys=[])
-    processor.map_panel(section.genes, section.gene_ids, min_coverage=min_gene_coverage)  # refuse before building
-    sizes = {k: v for k, v in {"crop_um": crop_um, "niche_um": niche_um}.items() if v is not None}
-    image_size = spatia_model.config.cell_config.image_size
-    with tempfile.TemporaryDirectory(prefix="spatia-embed-") as tmp:
-        dataset_dir = build_multiscale_dataset([section], Path(tmp) / "dataset", crop_px=image_size,
-                                               progress=progress, **sizes)
+    reading = dict(pixel_size_um=pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units, layer=layer,
+                   check_units=check_units, crop_um=crop_um, niche_um=niche_um)
+    with _section_dataset(adata, image, processor, spatia_model.config, min_gene_coverage, progress,
+                          **reading) as dataset_dir:
         emb = embed_dataset(spatia_model, processor, dataset_dir, modalities=("fused",), niche_aware=True,
                             tissue=False, batch_size=batch_size, seed=seed, progress=progress,
                             min_gene_coverage=min_gene_coverage)
@@ -115,6 +140,235 @@ def embed(
         "gene_coverage": _jsonable(emb.gene_coverage),
     }
     return adata if copy else None
+
+
+@contextlib.contextmanager
+def _section_dataset(adata, image: Any, processor, config, min_gene_coverage: float | None, progress: bool, *,
+                     pixel_size_um: float | None, spatial_key: str, spatial_units: str, layer: str | None,
+                     check_units: bool, crop_um: float | None = None, niche_um: float | None = None
+                     ) -> Iterator[Path]:
+    """The AnnData + image as a one-section dataset in a temporary folder (crops at the model's size),
+    after the units check and the gene-panel check, so every tool reads cells as training did."""
+    section = read_anndata(adata, image, pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units,
+                           layer=layer, label_keys=[], check_units=check_units)
+    processor.map_panel(section.genes, section.gene_ids, min_coverage=min_gene_coverage)  # refuse before building
+    sizes = {k: v for k, v in {"crop_um": crop_um, "niche_um": niche_um}.items() if v is not None}
+    with tempfile.TemporaryDirectory(prefix="spatia-tl-") as tmp:
+        yield build_multiscale_dataset([section], Path(tmp) / "dataset", crop_px=config.cell_config.image_size,
+                                       progress=progress, **sizes)
+
+
+def _load_head(model: Any, architecture: str, task: str, device: Any):
+    """A fine-tuned SPATIA head (folder / Hub id, or the loaded model) and its saved processor."""
+    import spatia_hf
+
+    from .models.processing_spatia import PROCESSOR_FILE, SpatiaProcessor
+    from .utils.hub_ids import resolve_folder
+
+    if not isinstance(model, (str, Path)):
+        if type(model).__name__ != architecture:
+            raise TypeError(f"model: expected a {architecture}, got {type(model).__name__}. Fix: pass the folder "
+                            f"written by `spatia finetune --task {task}`")
+        return model.to(device).eval(), SpatiaProcessor.from_config(model.config)
+    folder = resolve_folder(model, what="model", required=("config.json",))
+    archs = json.loads((folder / "config.json").read_text()).get("architectures") or ["SpatiaModel"]
+    if archs[0] != architecture:
+        raise ValueError(f"model {str(model)!r} is a {archs[0]}, not a {architecture}. Fix: fine-tune one with "
+                         f"`spatia finetune --task {task} --model PRETRAINED ...` and pass its output folder")
+    head = getattr(spatia_hf, architecture).from_pretrained(folder)
+    if not (folder / PROCESSOR_FILE).is_file():
+        raise FileNotFoundError(f"model {str(model)!r} has no {PROCESSOR_FILE}. Fix: save the processor it was "
+                                "trained with beside the weights (processor.save_pretrained(folder))")
+    return head.to(device).eval(), SpatiaProcessor.from_pretrained(folder)
+
+
+def _cell_batches(dataset_dir: Path, batch_size: int, desc: str, progress: bool) -> Iterator[dict]:
+    """Rows of the dataset's ``cells`` config in batches (cell id, image, sparse counts)."""
+    from tqdm.auto import tqdm
+
+    from .data.datasets import load_spatia_dataset
+
+    cells = load_spatia_dataset(dataset_dir, configs=("cells",)).configs["cells"]
+    view = cells.select_columns([schema.CELL_ID, schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS]
+                                ).with_format("numpy")
+    for start in tqdm(range(0, len(cells), batch_size), desc=desc, disable=not progress):
+        yield view[start: start + batch_size]
+
+
+@respects_progress
+def annotate(adata, image: Any, model: Any, *, pixel_size_um: float | None = None, spatial_key: str = "spatial",
+             spatial_units: str = "px", layer: str | None = None, key_added: str = "spatia_cell_type",
+             batch_size: int = 64, device: Any = "cpu", seed: int = 0, copy: bool = False, progress: bool = True,
+             min_gene_coverage: float | None = None, check_units: bool = True):
+    """Cell types from a fine-tuned annotation head (``spatia finetune --task annotation``) into ``obs``.
+
+    Reads the AnnData and image as :func:`embed` does (same arguments, same unit and gene-panel checks)
+    and writes ``obs[key_added]`` (categorical, the head's label names) and
+    ``obs[key_added + "_probability"]`` (softmax probability of that label). Each cell is classified
+    from its own crop and expression (the cell head, as evaluation task 3 scores it).
+
+    Returns:
+        None, or the annotated copy when ``copy=True``.
+    """
+    import pandas as pd
+    import torch
+
+    from .inference import encode_cells
+
+    adata = adata.copy() if copy else adata
+    head, processor = _load_head(model, "SpatiaForCellClassification", "annotation", device)
+    dev = next(head.parameters()).device
+    id2label = {int(k): str(v) for k, v in head.config.id2label.items()}
+    ids, labels, probs = [], [], []
+    reading = dict(pixel_size_um=pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units, layer=layer,
+                   check_units=check_units)
+    with _section_dataset(adata, image, processor, head.config, min_gene_coverage, progress, **reading) as ds:
+        for rows in _cell_batches(ds, batch_size, "cell types", progress):
+            enc = {k: v.to(dev) for k, v in encode_cells(processor, rows, "fused", seed).items()}
+            with torch.no_grad():
+                p = head(**enc, return_dict=True).logits.float().softmax(-1).cpu().numpy()
+            ids.extend(str(c) for c in rows[schema.CELL_ID])
+            labels.extend(id2label[int(i)] for i in p.argmax(-1))
+            probs.append(p.max(-1))
+    order = _positions(np.asarray(ids), adata.obs_names)
+    adata.obs[key_added] = pd.Categorical(np.asarray(labels)[order], categories=sorted(set(id2label.values())))
+    adata.obs[f"{key_added}_probability"] = np.concatenate(probs)[order].astype(np.float32)
+    adata.uns.setdefault("spatia", {})["annotate"] = {"key_added": key_added, "seed": seed, "model": str(
+        getattr(head.config, "_name_or_path", "")) or "in-memory", "labels": sorted(set(id2label.values()))}
+    return adata if copy else None
+
+
+@respects_progress
+def impute(adata, image: Any, model: Any, genes: Sequence[str], *, pixel_size_um: float | None = None,
+           spatial_key: str = "spatial", spatial_units: str = "px", layer: str | None = None,
+           layer_added: str = "spatia_imputed", key_added: str = "X_spatia_imputed", batch_size: int = 64,
+           device: Any = "cpu", seed: int = 0, copy: bool = False, progress: bool = True,
+           min_gene_coverage: float | None = None, check_units: bool = True):
+    """Expression of ``genes`` predicted by a fine-tuned imputation head (``spatia finetune --task imputation``).
+
+    The genes are hidden from the input (neither counted in a cell's library nor input as zeros) and
+    predicted from the rest of its expression and its crop, as log1p of counts scaled to the
+    processor's ``target_sum`` (10,000 by default). Genes measured in ``adata`` get their predictions in
+    ``layers[layer_added]`` (NaN in every other column); every requested gene, measured or not, is in
+    ``obsm[key_added]`` (a DataFrame with one column per gene). Genes outside the model's vocabulary are
+    refused by name.
+
+    Returns:
+        None, or the annotated copy when ``copy=True``.
+    """
+    import pandas as pd
+    import torch
+
+    from .evaluation.spatia_methods import hiding_processor
+    from .inference import encode_cells
+
+    genes = [str(g) for g in genes]
+    if not genes or len(set(genes)) != len(genes):
+        raise ValueError(f"genes={genes!r}: expected a non-empty list of distinct gene names")
+    adata = adata.copy() if copy else adata
+    head, processor = _load_head(model, "SpatiaForGeneImputation", "imputation", device)
+    dev = next(head.parameters()).device
+    target = copy_module.copy(processor).map_panel(genes, min_coverage=0.0)
+    if target.unknown:
+        raise ValueError(f"genes: {target.unknown[:10]} are not in the model's vocabulary, so it cannot predict "
+                         f"them. Fix: pick genes among its {len(processor.gene_vocab)} vocabulary genes "
+                         "(processor.gene_vocab)")
+    ids, preds = [], []
+    reading = dict(pixel_size_um=pixel_size_um, spatial_key=spatial_key, spatial_units=spatial_units, layer=layer,
+                   check_units=check_units)
+    with _section_dataset(adata, image, processor, head.config, min_gene_coverage, progress, **reading) as ds:
+        panel = processor.panel.genes
+        hidden = np.asarray([panel.index(g) for g in genes if g in panel], dtype=np.int64)
+        proc = hiding_processor(processor, hidden) if hidden.size else processor
+        target_ids = torch.as_tensor(target.vocab_ids, device=dev)
+        for rows in _cell_batches(ds, batch_size, "imputation", progress):
+            rows = _without_columns(rows, hidden)
+            enc = {k: v.to(dev) for k, v in encode_cells(proc, rows, "fused", seed).items()}
+            targets = target_ids[None].expand(len(rows[schema.CELL_ID]), -1)
+            with torch.no_grad():
+                out = head(enc["gene_ids"], enc["gene_values"], targets, gene_attention_mask=enc["gene_attention_mask"],
+                           pixel_values=enc["pixel_values"], return_dict=True).logits
+            ids.extend(str(c) for c in rows[schema.CELL_ID])
+            preds.append(out.float().cpu().numpy())
+    values = np.concatenate(preds)[_positions(np.asarray(ids), adata.obs_names)].astype(np.float32)
+    adata.obsm[key_added] = pd.DataFrame(values, index=adata.obs_names, columns=genes)
+    measured = [g for g in genes if g in adata.var_names]
+    if measured:
+        full = np.full(adata.shape, np.nan, dtype=np.float32)
+        full[:, adata.var_names.get_indexer(measured)] = values[:, [genes.index(g) for g in measured]]
+        adata.layers[layer_added] = full
+    adata.uns.setdefault("spatia", {})["impute"] = {
+        "genes": genes, "measured_genes": measured, "layer_added": layer_added if measured else None,
+        "key_added": key_added, "units": f"log1p(counts / library * {processor.target_sum:g})", "seed": seed}
+    return adata if copy else None
+
+
+def to_spatialdata(adata, path: str | Path | None = None, *, spatial_key: str = "spatial",
+                   spatial_units: str = "px", pixel_size_um: float | None = None, region: str = "cells",
+                   cell_diameter_um: float = 10.0, overwrite: bool = False):
+    """The AnnData (with what ``embed`` / ``annotate`` / ``impute`` wrote) as a SpatialData object.
+
+    Cells become circles (``cell_diameter_um``) at their centroids in µm in the ``global`` coordinate
+    system, and the AnnData the table annotating them (``obs["region"]`` / ``obs["instance_id"]``), so
+    ``spatialdata-plot`` and napari-spatialdata show SPATIA's domains, labels and embeddings on the cells.
+    Needs the ``spatialdata`` extra (``pip install 'spatia-hf[spatialdata]'``).
+
+    Args:
+        path: a ``.zarr`` folder to write (atomically: written beside it, then renamed); None only returns.
+        spatial_units / pixel_size_um: what ``obsm[spatial_key]`` holds; pixels need the pixel size.
+    """
+    import os
+    import shutil
+
+    import pandas as pd
+
+    from .data.readers.spatialdata_reader import _require_spatialdata
+
+    _require_spatialdata()
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+
+    if spatial_key not in adata.obsm:
+        raise ValueError(f"adata: obsm[{spatial_key!r}] is missing (obsm has {list(adata.obsm)}). Fix: store the "
+                         "cell centroids there or name the key with spatial_key")
+    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    if spatial_units == "px":
+        px = pixel_size_um if pixel_size_um is not None else adata.uns.get("spatial_pixel_size_um")
+        if px is None:
+            raise ValueError("spatial_units='px' needs the pixel size to place cells in µm. Fix: pass "
+                             "pixel_size_um=..., or spatial_units='um' when obsm holds µm")
+        xy = xy * float(px)
+    elif spatial_units != "um":
+        raise ValueError(f"spatial_units={spatial_units!r}: expected 'px' or 'um'")
+    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), cell_diameter_um / 2.0),
+                               index=pd.RangeIndex(len(xy)))
+    table = adata.copy()
+    table.obs["region"] = pd.Categorical([region] * table.n_obs)
+    table.obs["instance_id"] = np.arange(table.n_obs)
+    table = TableModel.parse(table, region=region, region_key="region", instance_key="instance_id")
+    sdata = SpatialData(shapes={region: shapes}, tables={"table": table})
+    if path is not None:
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists. Fix: choose another path or pass overwrite=True")
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        sdata.write(os.fspath(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return sdata
+
+
+def _without_columns(rows: dict, hidden: np.ndarray) -> dict:
+    """Batch rows with the dataset genes ``hidden`` removed from the sparse counts."""
+    if not hidden.size:
+        return rows
+    out = dict(rows)
+    keep = [~np.isin(np.asarray(i), hidden) for i in rows[schema.GENE_INDICES]]
+    out[schema.GENE_INDICES] = [np.asarray(i)[k] for i, k in zip(rows[schema.GENE_INDICES], keep)]
+    out[schema.GENE_COUNTS] = [np.asarray(c)[k] for c, k in zip(rows[schema.GENE_COUNTS], keep)]
+    return out
 
 
 def _positions(cell_ids: np.ndarray, obs_names) -> np.ndarray:

@@ -54,10 +54,24 @@ def add_builder_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+DESCRIPTION = """Turn instrument output (or an AnnData + image) into the cells / niches / tissues dataset that
+`spatia pretrain`, `spatia finetune` and `spatia evaluate` read: one cell-centred crop per cell with its
+counts and position in µm, neighbourhoods around every cell, and one row per section.
+Run `spatia convert FORMAT --help` for the flags of one format."""
+
+EPILOG = """examples:
+  spatia convert xenium   XENIUM_OUTPUT_DIR --out data/xenium
+  spatia convert merscope MERSCOPE_REGION_DIR --out data/merscope
+  spatia convert cosmx    COSMX_FLAT_FILES_DIR --out data/cosmx
+  spatia convert anndata  --adata section.h5ad --image morphology.ome.tif --pixel-size 0.2125 \\
+      --spatial-units um --out data/mine
+then: datasets.load_dataset("data/xenium", "cells"), or spatia pretrain --data data/xenium --out runs/mine"""
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert", help="convert instrument output / AnnData / synthetic sections into a multi-scale dataset",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     formats = parser.add_subparsers(dest="format", metavar="FORMAT")
     for name, entry in READERS.items():

@@ -10,9 +10,10 @@ from spatia_hf.commands._common import add_device_and_seed
 from spatia_hf.utils.devices import resolve_device
 from spatia_hf.utils.io import atomic_path
 
-EXAMPLE = """example:
-  spatia embed --model runs/demo/model --adata section.h5ad --image morphology.ome.tif \\
-      --pixel-size 0.2125 --out section_spatia.h5ad
+EXAMPLE = """example (a model you pretrained; `make demo` writes one to runs/demo/hub/model, but its vocabulary
+is the synthetic panel, so it refuses real genes):
+  spatia embed --model runs/mine/pretrained --adata section.h5ad --image morphology.ome.tif \\
+      --pixel-size 0.2125 --spatial-units um --out section_spatia.h5ad
 writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (niche-aware), obs["spatia_domain"] and
 uns["spatia"] (parameters, gene-panel coverage); everything else in the input is kept."""
 
@@ -31,7 +32,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     parser.add_argument("--spatial-key", default="spatial", help="obsm key of the centroids (default spatial)")
     parser.add_argument("--spatial-units", choices=("px", "um"), default="px",
-                        help="units of obsm[--spatial-key]: image pixels (default) or µm")
+                        help="units of obsm[--spatial-key]: pixels of --image (default; scanpy/squidpy) or µm "
+                             "(spatialdata-io's Xenium/MERSCOPE tables)")
+    parser.add_argument("--no-unit-check", action="store_true",
+                        help="accept centroids that cover only a small corner of the image")
     parser.add_argument("--layer", default=None, help="layer with raw counts (default X)")
     parser.add_argument("--n-domains", type=int, default=5, help="number of spatial domains (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
@@ -46,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from spatia_hf.tl import embed
+    from spatia_hf.utils.hub_ids import resolve_folder
 
     for flag, path in (("--adata", args.adata), ("--image", args.image)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} does not exist")
+    model = resolve_folder(args.model, what="--model", required=("config.json",))  # before reading the data
     out = Path(args.out)
     if out.suffix != ".h5ad":
         raise ValueError(f"--out {out}: expected a .h5ad path")
@@ -59,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, KeyError, ValueError) as err:  # truncated / not HDF5
         raise ValueError(f"--adata {args.adata}: not a readable .h5ad ({type(err).__name__}: {err}). Fix: re-copy "
                          "or re-export the file") from None
-    embed(adata, args.image, args.model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
+    embed(adata, args.image, model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
-          min_gene_coverage=args.min_gene_coverage)
+          min_gene_coverage=args.min_gene_coverage, check_units=not args.no_unit_check,
+          progress=not args.no_progress)
     with atomic_path(out) as tmp:
         adata.write_h5ad(tmp)
     cov = adata.uns["spatia"]["gene_coverage"]

@@ -35,16 +35,17 @@ def register(subparsers) -> None:
                     "baselines run in the same command, on held-out cells and sections.",
         epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="pretrained SPATIA checkpoint folder (spatia pretrain output)")
+    parser.add_argument("--model", required=True,
+                        help="pretrained SPATIA checkpoint: folder (spatia pretrain output) or Hub id ORG/NAME")
     parser.add_argument("--finetuned", action="append", default=[], metavar="CKPT",
-                        help="fine-tuned checkpoint (annotation -> task 3, imputation -> 7, image_to_expression "
-                             "-> 9); repeat for several")
+                        help="fine-tuned checkpoint folder or Hub id (annotation -> task 3, imputation -> 7, "
+                             "image_to_expression -> 9); repeat for several")
     parser.add_argument("--pipeline", default=None, metavar="GEN_CKPT",
-                        help="generation pipeline folder (tasks 11-12)")
+                        help="generation pipeline folder or Hub id (tasks 11-12)")
     parser.add_argument("--concat-model", default=None, metavar="CKPT",
                         help="a fusion='concat' checkpoint for the no-cross-attention ablation (default: "
                              "concatenate SPATIA's image-only and expression-only embeddings)")
-    parser.add_argument("--dataset", required=True, help="built dataset folder (spatia synth / spatia convert)")
+    parser.add_argument("--dataset", required=True, help="built dataset folder (spatia convert) or Hub dataset id")
     parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder")
     parser.add_argument("--tasks", type=_tasks, default=None, help="comma-separated task numbers (default: all 12)")
     parser.add_argument("--held-out", default=None,

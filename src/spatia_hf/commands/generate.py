@@ -31,7 +31,8 @@ def register(subparsers) -> None:
                     "--pipeline runs/demo/generator/pipeline --dataset runs/demo/dataset --cells 32 --perturb NUCSIZE=4 "
                     "--out runs/generated",
     )
-    parser.add_argument("--pipeline", required=True, help="folder of a saved SpatiaGenerationPipeline")
+    parser.add_argument("--pipeline", required=True,
+                        help="folder or Hub id (ORG/NAME) of a saved SpatiaGenerationPipeline")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--expression", help="counts file: .h5ad, .csv/.tsv (cells x genes, header = genes) or .npy")
     source.add_argument("--dataset", help="built dataset folder: condition on its cells")
@@ -131,16 +132,15 @@ def run(args: argparse.Namespace) -> int:
     from spatia_hf.evaluation.generation import save_rgb_png, tile_rgb
     from ..pipelines.image_processing import render_rgb
     from ..pipelines.pipeline_spatia import SpatiaGenerationPipeline
+    from ..utils.hub_ids import resolve_folder
 
     start = time.perf_counter()
-    if not (Path(args.pipeline) / "model_index.json").is_file():
-        raise FileNotFoundError(f"--pipeline {args.pipeline}: no model_index.json. Fix: pass the folder a trained "
-                                "pipeline was saved to (e.g. OUT/pipeline of examples/train_generator.py)")
+    pipeline_dir = resolve_folder(args.pipeline, what="--pipeline", required=("model_index.json",))
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} exists. Fix: choose another folder or pass --overwrite")
     perturbation = parse_perturbation(args.perturb)
-    pipe = SpatiaGenerationPipeline.from_pretrained(args.pipeline).to(resolve_device(args.device))
+    pipe = SpatiaGenerationPipeline.from_pretrained(pipeline_dir).to(resolve_device(args.device))
     pipe.set_progress_bar_config(disable=True)
     if args.token_merging is not None:
         pipe.set_token_merging(args.token_merging)

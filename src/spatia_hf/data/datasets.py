@@ -90,14 +90,11 @@ def resolve_dataset_dir(path_or_repo_id: str | os.PathLike, *, revision: str | N
     path = Path(path_or_repo_id)
     if path.is_dir():
         return path
-    repo_id = os.fspath(path_or_repo_id)
-    if repo_id.count("/") != 1 or os.path.isabs(repo_id) or repo_id.startswith("."):
-        raise FileNotFoundError(f"dataset {repo_id!r} is neither a local dataset folder nor a Hub id ORG/NAME. Fix: "
-                                "build it with `spatia synth` or `spatia convert`, check the path, or pass a dataset repo id")
-    from huggingface_hub import snapshot_download
+    from ..utils.hub_ids import resolve_folder
 
-    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir,
-                                    token=token, local_files_only=local_files_only))
+    repo_id = os.fspath(path_or_repo_id)
+    folder = resolve_folder(repo_id, what="dataset", repo_type="dataset", revision=revision, cache_dir=cache_dir,
+                            token=token, local_files_only=local_files_only)
     missing = _missing_dataset_files(folder)
     if missing:
         # offline, snapshot_download returns whatever is cached, e.g. only the one config that

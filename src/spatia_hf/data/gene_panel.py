@@ -273,18 +273,11 @@ def panel_coverage(genes: Sequence[str], vocabulary: str | Path | Sequence[str],
 def read_gene_panel(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> dict:
     """``gene_panel.json`` of a dataset folder or Hub dataset id (``hub_kwargs``: revision, cache_dir, token,
     local_files_only), checked to hold a non-empty ``genes`` list: the genes ``gene_indices`` refer to."""
-    path = Path(path_or_repo_id)
-    if not path.is_dir():
-        if not path.exists() and os.fspath(path_or_repo_id).count("/") == 1 and not os.path.isabs(path_or_repo_id):
-            from huggingface_hub import hf_hub_download
+    from ..utils.hub_ids import resolve_file
 
-            path = Path(hf_hub_download(os.fspath(path_or_repo_id), GENE_PANEL_FILE, repo_type="dataset",
-                                        **hub_kwargs)).parent
-        else:
-            raise FileNotFoundError(f"dataset {os.fspath(path_or_repo_id)!r} is not a folder. Fix: pass a directory "
-                                    "written by `spatia convert ...` / `spatia synth`, or a Hub dataset id ORG/NAME")
-    file = path / GENE_PANEL_FILE
-    if not file.is_file():
+    path = Path(path_or_repo_id)
+    file = resolve_file(path_or_repo_id, GENE_PANEL_FILE, what="dataset", repo_type="dataset", **hub_kwargs)
+    if file is None:
         raise FileNotFoundError(f"dataset {os.fspath(path)!r}: no {GENE_PANEL_FILE}. Fix: pass a directory written by "
                                 "`spatia convert ...` / `spatia synth` (spatia_hf.data.builder.build_multiscale_dataset)")
     panel = json.loads(file.read_text())

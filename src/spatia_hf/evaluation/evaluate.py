@@ -151,14 +151,17 @@ def held_out_breakdown(result: TaskResult, inputs) -> None:
 
 # ----------------------------------------------------------------------------- the API
 def _pipeline_dir(path: str | Path) -> Path:
-    """The pipeline folder (``model_index.json``) of ``path`` or of the generator output ``path/pipeline``."""
-    path = Path(path)
-    if not (path / "model_index.json").is_file() and (path / "pipeline" / "model_index.json").is_file():
-        path = path / "pipeline"
-    if not (path / "model_index.json").is_file():
+    """The pipeline folder (``model_index.json``) of ``path``, of the generator output ``path/pipeline``,
+    or of a Hub id (downloaded once into the Hub cache)."""
+    from ..utils.hub_ids import resolve_folder
+
+    folder = resolve_folder(path, what="pipeline")
+    if not (folder / "model_index.json").is_file() and (folder / "pipeline" / "model_index.json").is_file():
+        folder = folder / "pipeline"
+    if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"pipeline={str(path)!r}: no model_index.json. Fix: pass the folder written by "
-                                "train_generator / examples/train_generator.py (OUT/pipeline)")
-    return path
+                                "train_generator / examples/train_generator.py (OUT/pipeline), or its Hub id")
+    return folder
 
 
 def _load_pipeline(path: str | Path, device):
@@ -200,6 +203,8 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
     import torch
 
     from ..utils.devices import resolve_device
+    from ..data.datasets import resolve_dataset_dir
+    from ..utils.hub_ids import resolve_folder
 
     from . import plots
     from .report import FIGURES_DIR, write_report
@@ -215,10 +220,16 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
     if unknown:
         raise ValueError(f"tasks={list(tasks)}: {unknown} are not task numbers. Fix: use numbers from 1 to 12")
     finetuned = [] if finetuned is None else [finetuned] if isinstance(finetuned, (str, Path)) else list(finetuned)
+    # folders or Hub ids -> local folders (downloaded once), before minutes of work on a wrong path
+    model = resolve_folder(model, what="model", required=("config.json",))
+    finetuned = [resolve_folder(f, what="fine-tuned model", required=("config.json",)) for f in finetuned]
+    if concat_model is not None:
+        concat_model = resolve_folder(concat_model, what="concat model", required=("config.json",))
     for path in [model, *finetuned, *([concat_model] if concat_model is not None else [])]:
-        checkpoint_architecture(path)  # fail before minutes of work on a wrong path
+        checkpoint_architecture(path)
     if pipeline is not None:
-        _pipeline_dir(pipeline)
+        pipeline = _pipeline_dir(pipeline)
+    dataset_dir = resolve_dataset_dir(dataset_dir)
 
     inputs = prepare_suite(dataset_dir, seed=seed, held_out=held_out, **prepare_kwargs)
     checkpoints = {"pretrained": model, **{f"fine-tuned ({Path(f).name})": f for f in finetuned}}

@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
 
 from ..utils.columns import GENE_PANEL_FILE
+from ..utils.hub_ids import PICKLE_PATTERNS  # never uploaded, never fetched: safetensors only
 from .cards import render_dataset_card, render_model_card, render_pipeline_card
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
-
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 SKIPPED_PATTERNS = (".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "checkpoint-*/*", "runs/*", "*.tmp*",
@@ -236,10 +235,11 @@ def _accepts(fn: Any, name: str) -> bool:
 def snapshot_pipeline(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                       token: str | bool | None = None, local_files_only: bool = False,
                       force_download: bool = False) -> str:
-    """Local snapshot folder of a pipeline repo (downloaded once into the Hub cache; offline afterwards)."""
-    from huggingface_hub import snapshot_download
+    """Local snapshot folder of a pipeline repo (downloaded once into the Hub cache; offline afterwards;
+    not cached while the Hub is unreachable: one-line ``HubUnavailableError`` with the fix)."""
+    from ..utils.hub_ids import resolve_folder
 
-    return snapshot_download(repo_id, repo_type="model", revision=revision, cache_dir=cache_dir, token=token,
-                             local_files_only=local_files_only, force_download=force_download,
-                             ignore_patterns=list(PICKLE_PATTERNS))
+    return str(resolve_folder(repo_id, what="pipeline", revision=revision, cache_dir=cache_dir, token=token,
+                              local_files_only=local_files_only, force_download=force_download,
+                              required=("model_index.json",)))
 

@@ -194,10 +194,13 @@ class SpatiaProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "SpatiaProcessor":
-        """Load from a directory with ``spatia_processor.json``, or fall back to the model
-        ``config.json`` there (a model checkpoint saved without its processor)."""
-        path = Path(path)
-        file = path / PROCESSOR_FILE
+        """Load from a folder or Hub id with ``spatia_processor.json``, or fall back to the model
+        ``config.json`` there (a model checkpoint saved without its processor). Hub ids are fetched
+        once into the Hub cache (``spatia_hf.utils.hub_ids``); offline, the cache is used."""
+        from ..utils.hub_ids import resolve_folder
+
+        folder = resolve_folder(path, what="processor", allow_patterns=[PROCESSOR_FILE, "config.json"])
+        file = folder / PROCESSOR_FILE
         if file.is_file():
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
@@ -212,12 +215,12 @@ class SpatiaProcessor:
                     raise ValueError(f"{file}: {err}") from None
                 raise ValueError(f"{file}: not a readable SpatiaProcessor file ({type(err).__name__}: {err}). Fix: "
                                  "re-copy it, or save the processor again (processor.save_pretrained)") from None
-        if (path / "config.json").is_file():
+        if (folder / "config.json").is_file():
             from transformers import AutoConfig  # the SPATIA configs register when its Auto module loads
 
-            return cls.from_config(AutoConfig.from_pretrained(path), **kwargs)
-        raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE} or config.json. Fix: pass the directory a SPATIA "
-                                "model or processor was saved to")
+            return cls.from_config(AutoConfig.from_pretrained(folder), **kwargs)
+        raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE} or config.json. Fix: pass the folder or Hub id a "
+                                "SPATIA model or processor was saved to")
 
     # ------------------------------------------------------------------ gene panel
     def map_panel(

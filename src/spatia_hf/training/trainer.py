@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,12 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from ..utils.io import atomic_write_text
 
 TRAINING_ARGS_JSON = "training_args.json"
+# task names of the card's model-index for the models a Trainer script trains
+CARD_TASKS = {"SpatiaForPretraining": "SPATIA pretraining objectives (held-out sections)",
+              "SpatiaForCellClassification": "cell-type annotation (fine-tuned head, held-out sections)",
+              "SpatiaForGeneImputation": "gene imputation (fine-tuned head, held-out sections)",
+              "SpatiaForExpressionPrediction": "image -> expression (fine-tuned head, held-out sections)",
+              "SpatiaForTissueClassification": "section classification (fine-tuned head, held-out sections)"}
 LOSS_PREFIX = "loss_"
 LOSS_SUFFIX = "_loss"
 
@@ -107,7 +114,11 @@ class SpatiaTrainer(Trainer):
     """``Trainer`` that logs the model's per-objective losses next to the total ``loss``.
 
     Everything else is the stock Trainer: ``processing_class``, ``data_collator``, accelerate
-    devices and processes, checkpoints and ``resume_from_checkpoint``, ``push_to_hub``.
+    devices and processes, checkpoints and ``resume_from_checkpoint``. Publishing goes through the
+    package's card writer and push (``spatia_hf.hub``), not transformers' generic card:
+    ``create_model_card`` writes SPATIA's card (``model-index`` from the last held-out evaluation), and
+    ``push_to_hub`` (``--push_to_hub``) uploads the output folder in one commit with that card,
+    safetensors only, without Trainer bookkeeping (pickled ``training_args.bin``, optimizer, checkpoints).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -135,6 +146,57 @@ class SpatiaTrainer(Trainer):
         if self.args.should_save and os.path.isfile(pickled):
             atomic_write_text(os.path.join(output_dir, TRAINING_ARGS_JSON), self.args.to_json_string())
             os.remove(pickled)
+
+    # ------------------------------------------------------------------ publishing
+    def card_results(self) -> dict[str, dict[str, float]] | None:
+        """The last evaluation's metrics in the card writer's short form ``{task: {metric: value}}``."""
+        evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
+        if not evals:
+            return None
+        skip = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+        metrics = {k[len("eval_"):]: float(v) for k, v in evals[-1].items()
+                   if k.startswith("eval_") and isinstance(v, (int, float)) and math.isfinite(v)
+                   and not k.endswith(skip)}
+        task = CARD_TASKS.get(type(self.model).__name__, f"{type(self.model).__name__} (held-out sections)")
+        return {task: metrics} if metrics else None
+
+    def create_model_card(self, model_name: str | None = None, dataset: str | list[str] | None = None,
+                          license: str | None = None, tags: str | list[str] | None = None, **_: Any) -> None:
+        """SPATIA's card in ``output_dir/README.md`` (transformers' arguments that the SPATIA card has a
+        place for are used; the rest describe a text model and are ignored)."""
+        if not self.is_world_process_zero():
+            return
+        from ..hub.cards import DEFAULT_LICENSE, write_model_card
+
+        dataset_id = dataset if isinstance(dataset, str) and dataset.count("/") == 1 else None
+        write_model_card(self.args.output_dir, self.model, eval_results=self.card_results(),
+                         repo_id=self.hub_model_id, dataset_id=dataset_id, license=license or DEFAULT_LICENSE,
+                         tags=[tags] if isinstance(tags, str) else list(tags or ()))
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **card_kwargs):
+        """Save the final model, then publish ``output_dir`` with SPATIA's card in one commit."""
+        from ..hub.push import push_model
+
+        self.save_model(_internal_call=True)  # every process (sharded saves), written by process zero
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**card_kwargs)
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
+        return push_model(self.args.output_dir, repo_id, token=token or self.args.hub_token,
+                          private=self.args.hub_private_repo if private is None else private,
+                          revision=revision or self.args.hub_revision, commit_message=commit_message,
+                          keep_card=True)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Intermediate pushes (``hub_strategy``) would upload a pickled ``training_args.bin`` and the
+        generic card; SPATIA publishes the final model only (``push_to_hub`` at the end of training)."""
+        return None
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No repo is created at the start of training: ``push_model`` creates it with the first commit."""
+        self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).name
 
     def _reduce_sum(self, stats: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes <= 1:

@@ -283,6 +283,11 @@ def make_unique(names: Sequence[str]) -> tuple[list[str], list[str]]:
     return out, renamed
 
 
+def info(message: str) -> None:
+    """One line on stderr saying what a reader decided for the user (e.g. where a transform came from)."""
+    print(f"spatia: {message}", file=sys.stderr)
+
+
 def warn(message: str) -> None:
     """One line on stderr (readers run inside CLI commands and notebooks alike)."""
     print(f"spatia: warning: {message}", file=sys.stderr)

@@ -85,6 +85,7 @@ def read_anndata(
     channel_names: Sequence[str] | None = None,
     um_to_px: np.ndarray | None = None,
     allow_non_integer: bool = False,
+    check_units: bool = True,
 ) -> Section:
     """An AnnData and its morphology image as a ``Section``.
 
@@ -94,11 +95,15 @@ def read_anndata(
         pixel_size_um: µm per image pixel; default ``uns["spatial_pixel_size_um"]``, then the OME
             metadata. A value that disagrees with either is an error.
         spatial_key: ``obsm`` key of the centroids (x, y).
-        spatial_units: ``"px"`` (image pixels, the squidpy/Visium convention) or ``"um"``.
+        spatial_units: ``"px"`` (pixels of ``image``: scanpy/squidpy's Visium and CosMx readers, and
+            ``spatia synth``) or ``"um"`` (spatialdata-io's Xenium and MERSCOPE tables). Centroids that
+            fall off the image, or crowd into a small corner of it where the other unit would fit, are
+            refused with the other unit named (see ``readers.units``).
         layer: where raw counts are: None for ``X``, a ``layers`` key, or ``"raw"``.
         label_keys: ``obs`` columns carried as labels (default ``uns["label_keys"]``, else the
             categorical / string columns with at most 1000 categories).
         section_labels: section-level labels added to ``uns["section_labels"]``.
+        check_units: False skips the unit check (cells that really occupy a small corner of the image).
     """
     import anndata as ad
     import pandas as pd
@@ -150,6 +155,10 @@ def read_anndata(
     except (TypeError, ValueError):
         raise ValueError(f"{source}: obsm[{spatial_key!r}] is not numeric (dtype {xy.dtype}). Fix: store float "
                          "x, y centroids") from None
+    if check_units and um_to_px is None:
+        from .units import check_spatial_units
+
+        check_spatial_units(xy, spatial_units, px, tuple(image.shape[-2:]), source=source, key=spatial_key)
     centroids_um = xy * px if spatial_units == "px" else xy
 
     counts, genes, var = _counts_matrix(adata, layer)
@@ -201,7 +210,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-id", nargs="+", help="sample id per section (default: uns['sample_id'] or file name)")
     parser.add_argument("--spatial-key", default="spatial", help="obsm key of the centroids (default spatial)")
     parser.add_argument("--spatial-units", choices=("px", "um"), default="px",
-                        help="units of obsm[spatial-key]: image pixels (default) or µm")
+                        help="units of obsm[spatial-key]: pixels of --image (default; scanpy/squidpy) or µm "
+                             "(spatialdata-io's Xenium/MERSCOPE tables)")
+    parser.add_argument("--no-unit-check", action="store_true",
+                        help="accept centroids that cover only a small corner of the image")
     parser.add_argument("--layer", help="raw counts layer ('raw' for adata.raw; default X)")
     parser.add_argument("--allow-non-integer", action="store_true", help="accept non-integer counts")
     parser.add_argument("--section-label", action="append", metavar="KEY=VALUE",
@@ -222,7 +234,8 @@ def sections_from_args(args: argparse.Namespace) -> Iterator[Section]:
     for path, img, px, sid in zip(args.adata, args.image, pxs, sids):
         yield read_anndata(path, img, px, sample_id=sid, spatial_key=args.spatial_key,
                            spatial_units=args.spatial_units, layer=args.layer, label_keys=keys,
-                           section_labels=labels, allow_non_integer=args.allow_non_integer)
+                           section_labels=labels, allow_non_integer=args.allow_non_integer,
+                           check_units=not args.no_unit_check)
 
 
 def add_synthetic_cli_arguments(parser: argparse.ArgumentParser) -> None:

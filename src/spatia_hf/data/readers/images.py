@@ -14,12 +14,14 @@ and ``image[c, r0:r1, c0:c1]`` (steps allowed, for thumbnails). Each reads only 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -252,7 +254,7 @@ def ome_pixels(path: str | Path) -> tuple[float | None, list[str] | None]:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tf:
+        with tifffile_messages(), tifffile.TiffFile(path) as tf:
             return _ome_pixels(tf)
     except Exception as err:  # TiffFileError, struct.error, ... on a damaged file
         raise ValueError(f"image {path}: not a readable TIFF ({type(err).__name__}: {err}). Fix: re-export or "
@@ -308,6 +310,34 @@ def _check_complete(level, path: Path) -> None:
                              f"end at byte {end} but the file has {fh.size} bytes. Fix: re-copy or re-export the file")
 
 
+@contextlib.contextmanager
+def tifffile_messages() -> Iterator[list[str]]:
+    """Collect what tifffile logs while a file is opened instead of printing it.
+
+    Real instrument mosaics carry OME descriptions tifffile cannot parse: it logs "OME series raised
+    ParseError" (once per open, and again when the zarr store reopens the file) and falls back to the
+    plain TIFF pages, which is what the readers use anyway. The messages are kept (``ImageInfo.extra``,
+    hence the dataset's provenance) rather than shown; a failure that matters raises an error of ours.
+    """
+    logger = logging.getLogger("tifffile")
+    seen: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if text not in seen:
+                seen.append(text)
+
+    handler, propagate = _Collect(level=logging.DEBUG), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[str, int] | None = None,
               project: str | None = None, memmap: bool = True, ome: bool = True) -> tuple[Any, ImageInfo]:
     """Open a (OME-)TIFF lazily as ``(C, H, W)``; level 0 of a pyramid unless ``level`` is given.
@@ -325,12 +355,24 @@ def open_tiff(path: str | Path, *, series: int = 0, level: int = 0, fixed: dict[
         ome: interpret OME metadata. A file of a multi-file OME set (Xenium >= 2.0 writes one
             stain per file, each carrying the XML of all) opens as the whole set; ``ome=False``
             reads only this file's own planes and pyramid.
-    """
-    import tifffile
 
+    What tifffile logs while opening (e.g. an OME description it cannot parse) is kept in
+    ``info.extra["tifffile_messages"]``, not printed (see :func:`tifffile_messages`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist. Fix: check the path (and the instrument bundle layout)")
+    with tifffile_messages() as messages:
+        image, info = _open_tiff(path, series, level, fixed, project, memmap, ome)
+    if messages:
+        info.extra["tifffile_messages"] = list(messages)
+    return image, info
+
+
+def _open_tiff(path: Path, series: int, level: int, fixed: dict[str, int] | None, project: str | None,
+               memmap: bool, ome: bool) -> tuple[Any, ImageInfo]:
+    import tifffile
+
     try:
         tf = tifffile.TiffFile(path, is_ome=ome)
     except Exception as err:  # tifffile raises TiffFileError, struct.error, ValueError on broken files

@@ -9,7 +9,9 @@ One region (``region_N/``) holds:
 - ``images/mosaic_<stain>_z<N>.tif``: one whole-region mosaic per stain and z plane, usually
   uncompressed (read through a memory map), and
 - ``images/micron_to_mosaic_pixel_transform.csv``: the 3x3 affine µm -> mosaic pixel, used as
-  ``Section.um_to_px`` as it is (scale and offset; the pixel size is its inverse scale).
+  ``Section.um_to_px`` as it is (scale and offset; the pixel size is its inverse scale). Exports without
+  it still have ``images/manifest.json``, whose ``bbox_microns`` (x0, y0, x1, y1) spans the mosaic of
+  ``mosaic_width_pixels`` x ``mosaic_height_pixels``: the same affine is derived from it (and said so).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .images import ChannelStack, open_tiff
 CELL_BY_GENE = "cell_by_gene.csv"
 CELL_METADATA = "cell_metadata.csv"
 TRANSFORM_FILE = "micron_to_mosaic_pixel_transform.csv"
+MANIFEST_FILE = "manifest.json"
 BLANK_PREFIXES = ("Blank-",)
 MOSAIC_RE = re.compile(r"^mosaic_(.+)_z(\d+)\.tiff?$")
 ID_COLUMNS = ("cell", "EntityID", "entity_id", "cell_id")
@@ -52,6 +55,45 @@ def read_transform(path: Path) -> np.ndarray:
     if abs(det) < 1e-12:
         raise ValueError(f"{path}: the affine is singular (det {det}). Fix: pass the MERSCOPE transform file")
     return m
+
+
+def transform_from_manifest(path: Path) -> np.ndarray:
+    """The 3x3 µm -> mosaic pixel affine implied by ``images/manifest.json``: ``bbox_microns`` [x0, y0, x1, y1]
+    maps onto the ``mosaic_width_pixels`` x ``mosaic_height_pixels`` mosaic (scale W / (x1 - x0), offset
+    -x0 * scale; likewise in y)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        x0, y0, x1, y1 = (float(v) for v in data["bbox_microns"])
+        w, h = float(data["mosaic_width_pixels"]), float(data["mosaic_height_pixels"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot derive the µm -> mosaic pixel transform ({type(err).__name__}: {err}); it "
+                         "needs bbox_microns [x0, y0, x1, y1], mosaic_width_pixels and mosaic_height_pixels. Fix: "
+                         f"put the region's {TRANSFORM_FILE} into images/") from None
+    if not (x1 > x0 and y1 > y0 and w > 0 and h > 0):
+        raise ValueError(f"{path}: bbox_microns {[x0, y0, x1, y1]} / mosaic {w:g} x {h:g} px is empty. Fix: put the "
+                         f"region's {TRANSFORM_FILE} into images/")
+    sx, sy = w / (x1 - x0), h / (y1 - y0)
+    return np.array([[sx, 0.0, -x0 * sx], [0.0, sy, -y0 * sy], [0.0, 0.0, 1.0]])
+
+
+def region_transform(images_dir: Path, quiet: bool = False) -> tuple[np.ndarray, str]:
+    """(µm -> mosaic pixel affine, where it came from): the transform file, else the manifest."""
+    path = images_dir / TRANSFORM_FILE
+    if path.is_file():
+        return read_transform(path), str(path)
+    manifest = images_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{images_dir}: neither {TRANSFORM_FILE} nor {MANIFEST_FILE} is there, so µm cannot "
+                                "be placed on the mosaics. Fix: pass a MERSCOPE region folder with its images/ "
+                                "folder as exported")
+    m = transform_from_manifest(manifest)
+    if not quiet:
+        C.info(f"{images_dir}: no {TRANSFORM_FILE}; using the µm -> mosaic pixel transform derived from "
+               f"{MANIFEST_FILE} (bbox_microns, mosaic size): {m[0, 0]:.4f} px/µm, offset ({m[0, 2]:.1f}, "
+               f"{m[1, 2]:.1f}) px")
+    return m, str(manifest)
 
 
 def find_mosaics(images_dir: Path) -> dict[tuple[str, int], Path]:
@@ -83,6 +125,18 @@ def _choose(mosaics: dict[tuple[str, int], Path], stains: Sequence[str] | None, 
         raise ValueError(f"{images_dir}: no mosaic for stain(s) {missing} at z={z} (stains there: {sorted(at_z)}). Fix: "
                          "pick --stains among them")
     return list(stains), z
+
+
+def _check_manifest_size(manifest: Path, image_shape: Sequence[int], mosaic: Path) -> None:
+    import json
+
+    data = json.loads(manifest.read_text())
+    want = (int(data["mosaic_height_pixels"]), int(data["mosaic_width_pixels"]))
+    have = tuple(int(v) for v in image_shape[-2:])
+    if want != have:
+        raise ValueError(f"{manifest}: mosaic {want[1]} x {want[0]} px, but {mosaic} is {have[1]} x {have[0]} px, so "
+                         f"the transform derived from it would misplace cells. Fix: put the region's {TRANSFORM_FILE} "
+                         "into images/")
 
 
 def _id_column(columns: Sequence[str], source: Path) -> str:
@@ -151,10 +205,12 @@ def read_merscope(
         raise ValueError(f"{meta_path}: center_x / center_y are not numeric. Fix: pass µm centroids") from None
 
     images_dir = folder / "images"
-    m = read_transform(images_dir / TRANSFORM_FILE)
     mosaics = find_mosaics(images_dir)
+    m, transform_source = region_transform(images_dir, quiet=quiet)
     stains, z = _choose(mosaics, stains, z, images_dir)
     opened = [open_tiff(mosaics[(s, z)]) for s in stains]
+    if transform_source.endswith(MANIFEST_FILE):
+        _check_manifest_size(images_dir / MANIFEST_FILE, opened[0][0].shape, mosaics[(stains[0], z)])
     image = opened[0][0] if len(opened) == 1 else ChannelStack([o[0] for o in opened],
                                                                [str(mosaics[(s, z)]) for s in stains])
     px = float(1.0 / np.sqrt(abs(np.linalg.det(m[:2, :2]))))
@@ -170,7 +226,7 @@ def read_merscope(
         pixel_size_um=px, um_to_px=m, channel_names=[f"{s}_z{z}" for s in stains], obs=obs, label_keys=[],
         section_labels=dict(section_labels or {}), dropped=dropped, technology="merscope",
         uns={"source": str(folder), "reader": "spatia_hf.data.readers.merscope", "z": z, "stains": stains,
-             "micron_to_mosaic_pixel_transform": m.tolist(), "images": [o[1].to_json() for o in opened],
+             "micron_to_mosaic_pixel_transform": m.tolist(), "transform_source": transform_source, "images": [o[1].to_json() for o in opened],
              "control_feature_counts": {f"features:{k}": v for k, v in table.dropped_feature_counts.items()}},
     )
     if check_bounds:
