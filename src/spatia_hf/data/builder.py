@@ -315,7 +315,9 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
     grid = TileGrid(section.image, thumb.aligned_tile_px(p.tile_px), max(s_cell, s_niche) // 2 + 2,
                     block=storage_block(section.image))
     cell_tile, niche_tile = grid.tile_of(cpx), grid.tile_of(ncpx)
-    cell_order = np.lexsort((np.arange(n), cell_tile))
+    # Cells are written tile by tile and, within a tile, niche by niche: a niche's cells lie together in
+    # the shards, so a stream can group them into niche examples without an index (training/streaming.py).
+    cell_order = np.lexsort((np.arange(n), niches.niche_of_cell, cell_tile))
     niche_order = np.lexsort((np.arange(niches.n_niches), niche_tile))
     tiles = np.unique(np.concatenate([cell_tile, niche_tile]))
     cell_bounds = np.searchsorted(cell_tile[cell_order], np.r_[tiles, tiles[-1] + 1], side="left")

@@ -70,7 +70,7 @@ from .setup import (
     seed_everything,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
-from spatia_hf.utils.allocator import bound_heap_growth
+from ..utils.allocator import bound_heap_growth
 from spatia_hf.utils.progress import respects_progress
 from ..utils.io import write_json
 
