@@ -41,6 +41,7 @@ from datasets.distributed import split_dataset_by_node
 from transformers import TrainerCallback
 
 from ..data import schema
+from ..data.builder import SECTIONS_FILE
 from ..data.datasets import arrow_columns, default_eval_sections, example_key
 from ..utils.io import read_json, write_json
 
@@ -74,7 +75,7 @@ def section_ids(dataset_dir: str | Path) -> list[str]:
 
 def niche_um(dataset_dir: str | Path) -> float:
     """The niche grid's tile side (µm) the dataset was built with (``sections.json``)."""
-    path = Path(dataset_dir) / "sections.json"
+    path = Path(dataset_dir) / SECTIONS_FILE
     info = read_json(path) if path.is_file() else {}
     value = info.get("build", {}).get("niche_um")
     if value is None:
