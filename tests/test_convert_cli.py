@@ -145,6 +145,7 @@ def test_registry_adds_a_format_in_a_few_lines(monkeypatch, tmp_path, capsys):
     assert "1 section(s), 25 cells" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parallel_and_sharded_convert_join_into_the_serial_dataset(tmp_path):
     """--num-proc 2 writes the shards a serial build writes; two --shard jobs joined give the same
     sections, one gene panel and one card."""
