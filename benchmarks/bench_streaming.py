@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=30, help="batches timed per loader")
     p.add_argument("--train-steps", type=int, default=3, help="optimiser steps timed (training consumption)")
-    p.add_argument("--shuffle-buffer", type=int, default=1000)
+    p.add_argument("--shuffle-buffer", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()

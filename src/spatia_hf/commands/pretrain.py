@@ -21,8 +21,8 @@ def register(subparsers) -> None:
     parser.add_argument("--streaming", action="store_true",
                         help="stream the cells shards (datasets IterableDataset: bounded memory, shuffle buffer, one "
                              "stream per rank, stream state in checkpoints); needs --max-steps; no final evaluation")
-    parser.add_argument("--shuffle-buffer", type=int, default=1000,
-                        help="--streaming: examples in the shuffle buffer (default 1000)")
+    parser.add_argument("--shuffle-buffer", type=int, default=256,
+                        help="--streaming: examples in the shuffle buffer (default 256; memory grows with it)")
     parser.set_defaults(func=run)
 
 

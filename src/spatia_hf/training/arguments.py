@@ -95,7 +95,8 @@ class DataArguments:
                           "out of training: score them with `spatia evaluate`)."},
     )
     shuffle_buffer_size: int = field(
-        default=1000, metadata={"help": "--streaming: examples in the shuffle buffer (1: no shuffling)."}
+        default=256, metadata={"help": "--streaming: examples in the shuffle buffer (1: no shuffling); memory grows "
+                                       "with it (each niche example holds its cells' images)."}
     )
 
     def __post_init__(self) -> None:
