@@ -54,6 +54,9 @@ STREAM_STATE_FILE = "stream_state_rank{rank}.json"
 # one Arrow table, and an example waiting in the shuffle buffer keeps its whole window alive: small
 # windows keep that bounded (512 cells of 2 x 64 x 64 px: 4 MB per window).
 GROUP_WINDOW_CELLS = 512
+# Shards read at once into the shuffle buffer (datasets' max_buffer_input_shards, default 10): each open
+# shard holds its decoded row group and grouping window, so this bounds the stream's memory.
+SHUFFLE_INPUT_SHARDS = 2
 _NICHE_GRID = re.compile(r"_niche_(-?\d+)_(-?\d+)$")
 
 
@@ -209,7 +212,7 @@ def open_cell_stream(dataset_dir: str | Path, *, exclude_sections: Sequence[str]
 
 def pretraining_stream(dataset_dir: str | Path, *, schedule: str, exclude_sections: Sequence[str] = (),
                        cell_columns: Sequence[str], seed: int = 0, buffer_size: int = 1000,
-                       rank: int = 0, world_size: int = 1) -> IterableDataset:
+                       rank: int = 0, world_size: int = 1, input_shards: int = SHUFFLE_INPUT_SHARDS) -> IterableDataset:
     """Cells (``schedule="cell"``) or grouped niches (``"niche"``) of the training sections:
     shuffled (shard order + a ``buffer_size`` buffer, seeded) and split for ``rank`` of ``world_size``."""
     if schedule == "niche":
@@ -222,7 +225,7 @@ def pretraining_stream(dataset_dir: str | Path, *, schedule: str, exclude_sectio
     else:
         ds = open_cell_stream(dataset_dir, exclude_sections=exclude_sections, columns=cell_columns)
     if buffer_size > 1:
-        ds = ds.shuffle(seed=seed, buffer_size=buffer_size)
+        ds = ds.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=input_shards)
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     return ds
