@@ -85,6 +85,7 @@ def register(subparsers) -> None:
     join.add_argument("--out", required=True, help="joined dataset folder to create")
     join.add_argument("--move", action="store_true", help="move the shards instead of copying them")
     join.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    join.add_argument("--no-progress", action="store_true", help="no progress bars")
     join.set_defaults(func=run_join)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
