@@ -7,6 +7,7 @@ DeepSpeed; see ``examples/accelerate_configs/``)::
     python examples/pretrain.py --dataset_dir runs/tiny-data --output_dir runs/pretrain \
         --preset tiny --max_steps 200 --per_device_train_batch_size 8 --logging_steps 10 --use_cpu
     torchrun --nproc_per_node 2 examples/pretrain.py ... --use_cpu --ddp_backend gloo
+    python examples/pretrain.py ... --streaming --shuffle_buffer_size 256 --max_steps 200   # stream the shards
 
 Arguments: ``ModelArguments`` / ``DataArguments`` (``spatia_hf.training.arguments``) and every
 ``TrainingArguments`` flag (``--resume_from_checkpoint``, ``--push_to_hub``, ``--bf16``, ...), plus

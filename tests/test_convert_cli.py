@@ -144,3 +144,57 @@ def test_registry_adds_a_format_in_a_few_lines(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(READERS, "fake", ReaderEntry("fake_reader", help="test format"))
     assert main(["convert", "fake", "--n", "25", "--out", str(tmp_path / "f"), *SIZES]) == 0
     assert "1 section(s), 25 cells" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_parallel_and_sharded_convert_join_into_the_serial_dataset(tmp_path):
+    """--num-proc 2 writes the shards a serial build writes; two --shard jobs joined give the same
+    sections, one gene panel and one card."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from spatia_hf.cli import main
+    from spatia_hf.data.builder import load_sections_info
+
+    synth = tmp_path / "synth"
+    assert main(["synth", "--out", str(synth), "--sections", "3", "--cells", "120", "--no-progress"]) == 0
+    common = ["--crop-px", "16", "--niche-px", "16", "--thumb-px", "32", "--no-progress"]
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(["convert", "synthetic", str(synth), "--out", str(serial), *common]) == 0
+    assert main(["convert", "synthetic", str(synth), "--out", str(parallel), "--num-proc", "2", *common]) == 0
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert main(["convert", "synthetic", str(synth), "--out", str(part), "--shard", f"{i}/2", *common]) == 0
+    joined = tmp_path / "joined"
+    assert main(["convert", "join", *map(str, parts), "--out", str(joined)]) == 0
+
+    def shards(d):
+        return {p.relative_to(d).as_posix(): pq.read_table(p) for p in sorted(d.glob("*/*.parquet"))}
+
+    reference = shards(serial)
+    for other in (parallel, joined):
+        got = shards(other)
+        assert sorted(got) == sorted(reference)
+        for name, table in reference.items():
+            assert got[name].equals(table), name
+        by_id = sorted(load_sections_info(other)["sections"], key=lambda s: s["sample_id"])
+        assert by_id == sorted(load_sections_info(serial)["sections"], key=lambda s: s["sample_id"])
+        assert json.loads((other / "gene_panel.json").read_text())["genes"] == \
+            json.loads((serial / "gene_panel.json").read_text())["genes"]
+    assert [len(load_sections_info(p)["sections"]) for p in parts] == [2, 1]
+    assert "configs:" in (joined / "README.md").read_text()
+
+
+def test_join_refuses_parts_with_other_build_parameters(tmp_path):
+    from spatia_hf.cli import main
+
+    synth = tmp_path / "synth"
+    assert main(["synth", "--out", str(synth), "--sections", "2", "--cells", "80", "--no-progress"]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["convert", "synthetic", str(synth), "--out", str(a), "--shard", "0/2", "--crop-px", "16",
+                 "--niche-px", "16", "--thumb-px", "32", "--no-progress"]) == 0
+    assert main(["convert", "synthetic", str(synth), "--out", str(b), "--shard", "1/2", "--crop-px", "32",
+                 "--niche-px", "16", "--thumb-px", "32", "--no-progress"]) == 0
+    assert main(["convert", "join", str(a), str(b), "--out", str(tmp_path / "j")]) == 1
+    assert not (tmp_path / "j").exists()

@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     quiet = bool(getattr(args, "no_progress", False))
+    from spatia_hf.utils.allocator import bound_heap_growth
+
+    bound_heap_growth()  # long runs give freed activations back to the OS (see utils/allocator.py)
     with warnings.catch_warnings():
         if not debug:  # library warnings as one line each, not file:line + source
             warnings.showwarning = _one_line_warning

@@ -23,6 +23,16 @@ def _keys(value: str | None) -> list[str] | None:
     return None if value is None else [k.strip() for k in value.split(",") if k.strip()]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected 0 <= I < N")
+    return i, n
+
+
 def add_builder_arguments(parser: argparse.ArgumentParser) -> None:
     """Output and multi-scale builder flags (µm / px)."""
     g = parser.add_argument_group("dataset")
@@ -48,6 +58,11 @@ def add_builder_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-gene-coverage", type=float, default=0.0,
                    help="refuse a section when less than this fraction of its genes is in --vocabulary "
                         "(default 0: report only)")
+    g.add_argument("--num-proc", type=int, default=1,
+                   help="sections converted at once, each in its own one-thread process (default 1)")
+    g.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="convert only sections I, I+N, I+2N, ... (an array job's share, I from 0); join the N "
+                        "outputs with `spatia convert join`")
     g.add_argument("--resume", action="store_true", help="reuse finished sections of an interrupted build")
     g.add_argument("--overwrite", action="store_true",
                    help="write into --out if it exists (only this command's files are replaced)")
@@ -79,7 +94,29 @@ def register(subparsers) -> None:
         entry.add_cli_arguments(sub)
         add_builder_arguments(sub)
         sub.set_defaults(func=run, reader=name)
+    join = formats.add_parser("join", help="join the datasets of `--shard i/n` jobs into one dataset (one card, "
+                                           "one gene panel)")
+    join.add_argument("parts", nargs="+", help="dataset folders written by the shard jobs")
+    join.add_argument("--out", required=True, help="joined dataset folder to create")
+    join.add_argument("--move", action="store_true", help="move the shards instead of copying them")
+    join.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    join.add_argument("--no-progress", action="store_true", help="no progress bars")
+    join.set_defaults(func=run_join)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_join(args: argparse.Namespace) -> int:
+    from spatia_hf.data.builder import load_sections_info
+    from spatia_hf.data.join import join_datasets
+
+    try:
+        out = join_datasets(args.parts, args.out, move=args.move, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None
+    secs = load_sections_info(out)["sections"]
+    print(f"joined {len(args.parts)} part(s) into {out}: {len(secs)} section(s), "
+          f"{sum(s['n_cells'] for s in secs)} cells")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             value_keys=_keys(args.value_keys), gene_panel=args.gene_panel, outside=args.outside,
             resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
             vocabulary=getattr(args, "vocabulary", None), min_gene_coverage=args.min_gene_coverage,
+            num_proc=args.num_proc, shard=args.shard,
         )
     except FileExistsError as err:
         raise ValueError(str(err)) from None

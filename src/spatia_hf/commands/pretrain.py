@@ -18,6 +18,11 @@ def register(subparsers) -> None:
     parser.add_argument("--schedule", default="niche", choices=("niche", "cell"),
                         help="niche: batches of niches whose cells carry every cell objective plus the niche "
                              "objective (default); cell: batches of cells, no niche objective")
+    parser.add_argument("--streaming", action="store_true",
+                        help="stream the cells shards (datasets IterableDataset: bounded memory, shuffle buffer, one "
+                             "stream per rank, stream state in checkpoints); needs --max-steps; no final evaluation")
+    parser.add_argument("--shuffle-buffer", type=int, default=256,
+                        help="--streaming: examples in the shuffle buffer (default 256; memory grows with it)")
     parser.set_defaults(func=run)
 
 
@@ -27,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     d = training_dict(args)
     d["schedule"] = args.schedule
+    d["streaming"] = bool(args.streaming)
+    d["shuffle_buffer_size"] = args.shuffle_buffer
     model_args, data_args, training_args = parse_into((ModelArguments, DataArguments, SpatiaTrainingArguments), d)
     result = run_pretraining(model_args, data_args, training_args,
                              resume_from_checkpoint=resume_value(args.resume))

@@ -321,7 +321,9 @@ def _build_section(section: Section, panel: GenePanel, layout: _Layout, p: Build
     grid = TileGrid(section.image, thumb.aligned_tile_px(p.tile_px), max(s_cell, s_niche) // 2 + 2,
                     block=storage_block(section.image))
     cell_tile, niche_tile = grid.tile_of(cpx), grid.tile_of(ncpx)
-    cell_order = np.lexsort((np.arange(n), cell_tile))
+    # Cells are written tile by tile and, within a tile, niche by niche: a niche's cells lie together in
+    # the shards, so a stream can group them into niche examples without an index (training/streaming.py).
+    cell_order = np.lexsort((np.arange(n), niches.niche_of_cell, cell_tile))
     niche_order = np.lexsort((np.arange(niches.n_niches), niche_tile))
     tiles = np.unique(np.concatenate([cell_tile, niche_tile]))
     cell_bounds = np.searchsorted(cell_tile[cell_order], np.r_[tiles, tiles[-1] + 1], side="left")
@@ -534,6 +536,8 @@ def build_multiscale_dataset(
     progress: bool = True,
     vocabulary: Any = None,
     min_gene_coverage: float = 0.0,
+    num_proc: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Build the ``cells`` / ``niches`` / ``tissues`` dataset of ``sections`` into ``out_dir``.
 
@@ -563,6 +567,11 @@ def build_multiscale_dataset(
             in ``sections.json`` (``gene_coverage``). None: no report.
         min_gene_coverage: refuse a section when less than this fraction of its genes is in
             ``vocabulary`` (the error names the first unknown genes); 0 only reports.
+        num_proc: sections built at once, each in its own (spawned, one-thread) process; memory is
+            bounded by ``num_proc`` sections in flight (1: in this process).
+        shard: ``(i, n)``: build only the sections whose position in ``sections`` is ``i`` modulo
+            ``n`` (an array job's share); the layout and a "first" gene panel still come from the
+            first section, so the parts agree and :func:`spatia_hf.data.join.join_datasets` joins them.
 
     Returns:
         ``out_dir`` as a Path; ``datasets.load_dataset(str(out_dir), "cells")`` loads it.
@@ -579,6 +588,10 @@ def build_multiscale_dataset(
     if min_gene_coverage > 0 and vocabulary is None:
         raise ValueError(f"min_gene_coverage={min_gene_coverage}: needs a vocabulary to measure coverage against. "
                          "Fix: pass vocabulary= (CLI: --vocabulary MODEL_DIR)")
+    if int(num_proc) < 1:
+        raise ValueError(f"num_proc={num_proc}: expected >= 1 (CLI: --num-proc)")
+    if shard is not None and not (len(shard) == 2 and 0 <= int(shard[0]) < int(shard[1])):
+        raise ValueError(f"shard={shard}: expected (i, n) with 0 <= i < n (CLI: --shard i/n)")
     found = interrupted_builds(out) if resume else []
     tmp = found[0] if found else new_stage(out, BUILD_SUFFIX)
     created = not found  # only a staging folder made by this call is ever removed on failure
@@ -601,7 +614,10 @@ def build_multiscale_dataset(
             panel = None
         summaries, seen, layout = [], set(), None
         bar = tqdm(desc="sections", unit="section", disable=not progress)
-        for section in sections:
+        pool = _SectionPool(int(num_proc))
+        for position, section in enumerate(sections):
+            if shard is not None and position % int(shard[1]) != int(shard[0]) and layout is not None:
+                continue  # another array job's section (the first one still fixes layout and panel)
             section = validate_section(section, outside=p.outside)
             sid = section.sample_id
             if sid in seen:
@@ -618,6 +634,8 @@ def build_multiscale_dataset(
                     raise ValueError(f"resume: the inputs changed since the interrupted build in {tmp} (columns or "
                                      "gene panel differ). Fix: rerun without resume")
                 write_json(prog / "layout.json", fixed)
+            if shard is not None and position % int(shard[1]) != int(shard[0]):
+                continue
             if section.image.shape[0] != layout.n_channels:
                 raise ValueError(f"section {sid!r}: image: {section.image.shape[0]} channels, but earlier sections "
                                  f"have {layout.n_channels}. Fix: select the same stains for every section")
@@ -626,12 +644,20 @@ def build_multiscale_dataset(
             done = read_json(marker) if marker.exists() else None
             if done is not None and done.get("fingerprint") == fp:
                 summary = done["summary"]
-            else:
-                _remove_section_shards(tmp, sid)
-                summary = _build_section(section, panel, layout, p, tmp, progress)
+                summaries.append({**summary, "gene_coverage": coverage} if coverage is not None else summary)
+                bar.update(1)
+                continue
+            _remove_section_shards(tmp, sid)
+            summaries.append(None)
+            slot = len(summaries) - 1
+
+            def record(summary: dict, slot=slot, marker=marker, fp=fp, coverage=coverage) -> None:
                 write_json(marker, {"fingerprint": fp, "summary": summary})
-            summaries.append({**summary, "gene_coverage": coverage} if coverage is not None else summary)
-            bar.update(1)
+                summaries[slot] = {**summary, "gene_coverage": coverage} if coverage is not None else summary
+                bar.update(1)
+
+            pool.submit(section, panel, layout, p, tmp, progress, record)
+        pool.close()
         bar.close()
         if not summaries:
             raise ValueError("no sections to build. Fix: check the reader's input paths")
@@ -642,10 +668,74 @@ def build_multiscale_dataset(
               "to continue", file=sys.stderr)
         raise
     except BaseException:
+        if 'pool' in locals():
+            pool.shutdown()
         if created and not resume:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _build_section_worker(section: Section, panel: GenePanel, layout: _Layout, p: BuildParams, root: Path) -> dict:
+    """``_build_section`` in a worker process: one torch thread (the BLAS/OpenMP ones come from the
+    OMP_NUM_THREADS=1 the pool's environment gives)."""
+    torch.set_num_threads(1)
+    return _build_section(section, panel, layout, p, root, False)
+
+
+class _SectionPool:
+    """Runs ``_build_section`` for up to ``num_proc`` sections at once in spawned processes, handing each
+    summary to its callback in the main process; ``num_proc=1`` builds in this process (no pickling)."""
+
+    def __init__(self, num_proc: int) -> None:
+        self.num_proc = num_proc
+        self.pending: deque = deque()
+        self.executor = None
+
+    def _start(self):
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Spawned workers inherit the environment when they start (possibly at any submit): one
+        # OpenMP/BLAS thread each, for as long as the pool lives (this process's pools are already set up).
+        self._saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        os.environ.update({k: "1" for k in self._saved_env})
+        self.executor = ProcessPoolExecutor(self.num_proc, mp_context=mp.get_context("spawn"))
+
+    def submit(self, section, panel, layout, p, root, progress, callback) -> None:
+        if self.num_proc == 1:
+            callback(_build_section(section, panel, layout, p, root, progress))
+            return
+        if self.executor is None:
+            self._start()
+        while len(self.pending) >= self.num_proc:  # bounded: at most num_proc sections in flight
+            self._collect_one()
+        self.pending.append((self.executor.submit(_build_section_worker, section, panel, layout, p, root), callback))
+
+    def _collect_one(self) -> None:
+        future, callback = self.pending.popleft()
+        callback(future.result())
+
+    def close(self) -> None:
+        while self.pending:
+            self._collect_one()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            for future, _ in self.pending:
+                future.cancel()
+            self.pending.clear()
+            self.executor.shutdown(wait=True)
+            self.executor = None
+            import os
+
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _gene_coverage(section: Section, vocabulary: Any, min_coverage: float) -> dict | None:

@@ -186,6 +186,32 @@ def _row(columns: dict[str, Any], i: int) -> dict[str, Any]:
     return {k: v[i] for k, v in columns.items()}
 
 
+def chunk_starts(table: pa.Table) -> np.ndarray | None:
+    """First row of every record batch of ``table`` (plus its length), or None when its columns are
+    chunked differently (then :func:`take_rows` falls back to ``Table.take``)."""
+    layouts = {tuple(len(c) for c in col.chunks) for col in table.columns}
+    if len(layouts) != 1:
+        return None
+    return np.concatenate([[0], np.cumsum(next(iter(layouts)), dtype=np.int64)])
+
+
+def take_rows(table: pa.Table, rows: np.ndarray, starts: np.ndarray | None) -> pa.Table:
+    """``table.take(rows)`` chunk by chunk. ``Table.take`` on a table of many chunks (a memory-mapped
+    dataset has one per write batch) first concatenates every chunk of every column, i.e. copies the
+    whole dataset into memory for each batch: 2 s and +370 MB per 256 rows of a 40k-cell dataset."""
+    if starts is None or table.num_columns == 0 or len(starts) <= 2:
+        return table.take(rows)
+    chunk = np.searchsorted(starts, rows, side="right") - 1
+    order = np.argsort(chunk, kind="stable")
+    pieces = []
+    for c in np.unique(chunk):
+        local = rows[order][chunk[order] == c] - starts[c]
+        pieces.append(pa.Table.from_arrays([col.chunk(int(c)).take(pa.array(local)) for col in table.columns],
+                                           schema=table.schema))
+    taken = pa.concat_tables(pieces)
+    return taken.take(pa.array(np.argsort(order, kind="stable")))
+
+
 class ArrowRows(torch.utils.data.Dataset):
     """Rows of a ``datasets.Dataset`` read in batches straight from its Arrow table.
 
@@ -204,6 +230,7 @@ class ArrowRows(torch.utils.data.Dataset):
         self.ds = ds
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
         self._table = table.select(self.columns)
+        self._chunk_starts = chunk_starts(self._table)
         # `select`/`train_test_split` keep the rows and add an indices mapping (datasets' `_indices`)
         indices = getattr(ds, "_indices", None)
         self._index = None if indices is None else np.asarray(indices.column(0).to_numpy(), dtype=np.int64)
@@ -218,7 +245,7 @@ class ArrowRows(torch.utils.data.Dataset):
         rows = np.where(rows < 0, rows + len(self), rows)
         if self._index is not None:
             rows = self._index[rows]
-        return arrow_columns(self._table.take(rows))
+        return arrow_columns(take_rows(self._table, rows, self._chunk_starts))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return _row(self.__getitems__([i]), 0)

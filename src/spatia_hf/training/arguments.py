@@ -87,6 +87,17 @@ class DataArguments:
     max_cells_per_niche: int = field(
         default=32, metadata={"help": "Cells kept per niche (a seeded sample when a niche has more)."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the cells shards as a datasets streaming IterableDataset (bounded memory, one "
+                          "stream per rank, shuffle buffer, stream state saved in checkpoints) instead of loading "
+                          "them map-style. Needs --max_steps; no end-of-training evaluation (held-out sections stay "
+                          "out of training: score them with `spatia evaluate`)."},
+    )
+    shuffle_buffer_size: int = field(
+        default=256, metadata={"help": "--streaming: examples in the shuffle buffer (1: no shuffling); memory grows "
+                                       "with it (each niche example holds its cells' images)."}
+    )
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -97,6 +108,8 @@ class DataArguments:
                 raise ValueError(f"--{name} {value}: expected a fraction in [0, 1)")
         if self.max_cells_per_niche < 1:
             raise ValueError(f"--max_cells_per_niche {self.max_cells_per_niche}: expected >= 1")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle_buffer_size {self.shuffle_buffer_size}: expected >= 1")
 
     def eval_section_list(self) -> list[str] | None:
         """``eval_sections`` as a list (None = default split)."""

@@ -70,6 +70,7 @@ from .setup import (
     seed_everything,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
+from ..utils.allocator import bound_heap_growth
 from spatia_hf.utils.progress import respects_progress
 from ..utils.io import write_json
 
@@ -337,6 +338,7 @@ def run_finetuning(
     ``--eval_strategy`` but "no").
     """
     start = time.perf_counter()
+    bound_heap_growth()
     seed = training_args.seed
     task = task_args.task
     dataset = dataset or load_spatia_dataset(data_args.dataset_dir, TASK_CONFIGS[task])

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from transformers import TrainerCallback, TrainingArguments
 
 from spatia_hf.data import schema
@@ -34,8 +35,8 @@ from ..models.modeling_heads import SpatiaForPretraining
 
 from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
 from ..data.collators import CellCollator, NicheCollator
-from ..data.datasets import (ArrowRows, NicheCellsDataset, SpatiaDataset, default_eval_sections, load_spatia_dataset,
-                       split_by_section, truncate)
+from ..data.datasets import (ArrowRows, NicheCellsDataset, SpatiaDataset, arrow_columns, default_eval_sections,
+                             load_spatia_dataset, read_gene_panel, split_by_section, truncate)
 from .setup import (
     SUMMARY_FILE,
     TrainingResult,
@@ -47,7 +48,10 @@ from .setup import (
     resolve_resume,
     seed_everything,
 )
+from .streaming import (StreamingExamples, StreamStateCallback, held_out_sections, niche_example, open_cell_stream,
+                        pretraining_stream, restore_stream_state, section_ids)
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
+from ..utils.allocator import bound_heap_growth
 from spatia_hf.utils.progress import respects_progress
 from ..utils.io import write_json
 
@@ -84,13 +88,22 @@ def load_pretraining_model(model_args: ModelArguments, data_args: DataArguments,
 
 
 def init_value_biases(model: SpatiaForPretraining, processor, dataset: SpatiaDataset,
-                      eval_sections: list[str] | None, seed: int, max_cells: int = 2000) -> None:
+                      eval_sections: list[str] | None, seed: int, max_cells: int = 2000,
+                      streaming: bool = False) -> None:
     """Start the gene-value heads of a new model at the per-gene means of (up to ``max_cells``)
     training cells, so the regression objectives do not collapse the embeddings (see
-    :meth:`SpatiaForPretraining.init_gene_value_biases`)."""
-    cells, _ = split_by_section(dataset["cells"], eval_sections)
-    cells = truncate(cells, max_cells, seed).select_columns([schema.GENE_INDICES, schema.GENE_COUNTS])
-    columns = cells.with_format("numpy")[:]
+    :meth:`SpatiaForPretraining.init_gene_value_biases`). With ``streaming``, the cells are the
+    first ``max_cells`` of the shuffled training stream."""
+    expression = [schema.GENE_INDICES, schema.GENE_COUNTS]
+    if streaming:
+        held = held_out_sections(dataset.dataset_dir, eval_sections)
+        stream = pretraining_stream(dataset.dataset_dir, schedule="cell", exclude_sections=held,
+                                    cell_columns=expression, seed=seed, buffer_size=max_cells)
+        columns = arrow_columns(pa.concat_tables(stream.take(max_cells)))
+    else:
+        cells, _ = split_by_section(dataset["cells"], eval_sections)
+        cells = truncate(cells, max_cells, seed).select_columns(expression)
+        columns = cells.with_format("numpy")[:]
     ids, values, log_rates = processor.gene_value_statistics(columns[schema.GENE_INDICES],
                                                              columns[schema.GENE_COUNTS], seed=seed)
     model.init_gene_value_biases(ids, values, log_rates)
@@ -98,6 +111,61 @@ def init_value_biases(model: SpatiaForPretraining, processor, dataset: SpatiaDat
 
 def build_pretraining_data(data_args: DataArguments, dataset: SpatiaDataset, processor, model, seed: int):
     """(train dataset, eval dataset or None, collator) for the chosen schedule."""
+    cell_collator, collator = _collators(data_args, processor, model, seed)
+    cells_train, cells_eval = split_by_section(dataset["cells"], data_args.eval_section_list())
+    if data_args.schedule == "cell":
+        train = ArrowRows(truncate(cells_train, data_args.max_train_samples, seed), CELL_COLUMNS)
+        evaluation = ArrowRows(truncate(cells_eval, data_args.max_eval_samples, seed), CELL_COLUMNS) \
+            if cells_eval is not None else None
+        return train, evaluation, cell_collator
+    niches_train, niches_eval = split_by_section(dataset["niches"], data_args.eval_section_list())
+    train = NicheCellsDataset(truncate(niches_train, data_args.max_train_samples, seed), cells_train,
+                              data_args.max_cells_per_niche, seed, CELL_COLUMNS)
+    evaluation = None
+    if niches_eval is not None:
+        evaluation = NicheCellsDataset(truncate(niches_eval, data_args.max_eval_samples, seed), cells_eval,
+                                       data_args.max_cells_per_niche, seed, CELL_COLUMNS)
+    return train, evaluation, collator
+
+
+def load_streaming_dataset(dataset_dir: str) -> SpatiaDataset:
+    """The gene panel and the ``cells`` config as a stream (its features give the crop geometry):
+    what building a model needs, without reading the shards."""
+    panel = read_gene_panel(dataset_dir)
+    return SpatiaDataset(Path(dataset_dir), list(panel["genes"]), panel.get("gene_ids"),
+                         {"cells": open_cell_stream(dataset_dir)}, panel)
+
+
+def build_streaming_data(data_args: DataArguments, dataset: SpatiaDataset, processor, model,
+                         training_args: TrainingArguments) -> tuple[StreamingExamples, Any]:
+    """(stream of this rank's training examples, collator) for ``--streaming``."""
+    seed = training_args.seed
+    cell_collator, niche_collator = _collators(data_args, processor, model, seed)
+    held = held_out_sections(dataset.dataset_dir, data_args.eval_section_list())
+    stream = pretraining_stream(dataset.dataset_dir, schedule=data_args.schedule, exclude_sections=held,
+                                cell_columns=CELL_COLUMNS, seed=seed, buffer_size=data_args.shuffle_buffer_size,
+                                rank=training_args.process_index, world_size=training_args.world_size)
+    collator = niche_collator if data_args.schedule == "niche" else cell_collator
+    if data_args.schedule == "niche":
+        max_cells = data_args.max_cells_per_niche
+
+        def to_example(row):
+            return niche_example(row, max_cells, seed)
+    else:
+        def to_example(row):
+            return row
+
+    def set_epoch(epoch: int) -> None:
+        for c in (collator, getattr(collator, "cell_collator", None)):
+            if c is not None:
+                c.epoch = epoch
+
+    examples = StreamingExamples(stream, to_example, training_args.per_device_train_batch_size, on_epoch=set_epoch)
+    return examples, collator
+
+
+def _collators(data_args: DataArguments, processor, model, seed: int):
+    """(cell collator, niche collator) with the masks the model's forward lets the collators draw."""
     cfg = model.config
     accepts = _forward_params(model)
     collator_masks = all(m in accepts for m in _MASK_INPUTS[:2])
@@ -107,22 +175,23 @@ def build_pretraining_data(data_args: DataArguments, dataset: SpatiaDataset, pro
         image_mask_ratio=cfg.mim_mask_ratio if collator_masks and cfg.mim_weight > 0 else None,
         num_patches=model.spatia.cell.num_patches,
     )
-    cells_train, cells_eval = split_by_section(dataset["cells"], data_args.eval_section_list())
-    if data_args.schedule == "cell":
-        train = ArrowRows(truncate(cells_train, data_args.max_train_samples, seed), CELL_COLUMNS)
-        evaluation = ArrowRows(truncate(cells_eval, data_args.max_eval_samples, seed), CELL_COLUMNS) \
-            if cells_eval is not None else None
-        return train, evaluation, cell_collator
-    niches_train, niches_eval = split_by_section(dataset["niches"], data_args.eval_section_list())
     niche_mask = cfg.niche_mask_ratio if ("niche_cell_mask" in accepts and cfg.niche_weight > 0) else None
-    collator = NicheCollator(cell_collator, niche_mask_ratio=niche_mask)
-    train = NicheCellsDataset(truncate(niches_train, data_args.max_train_samples, seed), cells_train,
-                              data_args.max_cells_per_niche, seed, CELL_COLUMNS)
-    evaluation = None
-    if niches_eval is not None:
-        evaluation = NicheCellsDataset(truncate(niches_eval, data_args.max_eval_samples, seed), cells_eval,
-                                       data_args.max_cells_per_niche, seed, CELL_COLUMNS)
-    return train, evaluation, collator
+    return cell_collator, NicheCollator(cell_collator, niche_mask_ratio=niche_mask)
+
+
+def _check_streaming_args(training_args: TrainingArguments) -> None:
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by). "
+                         "Fix: pass --max_steps N")
+    if training_args.dataloader_num_workers > 0:
+        raise ValueError(f"--streaming with --dataloader_num_workers {training_args.dataloader_num_workers}: the "
+                         "stream state is checkpointed from the main process. Fix: --dataloader_num_workers 0")
+    # Every rank reads its own stream (split_dataset_by_node): accelerate must not dispatch rank 0's batches.
+    training_args.accelerator_config.dispatch_batches = False
+    if training_args.do_eval:
+        logger.warning("--streaming: no end-of-training evaluation; the held-out sections stayed out of training "
+                       "(score them with `spatia evaluate`)")
+        training_args.do_eval = False
 
 
 def run_pretraining(
@@ -150,19 +219,38 @@ def run_pretraining(
         ``--do_eval`` or any ``--eval_strategy`` but "no").
     """
     start = time.perf_counter()
+    bound_heap_growth()
     seed = training_args.seed
     configs = ("cells",) if data_args.schedule == "cell" else ("cells", "niches")
-    dataset = dataset or load_spatia_dataset(data_args.dataset_dir, configs)
+    streaming = data_args.streaming
+    if streaming:
+        _check_streaming_args(training_args)
+        dataset = dataset or load_streaming_dataset(data_args.dataset_dir)
+    else:
+        dataset = dataset or load_spatia_dataset(data_args.dataset_dir, configs)
     model = load_pretraining_model(model_args, data_args, dataset, seed)
     processor = build_processor(model_args, model.config, dataset, seed)
     if not model_args.model_name_or_path:
-        init_value_biases(model, processor, dataset, data_args.eval_section_list(), seed)
-    train, evaluation, collator = build_pretraining_data(data_args, dataset, processor, model, seed)
+        init_value_biases(model, processor, dataset, data_args.eval_section_list(), seed, streaming=streaming)
+    stream_callbacks: list[TrainerCallback] = []
+    if streaming:
+        train, collator = build_streaming_data(data_args, dataset, processor, model, training_args)
+        evaluation = None
+        stream_callbacks.append(StreamStateCallback(train, training_args.process_index))
+    else:
+        train, evaluation, collator = build_pretraining_data(data_args, dataset, processor, model, seed)
     training_args = prepare_training_args(training_args, self_supervised=True)
+    resume = resume_from_checkpoint if resume_from_checkpoint is not None else training_args.resume_from_checkpoint
+    resume = resolve_resume(resume, training_args.output_dir)
+    if streaming and resume:
+        # The stream continues from the state saved with the checkpoint; the Trainer must not also skip batches.
+        restore_stream_state(train, resume, training_args.process_index)
+        training_args.ignore_data_skip = True
 
     budget = None
     max_minutes = getattr(training_args, "max_minutes", None)
-    all_callbacks = [EpochSeedCallback(collator, getattr(collator, "cell_collator", None)), *(callbacks or [])]
+    all_callbacks = [EpochSeedCallback(collator, getattr(collator, "cell_collator", None)), *stream_callbacks,
+                     *(callbacks or [])]
     if max_minutes:
         budget = TimeBudgetCallback(max_minutes)
         all_callbacks.append(budget)
@@ -176,10 +264,10 @@ def run_pretraining(
         callbacks=all_callbacks,
     )
     if trainer.is_world_process_zero():
-        logger.info("pretraining: world_size=%d schedule=%s train=%d eval=%d examples", training_args.world_size,
-                    data_args.schedule, len(train), len(evaluation) if evaluation is not None else 0)
-    resume = resume_from_checkpoint if resume_from_checkpoint is not None else training_args.resume_from_checkpoint
-    output = trainer.train(resume_from_checkpoint=resolve_resume(resume, training_args.output_dir))
+        logger.info("pretraining: world_size=%d schedule=%s train=%s eval=%d examples", training_args.world_size,
+                    data_args.schedule, "streamed" if streaming else len(train),
+                    len(evaluation) if evaluation is not None else 0)
+    output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     eval_metrics: dict[str, Any] = {}
     if evaluation is not None and training_args.do_eval:
@@ -193,8 +281,9 @@ def run_pretraining(
         eval_metrics=eval_metrics,
         stopped_by_time_budget=bool(budget is not None and budget.stopped_at_step is not None),
         extra={"task": "pretraining", "schedule": data_args.schedule, "train_loss": output.training_loss,
-               "n_train_examples": len(train), "gene_panel": processor.panel.report() if processor.panel else None,
-               **_section_record(dataset, data_args.eval_section_list())},
+               "n_train_examples": None if streaming else len(train), "streaming": streaming,
+               "gene_panel": processor.panel.report() if processor.panel else None,
+               **_section_record(dataset, data_args.eval_section_list(), streaming)},
     )
     if trainer.is_world_process_zero():
         trainer.save_state()
@@ -204,10 +293,11 @@ def run_pretraining(
     return result
 
 
-def _section_record(dataset: SpatiaDataset, eval_sections: list[str] | None) -> dict[str, list[str]]:
+def _section_record(dataset: SpatiaDataset, eval_sections: list[str] | None,
+                    streaming: bool = False) -> dict[str, list[str]]:
     """Which sections trained and which were held out, for the summary (evaluation checks that the
     sections it scores were not trained on)."""
-    present = dataset.sample_ids
+    present = section_ids(dataset.dataset_dir) if streaming else dataset.sample_ids
     held = default_eval_sections(present) if eval_sections is None else list(eval_sections)
     return {"train_sections": [s for s in present if s not in held], "eval_sections": sorted(held)}
 
@@ -226,6 +316,7 @@ def pretrain(
     seed: int = 0,
     schedule: str = "niche",
     eval_sections: str | None = None,
+    streaming: bool = False,
     progress: bool = True,
     **training_kwargs: Any,
 ) -> TrainingResult:
@@ -235,7 +326,8 @@ def pretrain(
     ``use_cpu``, ``save_steps``).
     """
     model_args = ModelArguments(model_name_or_path=model_name_or_path, preset=preset)
-    data_args = DataArguments(dataset_dir=str(dataset_dir), schedule=schedule, eval_sections=eval_sections)
+    data_args = DataArguments(dataset_dir=str(dataset_dir), schedule=schedule, eval_sections=eval_sections,
+                              streaming=streaming)
     defaults = dict(logging_steps=max(1, min(10, max_steps // 10)), save_strategy="no", report_to="none",
                     warmup_steps=max(0, min(20, max_steps // 10)), optim="adamw_torch", do_eval=True)
     training_args = SpatiaTrainingArguments(

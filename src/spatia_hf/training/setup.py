@@ -146,7 +146,14 @@ def prepare_training_args(training_args: TrainingArguments, *, self_supervised: 
     - ``ddp_find_unused_parameters=True`` (unless set): a head trains only some scales (pretraining
       never touches the tissue model), which plain DDP rejects;
     - self-supervised runs: no label columns and loss-only evaluation.
+
+    FSDP on the CPU is refused: accelerate (1.15) makes FSDP only out of a multi-GPU-like state, so
+    with ``use_cpu`` it would silently train plain DDP with the whole model on every process.
     """
+    if training_args.fsdp and (training_args.use_cpu or str(training_args.device) == "cpu"):
+        raise ValueError(f"fsdp={training_args.fsdp!r} with the CPU: accelerate runs FSDP only on GPUs (on the CPU it "
+                         "falls back to DDP without a word). Fix: drop --fsdp on the CPU (DDP over gloo works), or "
+                         "run on GPUs")
     training_args.remove_unused_columns = False
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
         logger.warning("dataloader_persistent_workers: worker processes keep the collator of the first epoch, so "

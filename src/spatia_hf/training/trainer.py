@@ -137,6 +137,17 @@ class SpatiaTrainer(Trainer):
         (self._train_meter if model.training else self._eval_meter).update(outputs)
         return (loss, outputs) if return_outputs else loss
 
+    def get_train_dataloader(self):
+        """The Trainer's loader; a stream already split by rank (``split_by_rank`` set, as
+        :class:`~spatia_hf.training.streaming.StreamingExamples` is) is not sharded a second time by
+        accelerate's ``IterableDatasetShard``, whose wrapper is made a pass-through."""
+        loader = super().get_train_dataloader()
+        if getattr(self.train_dataset, "split_by_rank", False):
+            shard = getattr(loader, "dataset", None)
+            if shard is not None and shard is not self.train_dataset and hasattr(shard, "num_processes"):
+                shard.num_processes, shard.process_index = 1, 0
+        return loader
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Save as the Trainer does, but the training arguments as JSON: the Trainer pickles them to
         ``training_args.bin``, and a pickle is code the reader runs on load."""

@@ -163,6 +163,15 @@ class AxesView(LazyImage):
         self.shape = (c, int(array.shape[self._y]), int(array.shape[self._x]))
         self.dtype = np.dtype(array.dtype)
 
+    reopen: tuple[str, dict] | None = None  # (path, open_tiff kwargs) when opened from a file
+
+    def __reduce__(self):
+        """An image opened from a file pickles as "open it again" (a few bytes, no pixels): how a section
+        reaches a ``spatia convert --num-proc`` worker. Others pickle their array."""
+        if self.reopen is not None:
+            return _reopen_tiff, self.reopen
+        return super().__reduce__()
+
     @property
     def chunks(self) -> tuple[int, int, int] | None:
         """(C, Y, X) shape of the stored chunks (TIFF tiles / strips), or None: the builder reads
@@ -421,11 +430,19 @@ def _open_level(tf, path: Path, series: int, level: int, fixed, project, memmap:
         store = tifffile.imread(path, aszarr=True, series=series, level=level, is_ome=ome)
         array, access = zarr.open(store, mode="r"), "zarr"
     image = AxesView(array, axes, fixed=fixed, project=project, source=f"image {path}")
+    # Pickling (to a conversion worker process) re-opens the file there instead of copying the pixels or
+    # failing on tifffile's lock: see AxesView.__reduce__.
+    image.reopen = (str(path), {"series": series, "level": level, "fixed": fixed, "project": project,
+                                "memmap": memmap, "ome": ome})
     if names is not None and len(names) != image.shape[0]:
         names = None
     info = ImageInfo(str(path), axes, image.shape, str(image.dtype), access, px, names, n_levels,
                      getattr(compression, "name", str(compression)), {"level": level, "downsample": downsample})
     return image, info
+
+
+def _reopen_tiff(path: str, kwargs: dict) -> "AxesView":
+    return open_tiff(path, **kwargs)[0]
 
 
 def open_image(path: str | Path, **kwargs) -> tuple[Any, ImageInfo]:

@@ -1,0 +1,62 @@
+"""Return freed tensor memory to the operating system (glibc), so a long CPU run's RSS tracks what it uses.
+
+Why: glibc's malloc serves allocations above its *mmap threshold* with ``mmap`` (given back on
+``free``) and smaller ones from heap arenas (kept after ``free``). The threshold starts at 128 KiB
+but rises to the size of every large block freed (up to 32 MiB), so after the first training
+step almost every activation tensor of a step comes from the arenas. Activations of varying
+shapes (niches of different sizes, gene lists of different lengths) then fragment the arenas and
+the process keeps the high-water mark of every shape it has seen: ``spatia pretrain`` at the
+small preset held ~2 GB between steps of ~1 GB live tensors, and its peak kept rising with steps.
+
+Fixing the threshold (``M_MMAP_THRESHOLD``) turns its dynamic adjustment off: large blocks
+always come from ``mmap`` and go back on ``free``; a fixed ``M_TRIM_THRESHOLD`` trims the heap's
+top. This is what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set from the
+environment; the entry points (``spatia`` CLI, example scripts) call :func:`bound_heap_growth`
+so the user need not. Elsewhere (musl, macOS, Windows) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+M_MMAP_THRESHOLD = -3
+DEFAULT_THRESHOLD_BYTES = 1 << 20  # blocks >= 1 MiB (a [256, 1024] float32 activation) use mmap
+ENV_OPT_OUT = "SPATIA_KEEP_MALLOC"  # set to 1 to leave the allocator as it is
+
+_applied: int | None = None
+
+
+def bound_heap_growth(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap and trim thresholds at ``threshold_bytes`` for this process.
+
+    Returns True when applied (glibc on Linux, not opted out with ``SPATIA_KEEP_MALLOC=1``, and
+    not already set by ``MALLOC_MMAP_THRESHOLD_`` in the environment). Idempotent.
+    """
+    global _applied
+    if _applied is not None:
+        return _applied == threshold_bytes
+    if not sys.platform.startswith("linux") or os.environ.get(ENV_OPT_OUT, "") == "1":
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # the user chose; respect it
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1 and mallopt(M_TRIM_THRESHOLD, int(threshold_bytes)) == 1
+    if ok:
+        _applied = int(threshold_bytes)
+    else:
+        logger.debug("mallopt refused threshold %d", threshold_bytes)
+    return ok
