@@ -27,6 +27,7 @@ NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
 
 FUSION_MODES = ("cross_attention", "concat")
 EXPRESSION_LIKELIHOODS = ("mse", "nb", "zinb")
+CELL_RECONSTRUCTION_TARGETS = ("all", "masked")
 PRESETS = ("tiny", "small", "base", "large")
 
 
@@ -334,6 +335,11 @@ class SpatiaConfig(PretrainedConfig):
             losses in ``loss`` (0 switches an objective off).
         mim_decoder_hidden_size / mim_decoder_num_layers / mim_decoder_num_heads: the MAE pixel decoder.
         norm_pix_loss: reconstruct per-patch normalised pixels (MAE's default).
+        cell_reconstruction: which gene tokens the pooled cell embedding must predict (its own
+            decoder, MSE on log1p, part of ``mgm_loss``): ``"all"`` every real token, hidden and visible
+            (the embedding keeps the cell's whole profile, not only what neighbouring genes imply), or
+            ``"masked"`` only the hidden ones (scGPT's GEPC).
+        cell_reconstruction_weight: weight of that term inside ``mgm_loss``.
         contrastive_dim: width of the image/expression projections of the InfoNCE objective.
         logit_scale_init_value: initial log inverse temperature of InfoNCE (CLIP's ln(1/0.07)).
         classifier_dropout: dropout before classification heads.
@@ -362,6 +368,8 @@ class SpatiaConfig(PretrainedConfig):
     mim_decoder_num_layers: int = 1
     mim_decoder_num_heads: int = 4
     norm_pix_loss: bool = True
+    cell_reconstruction: str = "all"
+    cell_reconstruction_weight: float = 1.0
     contrastive_dim: int = 128
     logit_scale_init_value: float = 2.6592
     classifier_dropout: float = 0.1
@@ -379,7 +387,9 @@ class SpatiaConfig(PretrainedConfig):
                self.expression_likelihood, f"use one of {EXPRESSION_LIKELIHOODS}")
         for name in ("mgm_mask_ratio", "mim_mask_ratio", "niche_mask_ratio"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "use a fraction in [0, 1)")
-        for name in ("mgm_weight", "mim_weight", "contrastive_weight", "niche_weight"):
+        _check(self.cell_reconstruction in CELL_RECONSTRUCTION_TARGETS, "cell_reconstruction", self.cell_reconstruction,
+               f"use one of {CELL_RECONSTRUCTION_TARGETS}")
+        for name in ("mgm_weight", "mim_weight", "contrastive_weight", "niche_weight", "cell_reconstruction_weight"):
             _check(getattr(self, name) >= 0.0, name, getattr(self, name), "use a non-negative weight")
         _check_heads("mim_decoder_", self.mim_decoder_hidden_size, self.mim_decoder_num_heads)
 
