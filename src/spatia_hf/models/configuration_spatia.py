@@ -91,6 +91,11 @@ class SpatiaCellConfig(PretrainedConfig):
         image_size: side of the square cell crop in pixels.
         patch_size: side of a ViT patch in pixels (``image_size`` must be divisible by it).
         num_channels: stain channels of the crop (e.g. 2 for DAPI + boundary).
+        image_pool_sigma: the image tokens are pooled with Gaussian weights centred on the crop, of
+            this standard deviation as a fraction of the crop side (0: plain mean). A crop holds its
+            neighbours too (64 px at 0.5 µm is 32 µm, cells ~12 µm apart): a plain mean describes the
+            neighbourhood more than the cell (type macro-F1 0.29 from the mean vs 0.74 with 0.125, at
+            initialisation on the synthetic tissue).
         vision_backbone: optional name or local path of any transformers vision model (loaded with
             ``AutoModel``) used instead of the built-in ViT. Its config is copied into
             ``vision_backbone_config`` so a saved checkpoint rebuilds it without the original path.
@@ -119,6 +124,7 @@ class SpatiaCellConfig(PretrainedConfig):
     image_size: int = 64
     patch_size: int = 8
     num_channels: int = 2
+    image_pool_sigma: float = 0.125
     vision_backbone: str | None = None
     vision_backbone_config: dict | None = None
     max_genes: int = 256
@@ -131,6 +137,8 @@ class SpatiaCellConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         _reject_unknown_fields(self, kwargs)
         self.gene_vocab = [str(g) for g in (self.gene_vocab or [])]
+        _check(self.image_pool_sigma >= 0.0, "image_pool_sigma", self.image_pool_sigma,
+               "use 0 (plain mean) or a positive fraction of the crop side")
         if len(set(self.gene_vocab)) != len(self.gene_vocab):
             seen: set[str] = set()
             dups = [g for g in self.gene_vocab if g in seen or seen.add(g)]
