@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spatia_hf import SpatiaConfig
-from spatia_hf.modeling_cell import SpatiaCellModel, center_weights
+from spatia_hf.models.modeling_cell import SpatiaCellModel, center_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

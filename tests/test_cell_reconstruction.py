@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spatia_hf import SpatiaConfig, SpatiaForPretraining
-from spatia_hf.configuration_spatia import NUM_SPECIAL_TOKENS
+from spatia_hf.models.configuration_spatia import NUM_SPECIAL_TOKENS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
