@@ -59,3 +59,11 @@ def test_image_embedding_follows_the_centre_cell_not_the_border():
 def test_negative_sigma_is_refused():
     with pytest.raises(ValueError, match="image_pool_sigma"):
         tiny_cell(image_pool_sigma=-0.1)
+
+
+def test_presets_pool_around_the_centre_while_old_configs_keep_the_mean():
+    from spatia_hf.models.configuration_spatia import PRESETS, SpatiaCellConfig
+
+    for preset in PRESETS:
+        assert SpatiaConfig.from_preset(preset).cell_config.image_pool_sigma == 0.125
+    assert SpatiaCellConfig().image_pool_sigma == 0.0  # a config saved without the field: plain mean
