@@ -267,6 +267,16 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
     def num_patches(self) -> int:
         return (self.config.image_size // self.config.patch_size) ** 2
 
+    def pool_image_tokens(self, tokens: torch.Tensor, keep_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, P', D]`` patch tokens -> ``[B, D]``: their mean weighted by a Gaussian centred on the
+        crop (``config.image_pool_sigma``), so the pooled token describes the centre cell.
+        ``keep_index`` [B, P'] names the patches present when some are hidden."""
+        weights = center_weights(int(math.isqrt(self.num_patches if keep_index is not None else tokens.shape[1])),
+                                 self.config.image_pool_sigma, tokens.device, tokens.dtype)
+        weights = weights.expand(tokens.shape[0], -1) if keep_index is None else weights[keep_index]
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(tokens.dtype).tiny)
+        return (tokens * weights[..., None]).sum(dim=1)
+
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         cfg = self.config
         expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
@@ -317,9 +327,10 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
         image_states = image_embeds = keep_index = image_mask = None
         if pixel_values is not None:
             image_states, keep_index = self.encode_image(pixel_values, image_patch_mask)
-            # mean of the patch tokens: the cls token after one or two blocks is ~the same vector for
-            # every crop (it averages position-dominated tokens), which left InfoNCE at chance
-            image_embeds = image_states[:, 1:].mean(dim=1)
+            # pooled patch tokens, centre-weighted (image_pool_sigma): the cls token after one or two
+            # blocks is ~the same vector for every crop (it averages position-dominated tokens), which
+            # left InfoNCE at chance; a plain mean mostly describes the neighbours in the crop
+            image_embeds = self.pool_image_tokens(image_states[:, 1:], keep_index)
 
         gene_states = expression_embeds = gene_mask = token_mask_out = None
         if gene_ids is not None:
@@ -336,7 +347,8 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
 
         ref = image_states if image_states is not None else gene_states
         zeros = ref.new_zeros(ref.shape[0], ref.shape[-1])
-        img_pool = self.image_norm(image_states[:, 1:].mean(dim=1)) if image_states is not None else zeros
+        img_pool = (self.image_norm(self.pool_image_tokens(image_states[:, 1:], keep_index))
+                    if image_states is not None else zeros)
         gene_pool = self.gene_norm(_masked_mean(gene_states[:, 1:], token_mask_out)) if gene_states is not None else zeros
         cell_embeds = self.embed_norm(self.pool_proj(torch.cat([img_pool, gene_pool], dim=-1)))
 
@@ -351,6 +363,16 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
             image_grid_size=getattr(self.image_encoder, "grid_size", None),
         )
         return out if return_dict else out.to_tuple()
+
+
+def center_weights(grid: int, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[grid * grid]`` Gaussian weights (row-major patches) centred on the crop, standard deviation
+    ``sigma`` x the crop side; all ones for ``sigma == 0`` (plain mean)."""
+    if sigma <= 0:
+        return torch.ones(grid * grid, device=device, dtype=dtype)
+    pos = torch.arange(grid, device=device, dtype=torch.float32) - (grid - 1) / 2
+    r2 = pos[:, None] ** 2 + pos[None, :] ** 2
+    return torch.exp(-r2 / (2 * (sigma * grid) ** 2)).reshape(-1).to(dtype)
 
 
 def _keep_index(patch_mask: torch.Tensor) -> torch.Tensor:

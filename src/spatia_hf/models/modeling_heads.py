@@ -155,8 +155,9 @@ class SpatiaForPretraining(SpatiaHeadModel):
     """All pretraining objectives in one forward; works on cell batches and on niche batches.
 
     Masked gene modelling predicts the hidden values from the fused gene tokens (the configured
-    likelihood) and from the pooled cell embedding (MSE on log1p, scGPT's GEPC), so the embedding
-    used downstream is trained by every batch; ``mgm_loss`` is the sum of the two.
+    likelihood), and the pooled cell embedding reconstructs every gene token, hidden and visible
+    (``config.cell_reconstruction``; MSE on log1p), so the embedding used downstream keeps the
+    expression; ``mgm_loss`` is the token loss plus ``cell_reconstruction_weight`` x the cell term.
 
     Cell batch: ``pixel_values [B, C, H, W]``, ``gene_ids/gene_values/gene_attention_mask [B, L]``
     (+ ``gene_counts [B, L]``, ``size_factors [B]`` for NB/ZINB). Niche batch: the same with a
@@ -255,11 +256,9 @@ class SpatiaForPretraining(SpatiaHeadModel):
         if value_mask is not None:
             gene_pred = self.mgm_head(out.gene_tokens, gene_ids)
             token_loss = self.mgm_head.loss(gene_pred, gene_ids, gene_values, value_mask, gene_counts, size_factors)
-            # the pooled cell embedding must carry the expression too (scGPT's GEPC): predict the
-            # hidden values from it alone, MSE on log1p
-            table = self.spatia.cell.expression_encoder.gene_embeddings
-            cell_pred = self.cell_decoder(out.cell_embeds, gene_ids, table)
-            losses["mgm"] = token_loss + masked_mse(cell_pred, gene_values, value_mask)
+            cell_loss = self._cell_reconstruction_loss(out.cell_embeds, gene_ids, gene_values, gene_attention_mask,
+                                                       value_mask)
+            losses["mgm"] = token_loss + cfg.cell_reconstruction_weight * cell_loss
             gene_pred = gene_pred[..., 0]
         if patch_mask is not None:
             visible, keep_index = self.spatia.cell.encode_image(pixel_values, patch_mask)
@@ -295,6 +294,21 @@ class SpatiaForPretraining(SpatiaHeadModel):
             cell_embeds=cell_embeds,
         )
         return result if return_dict else result.to_tuple()
+
+    def _cell_reconstruction_loss(self, cell_embeds, gene_ids, gene_values, gene_attention_mask,
+                                  value_mask) -> torch.Tensor:
+        """MSE (log1p) of the gene values predicted from the pooled cell embedding alone.
+
+        The embedding used downstream must carry the expression itself. Predicting only the hidden
+        values (scGPT's GEPC, ``cell_reconstruction="masked"``) rewards what the visible genes imply
+        (mostly the cell type) and lets the cell's own variation go: a ridge probe from it recovered
+        held-out genes below 30 principal components of log expression. ``"all"`` also asks for the
+        visible tokens (expressed genes and the sampled zeros), so the embedding keeps the profile.
+        """
+        table = self.spatia.cell.expression_encoder.gene_embeddings
+        pred = self.cell_decoder(cell_embeds, gene_ids, table)
+        targets = value_mask if self.config.cell_reconstruction == "masked" else gene_attention_mask.bool()
+        return masked_mse(pred, gene_values, targets)
 
     def _flatten_niche(self, cell_attention_mask, *tensors):
         ref = next(t for t in tensors if t is not None and t.dim() >= 2)
