@@ -12,8 +12,9 @@ from spatia_hf.utils.devices import resolve_device
 EXAMPLE = """example:
   spatia embed --model runs/demo/model --adata section.h5ad --image morphology.ome.tif \\
       --pixel-size 0.2125 --out section_spatia.h5ad
-writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (niche-aware), obs["spatia_domain"] and
-uns["spatia"] (parameters, gene-panel coverage); everything else in the input is kept."""
+writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (each cell's neighbourhood), obs["spatia_domain"]
+(Leiden; --n-domains searches the resolution) and uns["spatia"] (parameters, gene-panel coverage);
+everything else in the input is kept."""
 
 
 def register(subparsers) -> None:
@@ -32,7 +33,13 @@ def register(subparsers) -> None:
     parser.add_argument("--spatial-units", choices=("px", "um"), default="px",
                         help="units of obsm[--spatial-key]: image pixels (default) or µm")
     parser.add_argument("--layer", default=None, help="layer with raw counts (default X)")
-    parser.add_argument("--n-domains", type=int, default=5, help="number of spatial domains (default 5)")
+    domains = parser.add_mutually_exclusive_group()
+    domains.add_argument("--n-domains", type=int, default=None,
+                         help="target number of spatial domains (Leiden's resolution is searched for it)")
+    domains.add_argument("--resolution", type=float, default=None,
+                         help="Leiden resolution of the spatial domains (default 1.0 when --n-domains is not given)")
+    parser.add_argument("--cluster-method", choices=("leiden", "kmeans"), default="leiden",
+                        help="spatial-domain clustering: leiden (default) or kmeans (needs --n-domains)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
     parser.add_argument("--min-gene-coverage", type=float, default=None,
                         help="refuse the input when less than this fraction of its genes is in the model "
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                          "or re-export the file") from None
     embed(adata, args.image, args.model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
+          resolution=args.resolution, cluster_method=args.cluster_method,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
           min_gene_coverage=args.min_gene_coverage)
     out.parent.mkdir(parents=True, exist_ok=True)
