@@ -78,7 +78,7 @@ def embed(
         n_domains: target number of spatial domains: Leiden's resolution is searched to give it
             (k-means uses it directly). Give this or ``resolution``; neither = Leiden at resolution 1.
         resolution: Leiden resolution (higher = more domains); see :func:`domains`.
-        cluster_method: ``"leiden"`` (default, on a 15-neighbour graph of ``obsm[niche_key_added]``) or
+        cluster_method: ``"leiden"`` (default, on a 50-neighbour graph of ``obsm[niche_key_added]``) or
             ``"kmeans"`` (needs ``n_domains``).
         crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
         copy: return a modified copy instead of writing into ``adata``.
@@ -141,12 +141,13 @@ def _check_domain_args(n_domains, resolution, method) -> None:
 
 
 def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = None, resolution: float | None = None,
-            method: str = "leiden", n_neighbors: int = 15, key_added: str = "spatia_domain", seed: int = 0,
+            method: str = "leiden", n_neighbors: int = 50, key_added: str = "spatia_domain", seed: int = 0,
             max_search_steps: int = 20) -> dict:
     """Spatial domains from a niche embedding, written to ``obs[key_added]`` (categorical).
 
     Leiden (igraph flavour, 2 iterations, undirected) on scanpy's ``n_neighbors`` graph of
-    ``obsm[use_rep]``. Leiden's domain count follows the resolution, not a requested number, so with
+    ``obsm[use_rep]`` (50 by default, not scanpy's 15: neighbourhood embeddings vary smoothly in
+    space, and on a 15-neighbour graph Leiden split domains along those gradients; issue 16 note). Leiden's domain count follows the resolution, not a requested number, so with
     ``n_domains`` the resolution is bisected (log scale, at most ``max_search_steps`` runs on the one
     graph) to the count closest to it (the lowest such resolution on ties). ``method="kmeans"``
     runs k-means with ``n_domains`` clusters instead. The graph goes to ``obsp``/``uns`` under
