@@ -21,14 +21,14 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cells(tiny_dir):
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.data.datasets import load_spatia_dataset
 
     return load_spatia_dataset(tiny_dir, ("cells",))["cells"]
 
 
 def test_cell_niche_examples_are_each_cells_nearest_cells_of_its_section(cells):
     from spatia_hf.data import schema
-    from spatia_hf.training.datasets import CellNicheDataset
+    from spatia_hf.data.datasets import CellNicheDataset
 
     ds = CellNicheDataset(cells, num_neighbours=6)
     assert len(ds) == len(cells)
@@ -47,7 +47,7 @@ def test_cell_niche_examples_are_each_cells_nearest_cells_of_its_section(cells):
 
 
 def test_local_blocks_hold_nearby_centres_of_one_section(cells):
-    from spatia_hf.training.datasets import CellNicheDataset
+    from spatia_hf.data.datasets import CellNicheDataset
 
     ds = CellNicheDataset(cells, num_neighbours=6)
     sampler = ds.train_sampler(4, seed=0)
@@ -63,7 +63,7 @@ def test_local_blocks_hold_nearby_centres_of_one_section(cells):
 
 
 def test_neighbourhood_profiles_are_the_mean_over_the_niche_cells():
-    from spatia_hf.modeling_heads import neighbourhood_profiles
+    from spatia_hf.models.modeling_heads import neighbourhood_profiles
 
     # 2 niches x 2 slots; niche 0 has cells A, B; niche 1 only C (slot 3 is padding)
     ids = torch.tensor([[3, 4], [3, 5], [4, 0]])
@@ -77,7 +77,7 @@ def test_neighbourhood_profiles_are_the_mean_over_the_niche_cells():
 
 
 def test_group_tokens_lays_out_each_group_with_padding():
-    from spatia_hf.modeling_heads import group_tokens
+    from spatia_hf.models.modeling_heads import group_tokens
 
     x = torch.arange(5.0)[:, None].expand(5, 3)
     pos = torch.arange(10.0).view(5, 2)
@@ -88,9 +88,9 @@ def test_group_tokens_lays_out_each_group_with_padding():
 
 
 def test_pretraining_trains_the_tissue_model_and_the_new_objectives_fall(tiny_dir, tmp_path):
-    from spatia_hf.training.arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
+    from spatia_hf.training.arguments import DataArguments, ModelArguments
     from spatia_hf.training.pretrain import build_pretraining_data, load_pretraining_model
-    from spatia_hf.training.datasets import load_spatia_dataset
+    from spatia_hf.data.datasets import load_spatia_dataset
     from spatia_hf.training.setup import build_processor
 
     model_args = ModelArguments(preset="tiny")

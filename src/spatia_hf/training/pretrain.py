@@ -39,7 +39,7 @@ from ..models.modeling_heads import SpatiaForPretraining
 from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
 from ..data.collators import CellCollator, NicheCollator
 from ..data.datasets import (ArrowRows, CellNicheDataset, NicheCellsDataset, SpatiaDataset, default_eval_sections,
-                          load_spatia_dataset, split_by_section, truncate)
+                             load_spatia_dataset, split_by_section, truncate)
 from .setup import (
     SUMMARY_FILE,
     TrainingResult,
