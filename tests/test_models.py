@@ -275,8 +275,12 @@ def test_composite_routes_raw_cells_through_the_cell_model():
     flat = {k: x[k][real] for k in ("pixel_values", "gene_ids", "gene_values", "gene_attention_mask")}
     emb = torch.zeros(2, 5, 32)
     emb[real] = model.cell(**flat).cell_embeds
-    ref = model(cell_embeddings=emb, cell_positions=x["cell_positions"], cell_attention_mask=x["cell_attention_mask"])
+    profiles = model.expression_profiles(x["gene_ids"], x["gene_values"], x["gene_attention_mask"])
+    ref = model(cell_embeddings=emb, cell_positions=x["cell_positions"], cell_attention_mask=x["cell_attention_mask"],
+                cell_profiles=profiles)
     torch.testing.assert_close(out.niche_embeds, ref.niche_embeds, atol=1e-5, rtol=1e-5)
+    without = model(cell_embeddings=emb, cell_positions=x["cell_positions"], cell_attention_mask=x["cell_attention_mask"])
+    assert not torch.allclose(without.niche_embeds, ref.niche_embeds)  # the members' expression profiles count
 
 
 def test_embed_helpers_do_not_depend_on_batch_size():

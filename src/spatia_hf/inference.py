@@ -1,5 +1,11 @@
 """Embeddings of a whole built dataset at every scale: cells, context-aware cells, niches, sections.
 
+Niches here are of two kinds (see :mod:`spatia_hf.data.neighbourhoods`): every cell gets a
+cell-centred neighbourhood (its ``num_neighbours`` nearest cells), whose pooled niche embedding is
+``cell_niches`` (``obsm["X_spatia_niche"]``) and whose centre token is the cell's context-aware
+embedding ``cells_in_niche``; the grid tiles of the ``niches`` config give ``niches`` and the
+section's tissue tokens (``tissues``).
+
 One function, :func:`embed_dataset`, serves ``spatia embed`` (AnnData users), the evaluation
 suite and the demo, so every consumer sees the same numbers. Two choices make the result
 independent of batch size and chunking: the zero-count genes sampled for each cell come from a
@@ -30,15 +36,17 @@ class DatasetEmbeddings:
     """Arrays aligned with the rows of the ``cells`` / ``niches`` / ``tissues`` configs that were embedded.
 
     ``cells[m]`` holds the cell model's embedding with modality ``m`` (``fused``: image + expression,
-    ``image``: image branch only, ``expression``: expression branch only); ``cells_in_niche`` the
-    niche model's context-aware embedding of each cell (aligned with ``cell_ids``); ``niches`` one
-    row per niche; ``tissues`` one row per section.
+    ``image``: image branch only, ``expression``: expression branch only); ``cell_niches`` the
+    niche embedding of each cell's own neighbourhood and ``cells_in_niche`` the niche model's
+    context-aware embedding of each cell (its centre token), both aligned with ``cell_ids``;
+    ``niches`` one row per grid niche; ``tissues`` one row per section.
     """
 
     cell_ids: np.ndarray
     cell_sample_ids: np.ndarray
     cells: dict[str, np.ndarray] = field(default_factory=dict)
     cells_in_niche: np.ndarray | None = None
+    cell_niches: np.ndarray | None = None
     niche_ids: np.ndarray | None = None
     niche_sample_ids: np.ndarray | None = None
     niche_positions_um: np.ndarray | None = None
@@ -92,6 +100,68 @@ def embed_cells_config(model: SpatiaModel, processor: SpatiaProcessor, cells, *,
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
 
 
+@torch.no_grad()
+def expression_profiles_config(model: SpatiaModel, processor: SpatiaProcessor, cells, *, batch_size: int = 256,
+                               seed: int = 0) -> np.ndarray:
+    """Expression profiles ``[n_cells, D]`` (:meth:`SpatiaModel.expression_profiles`) of a ``cells``
+    dataset, with the same per-cell seeded gene sampling as the cell embeddings."""
+    out = []
+    view = cells.select_columns([schema.CELL_ID, schema.GENE_INDICES, schema.GENE_COUNTS]).with_format("numpy")
+    device = model.device
+    for start in range(0, len(cells), batch_size):
+        inputs = encode_cells(processor, view[start : start + batch_size], "expression", seed)
+        out.append(model.expression_profiles(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy())
+    width = model.config.cell_config.hidden_size
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
+
+
+@torch.no_grad()
+def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np.ndarray,
+                      cell_sample_ids: np.ndarray, *, cell_profiles: np.ndarray | None = None,
+                      num_neighbours: int | None = None, radius_um: float | None = None, batch_size: int = 64,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The niche embedding of every cell's own neighbourhood and its context-aware embedding.
+
+    Each cell's ``num_neighbours`` nearest cells of its section (within ``radius_um`` when given;
+    defaults: the model's ``niche_config``), positions relative to it, go through the niche model in
+    batches of ``batch_size`` neighbourhoods; the neighbourhood search runs per section in chunks.
+
+    Returns:
+        ``(niche embeddings [n_cells, niche hidden], context-aware cell embeddings [n_cells, niche hidden])``.
+    """
+    from spatia_hf.data.neighbourhoods import cell_neighbourhoods
+
+    cfg = model.config.niche_config
+    k = int(num_neighbours or cfg.num_neighbours)
+    radius = radius_um if radius_um is not None else cfg.neighbour_radius_um
+    use_profiles = cfg.use_expression_profiles and cell_profiles is not None
+    n, width = len(cell_embeddings), cfg.hidden_size
+    niche_out = np.zeros((n, width), np.float32)
+    centre_out = np.zeros((n, width), np.float32)
+    sections = np.asarray(cell_sample_ids).astype(str)
+    device = model.device
+    bar = tqdm(total=n, desc="cell niches", disable=not progress)
+    for sid in np.unique(sections):
+        rows = np.flatnonzero(sections == sid)
+        hoods = cell_neighbourhoods(np.asarray(xy_um, np.float64)[rows], k, radius)
+        for start in range(0, len(rows), batch_size):
+            idx = hoods.index[start : start + batch_size]
+            real = idx >= 0
+            members = rows[np.where(real, idx, 0)]
+            emb = torch.from_numpy(np.where(real[..., None], cell_embeddings[members], 0.0).astype(np.float32))
+            prof = (torch.from_numpy(np.where(real[..., None], cell_profiles[members], 0.0).astype(np.float32))
+                    if use_profiles else None)
+            out = model.niche(emb.to(device), torch.from_numpy(hoods.offsets_um[start : start + batch_size]).to(device),
+                              torch.from_numpy(real).to(device), cell_profiles=None if prof is None else prof.to(device),
+                              return_dict=True)
+            centres = rows[start : start + len(idx)]
+            niche_out[centres] = out.niche_embeds.float().cpu().numpy()
+            centre_out[centres] = out.cell_embeds[:, 0].float().cpu().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return niche_out, centre_out
+
+
 def cell_row_index(cell_ids: np.ndarray, cell_sample_ids: np.ndarray | None) -> dict:
     """Row of every cell keyed by ``(sample_id, cell_id)``: cell ids repeat across sections (every
     instrument numbers its cells from 1), so a niche's members are looked up within its own section.
@@ -111,9 +181,12 @@ def cell_row_index(cell_ids: np.ndarray, cell_sample_ids: np.ndarray | None) -> 
 
 @torch.no_grad()
 def embed_niches_config(model: SpatiaModel, niches, cell_ids: np.ndarray, cell_embeddings: np.ndarray, *,
-                        cell_sample_ids: np.ndarray | None = None, batch_size: int = 16,
+                        cell_sample_ids: np.ndarray | None = None, cell_profiles: np.ndarray | None = None,
+                        batch_size: int = 16,
                         progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Niche embeddings ``[n_niches, D]`` and context-aware cell embeddings aligned with ``cell_ids``.
+    """Embeddings ``[n_niches, D]`` of the grid niches (tissue tokens) and context-aware cell
+    embeddings aligned with ``cell_ids``; ``cell_profiles`` (aligned with ``cell_ids``) feed the
+    niche model's expression-profile tokens.
 
     Every member of a niche is used (no sampling): a cell's context embedding comes from the niche
     it belongs to. Members are matched by ``(sample_id, cell_id)`` when ``cell_sample_ids`` is given
@@ -132,15 +205,18 @@ def embed_niches_config(model: SpatiaModel, niches, cell_ids: np.ndarray, cell_e
         emb = np.zeros((len(members), n_max, cell_embeddings.shape[1]), np.float32)
         pos = np.zeros((len(members), n_max, 2), np.float32)
         mask = np.zeros((len(members), n_max), bool)
+        prof = None if cell_profiles is None else np.zeros_like(emb)
         for b, (m, rx, ry) in enumerate(zip(members, rows[schema.CELL_REL_X_UM], rows[schema.CELL_REL_Y_UM])):
             keep = np.asarray(m) >= 0
             idx = np.asarray(m)[keep]
             emb[b, : idx.size] = cell_embeddings[idx]
+            if prof is not None:
+                prof[b, : idx.size] = cell_profiles[idx]
             pos[b, : idx.size, 0] = np.asarray(rx, np.float32)[keep]
             pos[b, : idx.size, 1] = np.asarray(ry, np.float32)[keep]
             mask[b, : idx.size] = True
         niche_emb, ctx = model.embed_niches(cell_positions=pos, cell_embeddings=emb, cell_attention_mask=mask,
-                                            batch_size=batch_size, return_cell_embeddings=True)
+                                            cell_profiles=prof, batch_size=batch_size, return_cell_embeddings=True)
         niche_out.append(niche_emb)
         for b, m in enumerate(members):
             idx = np.asarray([i for i in m if i >= 0], dtype=np.int64)
@@ -176,14 +252,16 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
         dataset_dir: directory with the ``cells`` / ``niches`` / ``tissues`` configs and ``gene_panel.json``.
         sample_ids: restrict to these sections (default: all).
         modalities: cell-embedding variants to compute (``fused``, ``image``, ``expression``).
-        niche_aware: also run the niche model (niche embeddings, context-aware cells).
-        tissue: also run the tissue model (one embedding per section); needs ``niche_aware``.
+        niche_aware: also run the niche model on every cell's own neighbourhood (``cell_niches``,
+            ``cells_in_niche``).
+        tissue: also embed the grid niches (``niches``) and run the tissue model on them (one
+            embedding per section); needs ``niche_aware``.
         min_gene_coverage: refuse a dataset panel of which less than this fraction is in the model
             vocabulary (default: the processor's ``min_coverage``); the report is ``gene_coverage``.
     """
     from .data.datasets import load_spatia_dataset
 
-    data = load_spatia_dataset(dataset_dir, configs=("cells", "niches") if niche_aware else ("cells",))
+    data = load_spatia_dataset(dataset_dir, configs=("cells", "niches") if niche_aware and tissue else ("cells",))
     coverage = processor.map_dataset_panel(dataset_dir, min_coverage=min_gene_coverage).report()
     cells = _restrict(data.configs["cells"], sample_ids)
     result = DatasetEmbeddings(cell_ids=np.asarray(cells[schema.CELL_ID]).astype(str),
@@ -193,17 +271,23 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
         result.cells[m] = embed_cells_config(model, processor, cells, modality=m, batch_size=batch_size,
                                              seed=seed, progress=progress)
     if niche_aware:
+        profiles = (expression_profiles_config(model, processor, cells, seed=seed)
+                    if model.config.niche_config.use_expression_profiles else None)
+        xy = np.stack([np.asarray(cells[schema.X_UM], np.float64), np.asarray(cells[schema.Y_UM], np.float64)], 1)
+        result.cell_niches, result.cells_in_niche = embed_cell_niches(
+            model, result.cells["fused"], xy, result.cell_sample_ids, cell_profiles=profiles,
+            batch_size=batch_size, progress=progress)
+    if niche_aware and tissue:
         niches = _restrict(data.configs["niches"], sample_ids)
-        result.niches, result.cells_in_niche = embed_niches_config(
+        result.niches, _ = embed_niches_config(
             model, niches, result.cell_ids, result.cells["fused"], cell_sample_ids=result.cell_sample_ids,
-            batch_size=max(1, batch_size // 4), progress=progress)
+            cell_profiles=profiles, batch_size=max(1, batch_size // 4), progress=progress)
         result.niche_ids = np.asarray(niches[schema.NICHE_ID]).astype(str)
         result.niche_sample_ids = np.asarray(niches[schema.SAMPLE_ID]).astype(str)
         result.niche_positions_um = np.stack([np.asarray(niches[schema.X_UM], np.float32),
                                               np.asarray(niches[schema.Y_UM], np.float32)], axis=1)
-        if tissue:
-            result.tissue_sample_ids, result.tissues = embed_sections(
-                model, result.niches, result.niche_positions_um, result.niche_sample_ids)
+        result.tissue_sample_ids, result.tissues = embed_sections(
+            model, result.niches, result.niche_positions_um, result.niche_sample_ids)
     return result
 
 

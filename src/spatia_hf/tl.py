@@ -1,8 +1,10 @@
 """Tools in scanpy's style: AnnData in, results written into named slots.
 
 ``spatia_hf.tl.embed(adata, image, model)`` adds SPATIA cell embeddings (``obsm["X_spatia"]``),
-niche-aware embeddings (``obsm["X_spatia_niche"]``) and spatial domains (``obs["spatia_domain"]``)
-to an AnnData that has raw counts and ``obsm["spatial"]``, leaving everything else as it was.
+the niche embedding of each cell's own neighbourhood (``obsm["X_spatia_niche"]``) and spatial
+domains (``obs["spatia_domain"]``) to an AnnData that has raw counts and ``obsm["spatial"]``, leaving
+everything else as it was. ``spatia_hf.tl.domains`` clusters any embedding into spatial domains
+(Leiden on scanpy's neighbour graph, at a resolution or a searched target number of domains).
 ``annotate`` writes cell types from a fine-tuned annotation head into ``obs``, ``impute`` predicted
 expression from a fine-tuned imputation head into a layer, and ``to_spatialdata`` turns the result into a
 SpatialData object for that ecosystem. Like scanpy: ``copy=False`` writes in place and returns None.
@@ -17,6 +19,8 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import math
 
 import numpy as np
 
@@ -76,8 +80,9 @@ def embed(
     key_added: str = "X_spatia",
     niche_key_added: str = "X_spatia_niche",
     domain_key_added: str = "spatia_domain",
-    n_domains: int = 5,
-    cluster_method: str = "auto",
+    n_domains: int | None = None,
+    resolution: float | None = None,
+    cluster_method: str = "leiden",
     crop_um: float | None = None,
     niche_um: float | None = None,
     batch_size: int = 64,
@@ -99,8 +104,11 @@ def embed(
             convention, and ``spatia synth``'s), ``"um"`` when in µm (spatialdata-io's Xenium and MERSCOPE
             tables). Centroids that fall off the image, or crowd into a small corner where the other unit
             would fit, are refused with the other unit named; ``check_units=False`` skips that check.
-        n_domains: number of spatial domains clustered from the niche-aware embedding.
-        cluster_method: ``"auto"`` (Leiden when installed, else k-means), ``"leiden"`` or ``"kmeans"``.
+        n_domains: target number of spatial domains: Leiden's resolution is searched to give it
+            (k-means uses it directly). Give this or ``resolution``; neither = Leiden at resolution 1.
+        resolution: Leiden resolution (higher = more domains); see :func:`domains`.
+        cluster_method: ``"leiden"`` (default, on a 50-neighbour graph of ``obsm[niche_key_added]``) or
+            ``"kmeans"`` (needs ``n_domains``).
         crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
         copy: return a modified copy instead of writing into ``adata``.
         min_gene_coverage: refuse the AnnData when less than this fraction of its genes is in the model
@@ -111,9 +119,9 @@ def embed(
         None, or the annotated copy when ``copy=True``. Also sets ``uns["spatia"]`` (parameters and the
         gene-panel coverage against the model's vocabulary).
     """
-    from spatia_hf.evaluation.tasks import cluster
     from spatia_hf.inference import embed_dataset
 
+    _check_domain_args(n_domains, resolution, cluster_method)
     if adata.n_obs < 2:  # fail before any work, not in the domain clustering at the end
         raise ValueError(f"adata: {adata.n_obs} cell(s); spatial domains are clustered from at least 2 cells. Fix: "
                          "embed a whole section (all its cells in one AnnData)")
@@ -128,14 +136,15 @@ def embed(
                             min_gene_coverage=min_gene_coverage)
     order = _positions(emb.cell_ids, adata.obs_names)
     adata.obsm[key_added] = emb.cells["fused"][order]
-    adata.obsm[niche_key_added] = emb.cells_in_niche[order]
-    k = int(min(n_domains, max(2, adata.n_obs - 1)))
-    domains, used = cluster(adata.obsm[niche_key_added], k, method=cluster_method, seed=seed)
-    adata.obs[domain_key_added] = np.asarray(domains).astype(str)
-    adata.obs[domain_key_added] = adata.obs[domain_key_added].astype("category")
+    adata.obsm[niche_key_added] = emb.cell_niches[order]
+    found = domains(adata, use_rep=niche_key_added, n_domains=n_domains, resolution=resolution,
+                    method=cluster_method, key_added=domain_key_added, seed=seed)
+    niche_cfg = spatia_model.config.niche_config
     adata.uns["spatia"] = {
         "params": {"key_added": key_added, "niche_key_added": niche_key_added, "domain_key_added": domain_key_added,
-                   "n_domains": k, "cluster_method": used, "seed": seed, "model": str(getattr(
+                   "niche": "cell-centred", "num_neighbours": niche_cfg.num_neighbours,
+                   "neighbour_radius_um": niche_cfg.neighbour_radius_um, **found, "seed": seed,
+                   "model": str(getattr(
                        spatia_model.config, "_name_or_path", "")) or "in-memory"},
         "gene_coverage": _jsonable(emb.gene_coverage),
     }
@@ -369,6 +378,88 @@ def _without_columns(rows: dict, hidden: np.ndarray) -> dict:
     out[schema.GENE_INDICES] = [np.asarray(i)[k] for i, k in zip(rows[schema.GENE_INDICES], keep)]
     out[schema.GENE_COUNTS] = [np.asarray(c)[k] for c, k in zip(rows[schema.GENE_COUNTS], keep)]
     return out
+
+
+def _check_domain_args(n_domains, resolution, method) -> None:
+    if method not in ("leiden", "kmeans"):
+        raise ValueError(f"cluster_method={method!r}: expected 'leiden' or 'kmeans'")
+    if n_domains is not None and resolution is not None:
+        raise ValueError(f"n_domains={n_domains} and resolution={resolution}: give one (n_domains searches the "
+                         "resolution)")
+    if n_domains is not None and n_domains < 1:
+        raise ValueError(f"n_domains={n_domains}: expected a positive number of domains")
+    if resolution is not None and not resolution > 0:
+        raise ValueError(f"resolution={resolution}: expected a positive Leiden resolution (e.g. 1.0)")
+    if method == "kmeans" and n_domains is None:
+        raise ValueError("cluster_method='kmeans' needs n_domains. Fix: pass n_domains (or use Leiden)")
+
+
+def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = None, resolution: float | None = None,
+            method: str = "leiden", n_neighbors: int = 50, key_added: str = "spatia_domain", seed: int = 0,
+            max_search_steps: int = 20) -> dict:
+    """Spatial domains from a niche embedding, written to ``obs[key_added]`` (categorical).
+
+    Leiden (igraph flavour, 2 iterations, undirected) on scanpy's ``n_neighbors`` graph of
+    ``obsm[use_rep]`` (50 by default, not scanpy's 15: neighbourhood embeddings vary smoothly in
+    space, and on a 15-neighbour graph Leiden split domains along those gradients; issue 16 note). Leiden's domain count follows the resolution, not a requested number, so with
+    ``n_domains`` the resolution is bisected (log scale, at most ``max_search_steps`` runs on the one
+    graph) to the count closest to it (the lowest such resolution on ties). ``method="kmeans"``
+    runs k-means with ``n_domains`` clusters instead. The graph goes to ``obsp``/``uns`` under
+    ``f"{key_added}_neighbors"``.
+
+    Returns:
+        ``{"cluster_method", "resolution", "n_domains", "n_domains_requested"}`` (also the params recorded).
+    """
+    import scanpy as sc
+
+    _check_domain_args(n_domains, resolution, method)
+    x = np.asarray(adata.obsm[use_rep])
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        k = int(min(n_domains, adata.n_obs))
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+        _write_labels(adata, key_added, labels)
+        return {"cluster_method": "kmeans", "resolution": None, "n_domains": int(k), "n_domains_requested": n_domains}
+    graph_key = f"{key_added}_neighbors"
+    sc.pp.neighbors(adata, n_neighbors=int(min(n_neighbors, max(2, adata.n_obs - 1))), use_rep=use_rep,
+                    key_added=graph_key, random_state=seed)
+
+    def run(res: float) -> np.ndarray:
+        sc.tl.leiden(adata, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed,
+                     neighbors_key=graph_key, key_added=key_added)
+        return adata.obs[key_added].astype(int).to_numpy()
+
+    if n_domains is None:
+        res = 1.0 if resolution is None else float(resolution)
+        labels = run(res)
+    else:
+        res, labels = _search_resolution(run, int(n_domains), max_search_steps)
+    _write_labels(adata, key_added, labels)
+    return {"cluster_method": "leiden", "resolution": float(res), "n_domains": int(np.unique(labels).size),
+            "n_domains_requested": n_domains}
+
+
+def _search_resolution(run, target: int, steps: int) -> tuple[float, np.ndarray]:
+    """Bisect log(resolution) in [1e-3, 10] for ``target`` Leiden clusters; the closest count wins."""
+    lo, hi = math.log(1e-3), math.log(10.0)
+    best_res, best = 1.0, run(1.0)
+    for _ in range(steps):
+        if np.unique(best).size == target:
+            break
+        mid = 0.5 * (lo + hi)
+        labels = run(math.exp(mid))
+        k = np.unique(labels).size
+        if abs(k - target) < abs(np.unique(best).size - target) or (
+                abs(k - target) == abs(np.unique(best).size - target) and math.exp(mid) < best_res):
+            best_res, best = math.exp(mid), labels
+        lo, hi = (mid, hi) if k < target else (lo, mid)
+    return best_res, best
+
+
+def _write_labels(adata, key: str, labels: np.ndarray) -> None:
+    adata.obs[key] = np.asarray(labels).astype(str)
+    adata.obs[key] = adata.obs[key].astype("category")
 
 
 def _positions(cell_ids: np.ndarray, obs_names) -> np.ndarray:

@@ -14,8 +14,9 @@ EXAMPLE = """example (a model you pretrained; `make demo` writes one to runs/dem
 is the synthetic panel, so it refuses real genes):
   spatia embed --model runs/mine/pretrained --adata section.h5ad --image morphology.ome.tif \\
       --pixel-size 0.2125 --spatial-units um --out section_spatia.h5ad
-writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (niche-aware), obs["spatia_domain"] and
-uns["spatia"] (parameters, gene-panel coverage); everything else in the input is kept."""
+writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (each cell's neighbourhood), obs["spatia_domain"]
+(Leiden; --n-domains searches the resolution) and uns["spatia"] (parameters, gene-panel coverage);
+everything else in the input is kept."""
 
 
 def register(subparsers) -> None:
@@ -37,7 +38,13 @@ def register(subparsers) -> None:
     parser.add_argument("--no-unit-check", action="store_true",
                         help="accept centroids that cover only a small corner of the image")
     parser.add_argument("--layer", default=None, help="layer with raw counts (default X)")
-    parser.add_argument("--n-domains", type=int, default=5, help="number of spatial domains (default 5)")
+    domains = parser.add_mutually_exclusive_group()
+    domains.add_argument("--n-domains", type=int, default=None,
+                         help="target number of spatial domains (Leiden's resolution is searched for it)")
+    domains.add_argument("--resolution", type=float, default=None,
+                         help="Leiden resolution of the spatial domains (default 1.0 when --n-domains is not given)")
+    parser.add_argument("--cluster-method", choices=("leiden", "kmeans"), default="leiden",
+                        help="spatial-domain clustering: leiden (default) or kmeans (needs --n-domains)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
     parser.add_argument("--min-gene-coverage", type=float, default=None,
                         help="refuse the input when less than this fraction of its genes is in the model "
@@ -67,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                          "or re-export the file") from None
     embed(adata, args.image, model, pixel_size_um=args.pixel_size, spatial_key=args.spatial_key,
           spatial_units=args.spatial_units, layer=args.layer, n_domains=args.n_domains,
+          resolution=args.resolution, cluster_method=args.cluster_method,
           batch_size=args.batch_size, device=resolve_device(args.device), seed=args.seed,
           min_gene_coverage=args.min_gene_coverage, check_units=not args.no_unit_check,
           progress=not args.no_progress)

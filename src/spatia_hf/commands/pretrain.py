@@ -15,9 +15,10 @@ def register(subparsers) -> None:
                     "For several GPUs or nodes use examples/pretrain.py under accelerate launch / torchrun.",
     )
     add_training_arguments(parser)
-    parser.add_argument("--schedule", default="niche", choices=("niche", "cell"),
-                        help="niche: batches of niches whose cells carry every cell objective plus the niche "
-                             "objective (default); cell: batches of cells, no niche objective")
+    parser.add_argument("--schedule", default="niche", choices=("niche", "grid", "cell"),
+                        help="niche: batches of nearby cell-centred neighbourhoods whose cells carry every cell "
+                             "objective plus the niche and tissue objectives (default); grid: the same on grid-tile "
+                             "niches, no tissue objective; cell: batches of cells, no niche objective")
     parser.add_argument("--streaming", action="store_true",
                         help="stream the cells shards (datasets IterableDataset: bounded memory, shuffle buffer, one "
                              "stream per rank, stream state in checkpoints); needs --max-steps; no final evaluation")

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("--genes", type=int, default=200, help="gene panel size (default 200)")
     parser.add_argument("--cell-types", type=int, default=6, help="number of cell types, 5-8 (default 6)")
     parser.add_argument("--domains", type=int, default=3, help="spatial domains per section (default 3)")
+    parser.add_argument("--domain-geometry", choices=("blobs", "bands"), default="blobs",
+                        help="shape of the spatial domains: warped blobs (default) or parallel wavy bands (layers)")
     parser.add_argument("--pixel-size", type=float, default=0.5, help="µm per image pixel (default 0.5)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out if it exists (only this command's files are replaced)")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         entries = write_synthetic(
             args.out, args.sections, args.cells, args.seed, overwrite=args.overwrite,
             progress=not args.no_progress, n_genes=args.genes, n_cell_types=args.cell_types,
-            n_domains=args.domains, pixel_size_um=args.pixel_size,
+            n_domains=args.domains, domain_geometry=args.domain_geometry, pixel_size_um=args.pixel_size,
         )
     except FileExistsError as err:
         raise ValueError(str(err)) from None

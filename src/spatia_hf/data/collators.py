@@ -225,11 +225,14 @@ class NicheCollator:
     (1 = real cell); ``N`` is the largest niche of the batch, ``L`` its longest cell. Cell-level
     masks (``gene_value_mask``, ``image_patch_mask``) are given per *real* cell, in order, as the
     model consumes them; ``niche_cell_mask [B, N]`` hides cells for masked-cell prediction when
-    ``niche_mask_ratio`` is set; ``labels [B, N]`` (-100 on padding) when the cell collator has labels.
+    ``niche_mask_ratio`` is set; ``labels [B, N]`` (-100 on padding) when the cell collator has labels;
+    with ``with_centres``, ``niche_centres_um [B, 2]`` (the niches' centres in section µm) and
+    ``niche_groups [B]`` (an id per section), the tissue objective's inputs.
     """
 
     cell_collator: CellCollator
     niche_mask_ratio: float | None = None
+    with_centres: bool = False
     epoch: int = 0
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -257,6 +260,11 @@ class NicheCollator:
             pos[i, : sizes[i], 0] = np.asarray(niche[schema.CELL_REL_X_UM], dtype=np.float32)
             pos[i, : sizes[i], 1] = np.asarray(niche[schema.CELL_REL_Y_UM], dtype=np.float32)
         out["cell_positions"] = pos
+        if self.with_centres:
+            out["niche_centres_um"] = np.asarray([[e["niche"][schema.X_UM], e["niche"][schema.Y_UM]] for e in examples],
+                                                 dtype=np.float32)
+            out["niche_groups"] = np.asarray([example_key(e["niche"][schema.SAMPLE_ID]) for e in examples],
+                                             dtype=np.int64)
         where = np.flatnonzero(real.reshape(-1))
         for key, value in flat.items():
             if key in ("gene_value_mask", "image_patch_mask"):

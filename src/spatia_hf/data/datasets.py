@@ -5,8 +5,11 @@ A dataset directory (written by ``spatia_hf.data.builder``) holds three configs 
 ``gene_panel.json``. Training holds out whole sections (``sample_id``), never random cells: cells
 of one section share a slide, a stain and neighbours, so a random-cell split would leak.
 
-:class:`NicheCellsDataset` is the pretraining example of the ``niche`` schedule: one niche row with
-its member cells' rows, fetched in a DataLoader worker so the collator only pads and masks;
+:class:`CellNicheDataset` is the pretraining example of the ``niche`` schedule: a cell-centred
+neighbourhood (a cell and its nearest cells, :mod:`spatia_hf.data.neighbourhoods`) with its member
+cells' rows, fetched in a DataLoader worker so the collator only pads and masks;
+:class:`LocalBlockSampler` orders them so that each batch holds nearby neighbourhoods of one section
+(the tissue objective's input). :class:`NicheCellsDataset` is the same for grid niches (``grid`` schedule);
 :class:`ArrowRows` reads batches of rows straight from Arrow for the collators.
 """
 
@@ -26,6 +29,7 @@ from huggingface_hub import DatasetCard
 
 from . import schema
 from .gene_panel import read_gene_panel
+from .neighbourhoods import cell_neighbourhoods
 
 
 @dataclass
@@ -312,3 +316,105 @@ class NicheCellsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
+
+
+class CellNicheDataset(torch.utils.data.Dataset):
+    """Cell-centred neighbourhoods: example ``i`` is cell ``i`` of ``cells`` with its ``num_neighbours``
+    nearest cells of the same section (within ``radius_um`` when given), the centre first.
+
+    An example has the layout of :class:`NicheCellsDataset` (``{"niche": ..., "cells": ...}``), the
+    niche row holding the centre's ``sample_id``, ``niche_id`` (= the centre's cell id), ``x_um``/
+    ``y_um`` (the centre) and the members' ids and positions relative to the centre. The
+    neighbourhoods are searched per batch in a k-d tree per section, so memory does not grow with
+    ``num_neighbours x n_cells``.
+    """
+
+    def __init__(self, cells: Dataset, num_neighbours: int = 30, radius_um: float | None = None,
+                 cell_columns: Sequence[str] | None = None) -> None:
+        from scipy.spatial import cKDTree
+
+        if num_neighbours < 1:
+            raise ValueError(f"num_neighbours={num_neighbours}: expected >= 1")
+        self.cells = ArrowRows(cells, cell_columns)
+        self.num_neighbours = int(num_neighbours)
+        self.radius_um = radius_um
+        self.sample_ids = np.asarray(cells[schema.SAMPLE_ID]).astype(str)
+        self.cell_ids = np.asarray(cells[schema.CELL_ID]).astype(str)
+        self.xy_um = np.stack([np.asarray(cells[schema.X_UM], np.float64), np.asarray(cells[schema.Y_UM], np.float64)], 1)
+        self.sections, self.section_of = np.unique(self.sample_ids, return_inverse=True)
+        self._rows = [np.flatnonzero(self.section_of == k) for k in range(len(self.sections))]
+        self._local = np.zeros(len(self.sample_ids), dtype=np.int64)  # row within its section
+        for rows in self._rows:
+            self._local[rows] = np.arange(len(rows))
+        self.trees = [cKDTree(self.xy_um[rows]) for rows in self._rows]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def neighbourhoods(self, centres: np.ndarray, k: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(member rows, offsets µm [m, 2])`` of each centre row (``k`` defaults to ``num_neighbours``)."""
+        out = []
+        for c in np.asarray(centres, dtype=np.int64):
+            sec = self.section_of[c]
+            rows = self._rows[sec]
+            hood = cell_neighbourhoods(self.xy_um[rows], k or self.num_neighbours, self.radius_um,
+                                       centres=self._local[[c]], tree=self.trees[sec])
+            real = hood.mask[0]
+            out.append((rows[hood.index[0][real]], hood.offsets_um[0][real]))
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        centres = np.asarray(indices, dtype=np.int64)
+        hoods = self.neighbourhoods(centres)
+        flat = np.concatenate([m for m, _ in hoods])
+        cells = self.cells.__getitems__(flat.tolist())
+        bounds = np.cumsum([0] + [len(m) for m, _ in hoods])
+        out = []
+        for k, (c, (members, offsets)) in enumerate(zip(centres, hoods)):
+            niche = {schema.SAMPLE_ID: self.sample_ids[c], schema.NICHE_ID: self.cell_ids[c],
+                     schema.X_UM: np.float32(self.xy_um[c, 0]), schema.Y_UM: np.float32(self.xy_um[c, 1]),
+                     schema.CELL_IDS: self.cell_ids[members], schema.CELL_REL_X_UM: offsets[:, 0],
+                     schema.CELL_REL_Y_UM: offsets[:, 1]}
+            sl = slice(int(bounds[k]), int(bounds[k + 1]))
+            out.append({"niche": niche, "cells": {col: v[sl] for col, v in cells.items()}})
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def train_sampler(self, batch_size: int, seed: int = 0) -> "LocalBlockSampler":
+        """The training order :class:`~spatia_hf.training.trainer.SpatiaTrainer` uses: batches of nearby centres."""
+        return LocalBlockSampler(self, batch_size, seed)
+
+
+class LocalBlockSampler(torch.utils.data.Sampler):
+    """Orders a :class:`CellNicheDataset` in blocks of ``block_size`` nearby centres of one section,
+    so that a DataLoader with ``batch_size=block_size`` yields batches that are small tissues.
+
+    Each block starts at a random cell (a fresh permutation every pass, seeded by ``(seed, pass)``)
+    and takes every ``stride``-th of its ``block_size x stride`` nearest cells: neighbourhoods that
+    overlap, spread over a window a few neighbourhoods wide. A pass yields ``len(dataset)``
+    indices; cells may repeat within a pass.
+    """
+
+    def __init__(self, dataset: CellNicheDataset, block_size: int, seed: int = 0, stride: int = 6) -> None:
+        if block_size < 1 or stride < 1:
+            raise ValueError(f"block_size={block_size}, stride={stride}: expected >= 1")
+        self.dataset, self.block_size, self.seed, self.stride = dataset, int(block_size), int(seed), int(stride)
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.passes])
+        self.passes += 1
+        n, yielded = len(self.dataset), 0
+        for anchor in rng.permutation(n):
+            members, _ = self.dataset.neighbourhoods([anchor], k=self.block_size * self.stride)[0]
+            block = members[:: self.stride][: self.block_size]
+            for i in block[: n - yielded]:
+                yield int(i)
+            yielded += min(len(block), n - yielded)
+            if yielded >= n:
+                return

@@ -1,5 +1,11 @@
 """Niches: square grid tiles of ``niche_um`` µm over a section, and what summarises them.
 
+Grid tiles serve where a tiling is the point: the ``niches`` config of a built dataset (niche
+images, summed expression), the tissue tokens of a section (``tissues`` config, tissue
+classification, ``embed_dataset(tissue=True)``) and the ``grid`` pretraining schedule. The niche
+model itself embeds and pretrains on cell-centred neighbourhoods
+(:mod:`spatia_hf.data.neighbourhoods`): a tile cuts a cell's context at its edge.
+
 A cell belongs to the tile containing its centroid (tiles start at 0 µm, so two builds of
 the same section agree). Only tiles with at least one cell become niches. Niche expression is
 the sum of its cells' counts (a sparse membership matrix times the count matrix) and a niche

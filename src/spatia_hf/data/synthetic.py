@@ -49,6 +49,7 @@ MANIFEST = "synthetic.json"
 CHANNELS = ["DAPI", "boundary"]
 MORPH_GENE = "NUCSIZE"
 LABEL_KEYS = ["cell_type", "domain"]
+DOMAIN_GEOMETRIES = ("blobs", "bands")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class SyntheticConfig:
     n_genes: int = 200
     n_cell_types: int = 6
     n_domains: int = 3
+    domain_geometry: str = "blobs"  # "blobs" (warped Voronoi regions) or "bands" (parallel wavy layers)
     pixel_size_um: float = 0.5
     cell_spacing_um: float = 12.0  # lattice pitch; minimum spacing = pitch - 2*sqrt(2)*jitter
     jitter_um: float = 1.5
@@ -113,6 +115,8 @@ class SyntheticConfig:
             raise ValueError(f"n_cell_types={self.n_cell_types}: expected 5 to {len(CELL_TYPES)}")
         if self.n_domains < 2:
             raise ValueError(f"n_domains={self.n_domains}: expected at least 2")
+        if self.domain_geometry not in DOMAIN_GEOMETRIES:
+            raise ValueError(f"domain_geometry={self.domain_geometry!r}: expected one of {DOMAIN_GEOMETRIES}")
         if not self.pixel_size_um > 0:
             raise ValueError(f"pixel_size_um={self.pixel_size_um}: expected > 0")
         fixed = self.n_cell_types * self.n_markers + self.n_neighbor_genes + 1 + self.n_condition_genes + \
@@ -225,6 +229,21 @@ def _domains(xy: np.ndarray, n_domains: int, rng: np.random.Generator) -> tuple[
     return np.argmax(score, axis=1), seeds
 
 
+def _bands(xy: np.ndarray, n_domains: int, rng: np.random.Generator) -> np.ndarray:
+    """Layered domains (cortex-, epidermis-like): ``n_domains`` parallel bands of random widths across
+    the section along a random direction, their boundaries bent by one low-frequency wave."""
+    ang = rng.uniform(0, math.pi)
+    along = np.cos(ang) * xy[:, 0] + np.sin(ang) * xy[:, 1]
+    across = -np.sin(ang) * xy[:, 0] + np.cos(ang) * xy[:, 1]
+    extent = float(np.ptp(along))
+    wave = 0.06 * extent * np.sin(2 * math.pi * across / (extent * rng.uniform(0.8, 1.5)) + rng.uniform(0, 2 * math.pi))
+    t = (along - along.min() + wave) / extent
+    widths = rng.uniform(0.7, 1.3, size=n_domains)
+    edges = np.cumsum(widths)[:-1] / widths.sum()
+    order = rng.permutation(n_domains)  # which domain sits in which layer changes between sections
+    return order[np.searchsorted(edges, t)]
+
+
 def _neighbor_fractions(xy: np.ndarray, type_idx: np.ndarray, n_types: int, radius: float) -> np.ndarray:
     """(n, T) fraction of each type among the other cells within ``radius`` µm (0 if none)."""
     tree = cKDTree(xy)
@@ -282,7 +301,8 @@ def _simulate_section(i: int, n_cells: int, seed: int, cfg: SyntheticConfig, pro
     types = [ct.name for ct in prog.types]
     t = len(types)
     xy = _lattice(n_cells, cfg, rng)
-    domain, _ = _domains(xy, cfg.n_domains, rng)
+    domain = _domains(xy, cfg.n_domains, rng)[0] if cfg.domain_geometry == "blobs" else \
+        _bands(xy, cfg.n_domains, rng)
 
     comp = prog.compositions.copy()
     disease = labels["condition"] == cfg.conditions[-1]

@@ -60,6 +60,7 @@ CONCAT_CHECKPOINT = "SPATIA ablation: concatenation-fusion checkpoint"
 IMAGE_BRANCH = "SPATIA (image branch)"
 FINETUNED_HEAD = "SPATIA (fine-tuned head)"
 NICHE_AWARE = "SPATIA (niche-aware)"
+NICHE_EMBEDDING = "SPATIA (niche embedding)"
 NICHE_HIDDEN = "SPATIA (niche context, cell hidden)"
 CELL_ONLY = "SPATIA cell-only"
 TISSUE = "SPATIA (tissue embedding)"
@@ -541,13 +542,16 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
                  + ("" if concat is not None else f"; {no_concat}"))
     out.add("image_annotation", IMAGE_BRANCH, image)
     out.note(2, f"{IMAGE_BRANCH}: the cell model run on the crop alone (no expression input)")
+    out.add("domain_clustering", NICHE_EMBEDDING, emb.cell_niches[order])
     out.add("domain_clustering", NICHE_AWARE, in_niche)
     if 5 in wanted:
         niches = load_spatia_dataset(dataset_dir, ("niches",))["niches"]
         out.add("domain_clustering", NICHE_HIDDEN, hidden_cell_context(ckpt, inputs, niches, fused, seed=seed,
                                                                         progress=progress))
     out.add("domain_clustering", CELL_ONLY, fused, kind="baseline")
-    out.note(5, f"{NICHE_AWARE}: the niche model's context-aware embedding of each cell (its ~50 µm niche); "
+    out.note(5, f"{NICHE_EMBEDDING}: the pooled niche embedding of each cell's own neighbourhood (its "
+                f"{ckpt.backbone.config.niche_config.num_neighbours} nearest cells; obsm['X_spatia_niche'] of `spatia "
+                f"embed`); {NICHE_AWARE}: the niche model's context-aware embedding of the centre cell; "
                 f"{NICHE_HIDDEN}: the niche model's output at the cell's position with the cell itself hidden "
                 "(the masked-cell objective of pretraining; a quarter of the cells hidden per pass, four passes), "
                 f"so it describes the neighbourhood only; {CELL_ONLY}: the same cells' fused embeddings without "
@@ -555,9 +559,8 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     tissue = emb.tissues[[list(emb.tissue_sample_ids).index(s) for s in inputs.sections.sample_ids]]
     out.add("section_classification", TISSUE, tissue)
     out.add("section_classification", MEAN_CELLS, section_means(fused, c.sample_ids, inputs.sections.sample_ids))
-    out.note(6, f"{TISSUE}: the tissue transformer (token merging) over the section's niche embeddings; pretraining "
-                "does not train the tissue scale (the tissue_classification fine-tuning does), so a pretrained-only "
-                "checkpoint's tissue model is at its initialisation")
+    out.note(6, f"{TISSUE}: the tissue transformer (token merging) over the section's grid-niche embeddings; "
+                "pretraining trains it by masked niche modelling over nearby neighbourhoods (the 'niche' schedule)")
     y9 = inputs.log1p[:, c.gene_index(inputs.target_genes)]
     out.add("image_to_expression", RIDGE_IMAGE, B.ridge_regression(image[sec.train], y9[sec.train], image[sec.test]))
     out.note(9, f"{RIDGE_IMAGE}: standardised RidgeCV from the image-branch embedding, fitted on the training "

@@ -29,6 +29,7 @@ FUSION_MODES = ("cross_attention", "concat")
 EXPRESSION_LIKELIHOODS = ("mse", "nb", "zinb")
 CELL_RECONSTRUCTION_TARGETS = ("all", "masked")
 PRESETS = ("tiny", "small", "base", "large")
+NICHE_POOLINGS = ("mean", "cls")
 
 
 def _check(cond: bool, field: str, value: Any, fix: str) -> None:
@@ -187,13 +188,23 @@ class SpatiaNicheConfig(PretrainedConfig):
         num_attention_heads: attention heads.
         intermediate_size: MLP hidden width.
         num_hidden_layers: transformer blocks.
-        position_min_wavelength_um: shortest wavelength (µm) of the 2-D Fourier encoding of cell positions.
+        position_min_wavelength_um: shortest wavelength (µm) of the 2-D Fourier encoding of cell positions
+            (about a cell diameter: finer features would flip between two centres 1 µm apart, so nearby
+            cells would get unrelated niche embeddings).
         position_max_wavelength_um: longest wavelength (µm); positions are relative to the niche centre.
         num_position_frequencies: frequencies per axis (geometric between the two wavelengths).
         use_niche_image: whether a niche image crop adds patch tokens.
         niche_image_size: side of the niche crop (pixels) when ``use_niche_image``.
         niche_patch_size: patch side (pixels) of the niche image tokens.
         num_channels: stain channels of the niche crop.
+        num_neighbours: cells of a cell-centred neighbourhood (the centre included), the niche the
+            model is trained and embedded on (:func:`spatia_hf.data.neighbourhoods.cell_neighbourhoods`).
+        neighbour_radius_um: optional cut-off (µm) of those neighbourhoods; None = the ``num_neighbours``
+            nearest cells whatever their distance.
+        pooling: how the niche embedding pools the niche: ``"mean"`` of the member tokens' outputs
+            (a learned smoothing, informative even at initialisation) or the ``"cls"`` token.
+        use_expression_profiles: add to every member token a linear expression profile of the cell
+            (its gene embeddings weighted by log1p values), next to its cell embedding.
         hidden_act, layer_norm_eps, hidden_dropout_prob, attention_dropout, initializer_range: as in
             :class:`SpatiaCellConfig`.
     """
@@ -206,13 +217,17 @@ class SpatiaNicheConfig(PretrainedConfig):
     num_attention_heads: int = 4
     intermediate_size: int = 512
     num_hidden_layers: int = 2
-    position_min_wavelength_um: float = 2.0
+    position_min_wavelength_um: float = 10.0
     position_max_wavelength_um: float = 400.0
     num_position_frequencies: int = 16
     use_niche_image: bool = False
     niche_image_size: int = 128
     niche_patch_size: int = 16
     num_channels: int = 2
+    num_neighbours: int = 30
+    neighbour_radius_um: float | None = None
+    pooling: str = "mean"
+    use_expression_profiles: bool = True
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     hidden_dropout_prob: float = 0.0
@@ -222,6 +237,10 @@ class SpatiaNicheConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         _reject_unknown_fields(self, kwargs)
         _check_heads("", self.hidden_size, self.num_attention_heads)
+        _check(self.pooling in NICHE_POOLINGS, "pooling", self.pooling, f"use one of {NICHE_POOLINGS}")
+        _check(self.num_neighbours >= 1, "num_neighbours", self.num_neighbours, "use at least 1 cell")
+        _check(self.neighbour_radius_um is None or self.neighbour_radius_um > 0, "neighbour_radius_um",
+               self.neighbour_radius_um, "use a positive radius in µm or None")
         _check(self.cell_embed_dim > 0, "cell_embed_dim", self.cell_embed_dim, "use the cell model's hidden_size")
         _check(0 < self.position_min_wavelength_um < self.position_max_wavelength_um, "position_min_wavelength_um",
                self.position_min_wavelength_um, "use 0 < position_min_wavelength_um < position_max_wavelength_um")
@@ -342,6 +361,12 @@ class SpatiaConfig(PretrainedConfig):
         niche_mask_ratio: fraction of a niche's cells hidden in niche masked-cell prediction.
         mgm_weight / mim_weight / contrastive_weight / niche_weight: weights of the four pretraining
             losses in ``loss`` (0 switches an objective off).
+        niche_profile_weight: weight of the neighbourhood-expression objective: the pooled niche
+            embedding predicts the mean log1p expression of all its cells, the hidden ones included.
+        tissue_weight: weight of masked niche modelling at the tissue scale: the tissue model sees the
+            niche embeddings of a batch's nearby neighbourhoods (one section), ``tissue_mask_ratio`` of
+            them replaced by a mask embedding, and predicts the hidden neighbourhoods' mean expression.
+        tissue_mask_ratio: fraction of a tissue's niches hidden in masked niche modelling.
         mim_decoder_hidden_size / mim_decoder_num_layers / mim_decoder_num_heads: the MAE pixel decoder.
         norm_pix_loss: reconstruct per-patch normalised pixels (MAE's default).
         cell_reconstruction: which gene tokens the pooled cell embedding must predict (its own
@@ -373,6 +398,9 @@ class SpatiaConfig(PretrainedConfig):
     mim_weight: float = 1.0
     contrastive_weight: float = 1.0
     niche_weight: float = 1.0
+    niche_profile_weight: float = 1.0
+    tissue_weight: float = 1.0
+    tissue_mask_ratio: float = 0.25
     mim_decoder_hidden_size: int = 64
     mim_decoder_num_layers: int = 1
     mim_decoder_num_heads: int = 4
@@ -394,11 +422,12 @@ class SpatiaConfig(PretrainedConfig):
                f"set it to niche_config.hidden_size={niche.hidden_size}")
         _check(self.expression_likelihood in EXPRESSION_LIKELIHOODS, "expression_likelihood",
                self.expression_likelihood, f"use one of {EXPRESSION_LIKELIHOODS}")
-        for name in ("mgm_mask_ratio", "mim_mask_ratio", "niche_mask_ratio"):
+        for name in ("mgm_mask_ratio", "mim_mask_ratio", "niche_mask_ratio", "tissue_mask_ratio"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "use a fraction in [0, 1)")
         _check(self.cell_reconstruction in CELL_RECONSTRUCTION_TARGETS, "cell_reconstruction", self.cell_reconstruction,
                f"use one of {CELL_RECONSTRUCTION_TARGETS}")
-        for name in ("mgm_weight", "mim_weight", "contrastive_weight", "niche_weight", "cell_reconstruction_weight"):
+        for name in ("mgm_weight", "mim_weight", "contrastive_weight", "niche_weight", "cell_reconstruction_weight",
+                     "niche_profile_weight", "tissue_weight"):
             _check(getattr(self, name) >= 0.0, name, getattr(self, name), "use a non-negative weight")
         _check_heads("mim_decoder_", self.mim_decoder_hidden_size, self.mim_decoder_num_heads)
 

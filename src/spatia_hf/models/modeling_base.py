@@ -65,7 +65,8 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
     # pretraining-only heads: a pretraining checkpoint loaded into SpatiaModel or a task head leaves
     # them out by design, so they are not reported as unexpected (the demo printed ~140 such lines)
     _keys_to_ignore_on_load_unexpected = [
-        r"^(mgm_head|mae_decoder|image_projection|expression_projection|logit_scale|niche_decoder|cell_decoder)(\.|$)"
+        r"^(mgm_head|mae_decoder|image_projection|expression_projection|logit_scale|niche_decoder|cell_decoder"
+        r"|niche_profile_decoder|tissue_decoder|tissue_mask_embedding)(\.|$)"
     ]
 
     @torch.no_grad()

@@ -163,7 +163,11 @@ class SpatiaForPretraining(SpatiaHeadModel):
     (+ ``gene_counts [B, L]``, ``size_factors [B]`` for NB/ZINB). Niche batch: the same with a
     leading cell dimension (``[B, N, ...]``) plus ``cell_positions [B, N, 2]`` (µm) and
     ``cell_attention_mask [B, N]``; it adds niche masked-cell prediction (the niche model sees a
-    mask token instead of the hidden cells and predicts their gene values from the context).
+    mask token instead of the hidden cells and predicts their gene values from the context) and the
+    neighbourhood-expression objective (the pooled niche embedding predicts the mean log1p
+    expression of all the niche's cells). With ``niche_centres_um [B, 2]`` (section µm) and
+    ``niche_groups [B]`` (one id per section or window), the tissue model is pretrained too: masked
+    niche modelling over the niches of each group (see ``SpatiaConfig.tissue_weight``).
     """
 
     main_input_name = "gene_ids"
@@ -180,10 +184,17 @@ class SpatiaForPretraining(SpatiaHeadModel):
         self.niche_decoder = SpatiaGeneQueryDecoder(config.niche_config.hidden_size, cell.hidden_size,
                                                     cell.vocab_size, cell.hidden_act)
         self.cell_decoder = SpatiaGeneQueryDecoder(cell.hidden_size, cell.hidden_size, cell.vocab_size, cell.hidden_act)
+        self.niche_profile_decoder = SpatiaGeneQueryDecoder(config.niche_config.hidden_size, cell.hidden_size,
+                                                            cell.vocab_size, cell.hidden_act)
+        self.tissue_decoder = SpatiaGeneQueryDecoder(config.tissue_config.hidden_size, cell.hidden_size,
+                                                     cell.vocab_size, cell.hidden_act)
+        # what the tissue model sees instead of a hidden niche's embedding (masked niche modelling)
+        self.tissue_mask_embedding = nn.Parameter(torch.empty(1, config.niche_config.hidden_size))
         self.post_init()
 
     def _spatia_init(self, std: float) -> None:
         init.constant_(self.logit_scale, self.config.logit_scale_init_value)
+        init.trunc_normal_(self.tissue_mask_embedding, std=std)
 
     @torch.no_grad()
     def init_gene_value_biases(self, gene_ids, mean_values, mean_log_rates=None) -> None:
@@ -205,7 +216,8 @@ class SpatiaForPretraining(SpatiaHeadModel):
             mean_log_rates = torch.log(torch.expm1(values).clamp(min=1e-4))
         token = values if self.config.expression_likelihood == "mse" else torch.as_tensor(mean_log_rates).float()
         for table, v in ((self.mgm_head.value_bias, token), (self.cell_decoder.bias, values),
-                         (self.niche_decoder.bias, values)):
+                         (self.niche_decoder.bias, values), (self.niche_profile_decoder.bias, values),
+                         (self.tissue_decoder.bias, values)):
             table.weight[ids, 0] = v.to(table.weight.dtype)
 
     def forward(
@@ -221,6 +233,8 @@ class SpatiaForPretraining(SpatiaHeadModel):
         gene_value_mask: torch.Tensor | None = None,
         image_patch_mask: torch.Tensor | None = None,
         niche_cell_mask: torch.Tensor | None = None,
+        niche_centres_um: torch.Tensor | None = None,
+        niche_groups: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
     ) -> SpatiaPretrainingOutput | tuple:
@@ -272,13 +286,24 @@ class SpatiaForPretraining(SpatiaHeadModel):
                 losses["contrastive"] = info_nce(logits)
         cell_embeds = out.cell_embeds
         if niche:
-            cell_embeds, niche_loss = self._niche_objective(out, index, shape, cell_positions, cell_attention_mask,
-                                                            gene_ids, gene_values, gene_attention_mask, niche_cell_mask)
+            nout, niche_loss = self._niche_objective(out, index, shape, cell_positions, cell_attention_mask,
+                                                     gene_ids, gene_values, gene_attention_mask, niche_cell_mask)
+            cell_embeds = nout.cell_embeds
             if niche_loss is not None:
                 losses["niche"] = niche_loss
+            if gene_ids is not None and (cfg.niche_profile_weight > 0 or cfg.tissue_weight > 0):
+                target, valid = neighbourhood_profiles(gene_ids, gene_values, gene_attention_mask, index, shape,
+                                                       self.spatia.cell.expression_encoder.gene_embeddings.num_embeddings)
+                if cfg.niche_profile_weight > 0:
+                    losses["niche_profile"] = self._niche_profile_objective(nout.niche_embeds, target, valid)
+                if cfg.tissue_weight > 0 and niche_centres_um is not None and niche_groups is not None:
+                    tissue_loss = self._tissue_objective(nout.niche_embeds, niche_centres_um, niche_groups, target,
+                                                         valid)
+                    if tissue_loss is not None:
+                        losses["tissue"] = tissue_loss
 
         weights = {"mgm": cfg.mgm_weight, "mim": cfg.mim_weight, "contrastive": cfg.contrastive_weight,
-                   "niche": cfg.niche_weight}
+                   "niche": cfg.niche_weight, "niche_profile": cfg.niche_profile_weight, "tissue": cfg.tissue_weight}
         loss = sum(weights[k] * v for k, v in losses.items()) if (losses and return_loss) else None
         result = SpatiaPretrainingOutput(
             loss=loss,
@@ -286,6 +311,8 @@ class SpatiaForPretraining(SpatiaHeadModel):
             mim_loss=losses.get("mim"),
             contrastive_loss=losses.get("contrastive"),
             niche_loss=losses.get("niche"),
+            niche_profile_loss=losses.get("niche_profile"),
+            tissue_loss=losses.get("tissue"),
             gene_predictions=gene_pred,
             gene_value_mask=value_mask,
             pixel_predictions=pixel_pred,
@@ -334,15 +361,80 @@ class SpatiaForPretraining(SpatiaHeadModel):
         if self.config.niche_weight > 0:
             hide = (random_token_mask(real, self.config.niche_mask_ratio) if niche_cell_mask is None
                     else _given_mask("niche_cell_mask", niche_cell_mask, shape) & real)
-        nout = self.spatia.niche(emb, cell_positions, real, cell_mask=hide, return_dict=True)
+        profiles = None
+        if self.config.niche_config.use_expression_profiles and gene_ids is not None:
+            profiles = scatter_cells(self.spatia.expression_profiles(gene_ids, gene_values, gene_attention_mask),
+                                     index, shape)
+        nout = self.spatia.niche(emb, cell_positions, real, cell_mask=hide, cell_profiles=profiles, return_dict=True)
         if hide is None or gene_ids is None or not bool(hide.any()):
-            return nout.cell_embeds, None
+            return nout, None
         hidden_flat = pick_cells(hide, index, shape)  # per real cell
         ctx = pick_cells(nout.cell_embeds, index, shape)[hidden_flat]
         ids = gene_ids[hidden_flat]
         pred = self.niche_decoder(ctx, ids, self.spatia.cell.expression_encoder.gene_embeddings)
         loss = masked_mse(pred, gene_values[hidden_flat], gene_attention_mask[hidden_flat].bool())
-        return nout.cell_embeds, loss
+        return nout, loss
+
+    def _gene_query(self, decoder: SpatiaGeneQueryDecoder, h: torch.Tensor) -> torch.Tensor:
+        """``decoder`` over the whole vocabulary: ``h [M, D]`` -> ``[M, V]``."""
+        table = self.spatia.cell.expression_encoder.gene_embeddings
+        ids = torch.arange(table.num_embeddings, device=h.device).expand(h.shape[0], -1)
+        return decoder(h, ids, table)
+
+    def _niche_profile_objective(self, niche_embeds: torch.Tensor, target: torch.Tensor,
+                                 valid: torch.Tensor) -> torch.Tensor:
+        """The pooled niche embedding predicts its neighbourhood's mean log1p expression (all its
+        cells, the ones hidden from the niche model included): what spatial smoothing would keep."""
+        return masked_mse(self._gene_query(self.niche_profile_decoder, niche_embeds), target, valid)
+
+    def _tissue_objective(self, niche_embeds, centres_um, groups, target, valid) -> torch.Tensor | None:
+        """Masked niche modelling at the tissue scale: the niches of each group (nearby neighbourhoods
+        of one section) form a tissue; ``tissue_mask_ratio`` of them are replaced by the mask
+        embedding and the tissue model's output there predicts their mean expression."""
+        emb, pos, real, rows = group_tokens(niche_embeds, centres_um, groups)
+        hide = random_token_mask(real, self.config.tissue_mask_ratio) & real
+        if not bool(hide.any()):
+            return None
+        emb = torch.where(hide[..., None], self.tissue_mask_embedding.to(emb.dtype), emb)
+        tout = self.spatia.tissue(emb, pos, real, return_dict=True)
+        picked = rows[hide]
+        pred = self._gene_query(self.tissue_decoder, tout.niche_embeds[hide])
+        return masked_mse(pred, target[picked], valid[picked])
+
+
+def neighbourhood_profiles(gene_ids: torch.Tensor, gene_values: torch.Tensor, gene_attention_mask: torch.Tensor,
+                           index: torch.Tensor, shape: tuple[int, int], vocab_size: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean log1p value of every vocabulary gene over each niche's real cells, ``[B, V]``, and which
+    genes any of its cells measured (tokens present, sampled zeros included), ``[B, V]`` bool.
+
+    ``gene_ids``/``gene_values``/``gene_attention_mask`` are per real cell (``[n_real, L]``), ``index``
+    their positions in the flattened ``[B*N]`` niche layout."""
+    b, n = shape
+    niche_of = (index // n)[:, None].expand_as(gene_ids)
+    mask = gene_attention_mask.bool()
+    flat = niche_of * vocab_size + gene_ids
+    sums = gene_values.new_zeros(b * vocab_size).index_add_(0, flat[mask], gene_values[mask].to(gene_values.dtype))
+    seen = gene_values.new_zeros(b * vocab_size).index_add_(0, flat[mask], torch.ones_like(gene_values[mask]))
+    cells = torch.bincount(index // n, minlength=b).clamp(min=1).to(gene_values.dtype)
+    return sums.view(b, vocab_size) / cells[:, None], seen.view(b, vocab_size) > 0
+
+
+def group_tokens(x: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor):
+    """Rows of ``x [B, D]`` laid out per group: ``([G, M, D], positions [G, M, 2], real [G, M],
+    row of each slot in x [G, M] (0 on padding))``, groups in order of first appearance."""
+    _, inverse = torch.unique(groups, return_inverse=True)
+    g = int(inverse.max()) + 1
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=g)
+    m = int(counts.max())
+    slot = torch.arange(len(order), device=x.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rows = torch.zeros(g, m, dtype=torch.long, device=x.device)
+    real = torch.zeros(g, m, dtype=torch.bool, device=x.device)
+    grp = inverse[order]
+    rows[grp, slot] = order
+    real[grp, slot] = True
+    return x[rows] * real[..., None], positions.to(x.dtype)[rows] * real[..., None], real, rows
 
 
 # ---------------------------------------------------------------------- fine-tuning heads

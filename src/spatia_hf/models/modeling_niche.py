@@ -1,10 +1,14 @@
-"""The niche scale: the cells of a neighbourhood (~50 µm) as one set of tokens.
+"""The niche scale: the cells of a neighbourhood as one set of tokens.
 
-Each member cell is a token: its cell embedding plus a 2-D Fourier encoding of its position (µm,
-relative to the niche centre). There is no 1-D index, so the niche embedding does not depend on
+A niche is cell-centred (the ``num_neighbours`` nearest cells of a centre cell,
+:mod:`spatia_hf.data.neighbourhoods`) when embedding cells and in pretraining; grid tiles still
+feed the section-level paths. Each member cell is a token: its cell embedding (plus, with
+``use_expression_profiles``, a linear profile of its expression) plus a 2-D Fourier encoding of
+its position (µm, relative to the niche centre). There is no 1-D index, so the niche embedding does not depend on
 the order the cells are listed in, and per-cell outputs permute with the cells. An optional niche
-image adds patch tokens. A cls token pools the niche; the member tokens come out as
-context-aware cell embeddings. Masked cells (niche masked-cell prediction) keep their position but
+image adds patch tokens. The niche embedding pools the member tokens' outputs (``pooling="mean"``,
+so even an untrained model returns a smoothing of its members) or is the cls token's output; the
+member tokens come out as context-aware cell embeddings. Masked cells (niche masked-cell prediction) keep their position but
 lose their embedding.
 """
 
@@ -57,6 +61,8 @@ class SpatiaNicheEmbeddings(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.cell_proj = nn.Linear(config.cell_embed_dim, d)
+        # expression profiles live in the cell model's gene-embedding space (width cell_embed_dim)
+        self.profile_proj = nn.Linear(config.cell_embed_dim, d) if config.use_expression_profiles else None
         self.position_encoder = SpatiaPositionEncoder.from_config(config)
         self.cls_token = nn.Parameter(torch.empty(1, 1, d))
         self.mask_token = nn.Parameter(torch.empty(1, 1, d))
@@ -74,8 +80,10 @@ class SpatiaNicheEmbeddings(nn.Module):
         if self.patch_embed is not None:
             init.trunc_normal_(self.image_type, std=std)
 
-    def forward(self, cell_embeddings, cell_positions, cell_mask=None, pixel_values=None):
+    def forward(self, cell_embeddings, cell_positions, cell_mask=None, pixel_values=None, cell_profiles=None):
         x = self.cell_proj(cell_embeddings)
+        if self.profile_proj is not None and cell_profiles is not None:
+            x = x + self.profile_proj(cell_profiles.to(x.dtype))
         if cell_mask is not None:
             x = torch.where(cell_mask[..., None], self.mask_token.to(x.dtype), x)
         x = x + self.position_encoder(cell_positions.to(x.dtype))
@@ -123,6 +131,7 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
         cell_attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         cell_mask: torch.Tensor | None = None,
+        cell_profiles: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> SpatiaNicheOutput | tuple:
         """Args:
@@ -131,11 +140,16 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
             cell_attention_mask: ``[B, N]`` 1 = real cell, 0 = padding.
             pixel_values: optional ``[B, C, H, W]`` niche image.
             cell_mask: ``[B, N]`` bool, cells whose embedding is hidden (masked-cell prediction).
+            cell_profiles: optional ``[B, N, cell_embed_dim]`` expression profiles of the members
+                (:meth:`SpatiaModel.expression_profiles`); used when ``use_expression_profiles``.
         """
         self.check_inputs(cell_embeddings, cell_positions, cell_attention_mask, pixel_values)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         b, n = cell_embeddings.shape[:2]
-        x = self.embeddings(cell_embeddings, cell_positions, cell_mask, pixel_values)
+        if cell_profiles is not None and tuple(cell_profiles.shape) != tuple(cell_embeddings.shape):
+            raise ValueError(f"cell_profiles: expected shape {tuple(cell_embeddings.shape)} (one profile per cell "
+                             f"embedding), got {tuple(cell_profiles.shape)}")
+        x = self.embeddings(cell_embeddings, cell_positions, cell_mask, pixel_values, cell_profiles)
         cells_real = real_cell_mask(cell_attention_mask, (b, n), x.device)
         n_img = x.shape[1] - 1 - n
         full = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), cells_real,
@@ -145,12 +159,20 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
             x = layer(x, bias)
         x = self.final_norm(x)
         out = SpatiaNicheOutput(
-            niche_embeds=x[:, 0],
+            niche_embeds=self._pool(x, cells_real),
             cell_embeds=x[:, 1 : 1 + n],
             cell_attention_mask=cells_real,
             image_tokens=x[:, 1 + n :] if n_img else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def _pool(self, x: torch.Tensor, cells_real: torch.Tensor) -> torch.Tensor:
+        """The niche embedding: the cls output, or the mean output over the real member cells."""
+        if self.config.pooling == "cls":
+            return x[:, 0]
+        n = cells_real.shape[1]
+        w = cells_real.to(x.dtype)[..., None]
+        return (x[:, 1 : 1 + n] * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
 __all__ = ["SpatiaNicheModel", "SpatiaNicheEmbeddings", "real_cell_mask", "real_cell_index", "pick_cells",

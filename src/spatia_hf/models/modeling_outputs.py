@@ -103,6 +103,8 @@ class SpatiaPretrainingOutput(ModelOutput):
     Args:
         loss: weighted total.
         mgm_loss / mim_loss / contrastive_loss / niche_loss: per-objective losses (None if not run).
+        niche_profile_loss: neighbourhood-expression prediction from the pooled niche embedding.
+        tissue_loss: masked niche modelling by the tissue model.
         gene_predictions: ``[B, L]`` predicted log1p values (or log-means for NB/ZINB) at every gene token.
         gene_value_mask: ``[B, L]`` which tokens were masked.
         pixel_predictions: ``[B, P, p*p*C]`` reconstructed patches; ``image_patch_mask`` marks hidden ones.
@@ -115,6 +117,8 @@ class SpatiaPretrainingOutput(ModelOutput):
     mim_loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
     niche_loss: torch.Tensor | None = None
+    niche_profile_loss: torch.Tensor | None = None
+    tissue_loss: torch.Tensor | None = None
     gene_predictions: torch.Tensor | None = None
     gene_value_mask: torch.Tensor | None = None
     pixel_predictions: torch.Tensor | None = None

@@ -45,6 +45,18 @@ class SpatiaModel(SpatiaPreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------ niche routing
+    def expression_profiles(self, gene_ids: torch.Tensor, gene_values: torch.Tensor,
+                            gene_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A linear expression profile per cell: its gene embeddings weighted by their log1p values,
+        summed and layer-normalised (no affine), ``[..., cell hidden_size]``. The niche model adds it
+        to each member token (``use_expression_profiles``), so a neighbourhood sees its members'
+        expression directly (like smoothed PCA would), not only through the cell embedding."""
+        mask = (gene_ids != 0) if gene_attention_mask is None else gene_attention_mask.bool()
+        table = self.cell.expression_encoder.gene_embeddings
+        weights = (gene_values * mask).to(table.weight.dtype)[..., None]
+        profile = (table(gene_ids) * weights).sum(-2)
+        return torch.nn.functional.layer_norm(profile, profile.shape[-1:])
+
     def encode_niche_cells(
         self,
         cell_attention_mask: torch.Tensor | None,
@@ -90,6 +102,7 @@ class SpatiaModel(SpatiaPreTrainedModel):
         niche_embeddings: torch.Tensor | None = None,
         niche_positions: torch.Tensor | None = None,
         niche_attention_mask: torch.Tensor | None = None,
+        cell_profiles: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> SpatiaModelOutput | tuple:
         """Runs the tissue model when ``niche_embeddings`` are given, the niche model when
@@ -101,12 +114,16 @@ class SpatiaModel(SpatiaPreTrainedModel):
             t = self.tissue(niche_embeddings, niche_positions, niche_attention_mask, return_dict=True)
             out = SpatiaModelOutput(niche_embeds=t.niche_embeds, tissue_embeds=t.tissue_embeds, tissue_outputs=t)
         elif cell_positions is not None:
-            cell_out = None
+            cell_out, profiles = None, cell_profiles
             if cell_embeddings is None:
                 cell_out, cell_embeddings, _ = self.encode_niche_cells(
                     cell_attention_mask, pixel_values, gene_ids, gene_values, gene_attention_mask
                 )
-            nout = self.niche(cell_embeddings, cell_positions, cell_attention_mask, niche_pixel_values, return_dict=True)
+            if (profiles is None and self.config.niche_config.use_expression_profiles and gene_ids is not None
+                    and gene_ids.dim() == 3):
+                profiles = self.expression_profiles(gene_ids, gene_values, gene_attention_mask)
+            nout = self.niche(cell_embeddings, cell_positions, cell_attention_mask, niche_pixel_values,
+                              cell_profiles=profiles, return_dict=True)
             out = SpatiaModelOutput(cell_embeds=nout.cell_embeds, niche_embeds=nout.niche_embeds,
                                     cell_outputs=cell_out, niche_outputs=nout)
         else:
@@ -143,6 +160,7 @@ class SpatiaModel(SpatiaPreTrainedModel):
         cell_embeddings: Any = None,
         cell_attention_mask: Any = None,
         niche_pixel_values: Any = None,
+        cell_profiles: Any = None,
         *,
         pixel_values: Any = None,
         gene_ids: Any = None,
@@ -157,7 +175,7 @@ class SpatiaModel(SpatiaPreTrainedModel):
         ``return_cell_embeddings``) from cell embeddings or raw per-cell inputs + µm positions."""
         inputs = _collect(batch, cell_positions=cell_positions, cell_embeddings=cell_embeddings,
                           cell_attention_mask=cell_attention_mask, niche_pixel_values=niche_pixel_values,
-                          pixel_values=pixel_values, gene_ids=gene_ids, gene_values=gene_values,
+                          cell_profiles=cell_profiles, pixel_values=pixel_values, gene_ids=gene_ids, gene_values=gene_values,
                           gene_attention_mask=gene_attention_mask)
         if "cell_positions" not in inputs:
             raise ValueError("embed_niches needs cell_positions ([n, N, 2] µm relative to each niche centre)")

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 PRESETS = ("tiny", "small", "base", "large")
 TASKS = ("annotation", "imputation", "image_to_expression", "tissue_classification")
-SCHEDULES = ("niche", "cell")
+SCHEDULES = ("niche", "grid", "cell")
 
 
 @dataclass
@@ -70,9 +70,13 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
     schedule: str = field(
         default="niche",
-        metadata={"help": "Pretraining schedule. 'niche': every example is a niche whose member cells carry "
-                          "all cell objectives (MGM, MIM, contrastive) and the niche masked-cell objective, "
-                          "one batch one optimiser step. 'cell': every example is a cell (no niche objective)."},
+        metadata={"help": "Pretraining schedule. 'niche': every example is a cell-centred neighbourhood (the "
+                          "model's niche_config.num_neighbours nearest cells) whose member cells carry all cell "
+                          "objectives (MGM, MIM, contrastive), plus the niche objectives (masked cells, "
+                          "neighbourhood expression) and, batches being nearby neighbourhoods of one section, "
+                          "masked niche modelling by the tissue model; one batch one optimiser step. 'grid': the "
+                          "same on the dataset's grid-tile niches (no tissue objective). 'cell': every example "
+                          "is a cell (no niche or tissue objective)."},
     )
     gene_mask_ratio: float | None = field(
         default=None, metadata={"help": "Fraction of gene tokens masked for MGM (None: the model config's)."}
@@ -85,7 +89,8 @@ class DataArguments:
         metadata={"help": "Fraction of a niche's cells masked for masked-cell prediction (None: the config's)."},
     )
     max_cells_per_niche: int = field(
-        default=32, metadata={"help": "Cells kept per niche (a seeded sample when a niche has more)."}
+        default=32, metadata={"help": "Cells kept per grid niche ('grid' schedule; a seeded sample when a niche has "
+                                      "more). Cell-centred niches hold niche_config.num_neighbours cells."}
     )
     streaming: bool = field(
         default=False,

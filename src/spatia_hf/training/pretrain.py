@@ -2,16 +2,18 @@
 
 The schedule (``DataArguments.schedule``):
 
-- ``"niche"`` (default): every example is a niche (a ~50 µm neighbourhood) carrying up to
-  ``max_cells_per_niche`` of its cells. One forward of ``SpatiaForPretraining`` runs the cell
-  objectives on every member cell (masked gene modelling, masked image modelling, image-expression
-  contrastive across all cells of the batch) and the niche objective (masked-cell prediction from
-  the other cells of the niche) on the niches: each optimiser step trains every objective, with one
-  weighted loss (weights in the model config). Cells are thus sampled niche by niche.
+- ``"niche"`` (default): every example is a cell-centred neighbourhood (a cell and its
+  ``niche_config.num_neighbours`` nearest cells, :class:`CellNicheDataset`), and a batch holds
+  nearby neighbourhoods of one section (:class:`LocalBlockSampler`). One forward of
+  ``SpatiaForPretraining`` runs the cell objectives on every member cell (masked gene modelling,
+  masked image modelling, image-expression contrastive across all cells of the batch), the niche
+  objectives (masked-cell prediction from the other cells; the pooled niche embedding predicting
+  its neighbourhood's mean expression) and the tissue objective (the batch's neighbourhoods as a
+  small tissue: masked niche modelling through the tissue model with token merging): each
+  optimiser step trains every scale, with one weighted loss (weights in the model config).
+- ``"grid"``: the same on the dataset's grid-tile niches (up to ``max_cells_per_niche`` cells each),
+  without the tissue objective: the pre-issue-16 schedule, kept as an ablation.
 - ``"cell"``: every example is a cell (no niche objective): the cell-scale-only ablation.
-
-The tissue model is not pretrained here (a section is a single example); it is trained by the
-``tissue_classification`` fine-tuning task on top of frozen niche embeddings.
 
 Masks: the model draws them itself unless its ``forward`` accepts ``gene_value_mask`` /
 ``image_patch_mask`` / ``niche_cell_mask``, in which case the collators draw them per example (seeded).
@@ -27,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from spatia_hf.data import schema
@@ -35,8 +39,9 @@ from ..models.modeling_heads import SpatiaForPretraining
 
 from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
 from ..data.collators import CellCollator, NicheCollator
-from ..data.datasets import (ArrowRows, NicheCellsDataset, SpatiaDataset, arrow_columns, default_eval_sections,
-                             load_spatia_dataset, read_gene_panel, split_by_section, truncate)
+from ..data.datasets import (ArrowRows, CellNicheDataset, NicheCellsDataset, SpatiaDataset, arrow_columns,
+                             default_eval_sections, load_spatia_dataset, read_gene_panel, split_by_section,
+                             truncate)
 from .setup import (
     SUMMARY_FILE,
     TrainingResult,
@@ -111,6 +116,8 @@ def init_value_biases(model: SpatiaForPretraining, processor, dataset: SpatiaDat
 
 def build_pretraining_data(data_args: DataArguments, dataset: SpatiaDataset, processor, model, seed: int):
     """(train dataset, eval dataset or None, collator) for the chosen schedule."""
+    cfg = model.config
+    accepts = _forward_params(model)
     cell_collator, collator = _collators(data_args, processor, model, seed)
     cells_train, cells_eval = split_by_section(dataset["cells"], data_args.eval_section_list())
     if data_args.schedule == "cell":
@@ -118,6 +125,9 @@ def build_pretraining_data(data_args: DataArguments, dataset: SpatiaDataset, pro
         evaluation = ArrowRows(truncate(cells_eval, data_args.max_eval_samples, seed), CELL_COLUMNS) \
             if cells_eval is not None else None
         return train, evaluation, cell_collator
+    if data_args.schedule == "niche":
+        niche_mask = cfg.niche_mask_ratio if ("niche_cell_mask" in accepts and cfg.niche_weight > 0) else None
+        return _cell_niche_data(data_args, cfg, cells_train, cells_eval, cell_collator, niche_mask, accepts, seed)
     niches_train, niches_eval = split_by_section(dataset["niches"], data_args.eval_section_list())
     train = NicheCellsDataset(truncate(niches_train, data_args.max_train_samples, seed), cells_train,
                               data_args.max_cells_per_niche, seed, CELL_COLUMNS)
@@ -192,6 +202,28 @@ def _check_streaming_args(training_args: TrainingArguments) -> None:
         logger.warning("--streaming: no end-of-training evaluation; the held-out sections stayed out of training "
                        "(score them with `spatia evaluate`)")
         training_args.do_eval = False
+
+
+def _cell_niche_data(data_args, cfg, cells_train, cells_eval, cell_collator, niche_mask, accepts, seed):
+    """The ``niche`` schedule: cell-centred neighbourhoods of the training sections (every cell a
+    centre), batched as nearby neighbourhoods; the tissue objective's inputs when the model takes them."""
+    niche_cfg = cfg.niche_config
+    centres = "niche_centres_um" in accepts and "niche_groups" in accepts
+    collator = NicheCollator(cell_collator, niche_mask_ratio=niche_mask, with_centres=centres)
+
+    def hoods(cells):
+        return CellNicheDataset(truncate(cells, None, seed), niche_cfg.num_neighbours, niche_cfg.neighbour_radius_um,
+                                CELL_COLUMNS + (schema.X_UM, schema.Y_UM))
+
+    train = hoods(cells_train)
+    evaluation = None
+    if cells_eval is not None:  # evaluation centres: a seeded subset of the held-out cells, all neighbours kept
+        evaluation = hoods(cells_eval)
+        if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(evaluation):
+            keep = np.sort(np.random.default_rng(seed).choice(len(evaluation), data_args.max_eval_samples,
+                                                              replace=False))
+            evaluation = torch.utils.data.Subset(evaluation, keep.tolist())
+    return train, evaluation, collator
 
 
 def run_pretraining(

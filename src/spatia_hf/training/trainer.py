@@ -130,6 +130,15 @@ class SpatiaTrainer(Trainer):
         self._train_meter = _ObjectiveMeter()
         self._eval_meter = _ObjectiveMeter()
 
+    def _get_train_sampler(self, train_dataset=None):
+        """The dataset's own sampler when it has one (``train_sampler(batch_size, seed)``: e.g. cell
+        neighbourhoods in blocks of nearby centres, so a batch is a small tissue), else the Trainer's."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        own = getattr(dataset, "train_sampler", None)
+        if callable(own):
+            return own(self.args.per_device_train_batch_size, self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
