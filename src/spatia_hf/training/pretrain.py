@@ -34,7 +34,7 @@ from ..models.modeling_heads import SpatiaForPretraining
 
 from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
 from ..data.collators import CellCollator, NicheCollator
-from ..data.datasets import (ArrowRows, NicheCellsDataset, SpatiaDataset, default_eval_sections, load_spatia_dataset,
+from ..data.datasets import (ArrowRows, NicheCellsDataset, SpatiaDataset, load_spatia_dataset,
                        split_by_section, truncate)
 from .setup import (
     SUMMARY_FILE,
@@ -45,6 +45,7 @@ from .setup import (
     new_config,
     prepare_training_args,
     resolve_resume,
+    section_record,
     seed_everything,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
@@ -194,7 +195,7 @@ def run_pretraining(
         stopped_by_time_budget=bool(budget is not None and budget.stopped_at_step is not None),
         extra={"task": "pretraining", "schedule": data_args.schedule, "train_loss": output.training_loss,
                "n_train_examples": len(train), "gene_panel": processor.panel.report() if processor.panel else None,
-               **_section_record(dataset, data_args.eval_section_list())},
+               **section_record(dataset, data_args.eval_section_list(), model_args.model_name_or_path)},
     )
     if trainer.is_world_process_zero():
         trainer.save_state()
@@ -202,14 +203,6 @@ def run_pretraining(
     if training_args.push_to_hub:  # every process calls it; the Trainer uploads from process zero
         trainer.push_to_hub(commit_message=f"SPATIA {result.extra['task']}: step {result.global_step}")
     return result
-
-
-def _section_record(dataset: SpatiaDataset, eval_sections: list[str] | None) -> dict[str, list[str]]:
-    """Which sections trained and which were held out, for the summary (evaluation checks that the
-    sections it scores were not trained on)."""
-    present = dataset.sample_ids
-    held = default_eval_sections(present) if eval_sections is None else list(eval_sections)
-    return {"train_sections": [s for s in present if s not in held], "eval_sections": sorted(held)}
 
 
 @respects_progress
