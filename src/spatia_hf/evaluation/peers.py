@@ -67,6 +67,8 @@ def run_novae(inputs: SuiteInputs, out: SpatiaOutputs, seed: int = 0, max_epochs
     import lightning
     import novae
 
+    if max_epochs < 3:  # Novae's cosine schedule divides by (max_epochs - 2): 2 epochs fail inside fit
+        raise ValueError(f"max_epochs={max_epochs}: Novae needs at least 3 epochs")
     c, sec = inputs.cells, inputs.section_split
     train = [_adata(inputs, np.flatnonzero(c.sample_ids == s)) for s in np.unique(c.sample_ids[sec.train])]
     test = _adata(inputs, sec.test)
@@ -130,8 +132,12 @@ def run_peers(inputs: SuiteInputs, names: Sequence[str] = PEERS, seed: int = 0, 
             for task in TASKS_OF[name]:
                 out.note(task, f"{name}: not installed, its row is skipped ({INSTALL_HINT})")
             continue
-        (run_novae if name == "novae" else run_scvi)(
-            inputs, out, seed, **({"max_epochs": novae_epochs} if name == "novae" else {"max_epochs": scvi_epochs}))
+        try:
+            (run_novae if name == "novae" else run_scvi)(
+                inputs, out, seed, max_epochs=novae_epochs if name == "novae" else scvi_epochs)
+        except Exception as err:  # a third-party trainer's failure is reported, not the end of the evaluation
+            for task in TASKS_OF[name]:
+                out.note(task, f"{name}: failed ({type(err).__name__}: {err}); its row is skipped")
     return out
 
 
