@@ -65,6 +65,9 @@ def register(subparsers) -> None:
     parser.add_argument("--peers", default="", metavar="NAMES",
                         help="comma-separated published methods to train from scratch and score as baselines: "
                              "novae (task 5), scvi (tasks 1, 4, 7, 8); needs pip install 'spatia-hf[peers]'")
+    parser.add_argument("--novae-epochs", type=int, default=20, help="epoch cap of the Novae peer (default 20, >= 3)")
+    parser.add_argument("--scvi-epochs", type=int, default=None,
+                        help="epoch cap of the scVI peer (default: scvi-tools' own rule)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_and_seed(parser)
     parser.set_defaults(func=run)
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                       guidance_scale=args.guidance, generation_variants=not args.no_generation_variants,
                       cnn_epochs=args.cnn_epochs, progress=not args.no_progress, max_generation=args.max_generation,
                       max_perturbation=args.max_perturbation,
-                      peers=[p.strip() for p in args.peers.split(",") if p.strip()])
+                      peers=[p.strip() for p in args.peers.split(",") if p.strip()], novae_epochs=args.novae_epochs,
+                      scvi_epochs=args.scvi_epochs)
     print()
     print(result.format_table())
     for text in result.warnings:

@@ -489,22 +489,26 @@ def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
     log_expr = np.log((counts[s.train] + 0.5) / np.maximum(library[s.train], 1.0))
     area = nucleus_area(c.images[s.train], c.pixel_size_um[s.train])
     ok = area > 0
-    measured = {"observational regression (real cells)": B.observational_shift(
-        log_expr[ok], np.log(area[ok]), np.log(inputs.folds), B.one_hot(c.label(inputs.cell_type_key)[s.train][ok])),
-        "no change": np.zeros(len(truth))}
+    x, y = log_expr[ok], np.log(area[ok])
+    types = B.one_hot(c.label(inputs.cell_type_key)[s.train][ok])
+    regression = "observational regression (real cells)"
+    measured = {regression: B.observational_shift(x, y, np.log(inputs.folds), types), "no change": np.zeros(len(truth))}
+    resample = {regression: (len(y), lambda rows: B.observational_shift(x[rows], y[rows], np.log(inputs.folds),
+                                                                         types[rows]))}
     kinds = _kinds(kinds, "perturbation", {"no change": "reference"})
     for name, out in dict((extra or {}).get("perturbation", {})).items():
         before = nucleus_area(_as_uint8(out["before"], name), c.pixel_size_um[inputs.perturbation_idx])
-        shifts = []
+        afters = []
         for f in inputs.folds:
             if f not in out["after"]:
                 raise ValueError(f"extra['perturbation'][{name!r}]['after'] has no images for fold {f}; folds: "
                                  f"{list(inputs.folds)}")
-            after = nucleus_area(_as_uint8(out["after"][f], name), c.pixel_size_um[inputs.perturbation_idx])
-            shifts.append(log_fold_shift(before, after))
+            afters.append(nucleus_area(_as_uint8(out["after"][f], name), c.pixel_size_um[inputs.perturbation_idx]))
         if name in measured:
             raise ValueError(f"extra['perturbation'] reuses baseline method name {name!r}")
-        measured[name] = np.array(shifts)
+        measured[name] = np.array([log_fold_shift(before, a) for a in afters])
+        resample[name] = (len(before), lambda rows, before=before, afters=afters: np.array(
+            [_shift_or_nan(before[rows], a[rows]) for a in afters]))
         if fig_dir is not None and "task12_strip" not in figures:
             from . import plots
 
@@ -512,10 +516,18 @@ def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
             figures["task12_strip"] = plots.plot_perturbation_strip(
                 _as_uint8(out["before"], name), edited, fig_dir / "task12_strip.png",
                 title=f"{name}: {gene} edits, same noise")
-    r = T.run_perturbation(measured, truth, names, kinds=kinds)
+    r = T.run_perturbation(measured, truth, names, kinds=kinds, resample=resample, seed=inputs.seed)
     r.notes.append(f"truth: {gene} drives nucleus area with exponent {gt['morphology_genes'][gene]['exponent']}; "
                    "nucleus area measured from crops by evaluation.generation.nucleus_area")
     return r
+
+
+def _shift_or_nan(before: np.ndarray, after: np.ndarray) -> float:
+    """:func:`log_fold_shift` of a bootstrap draw, NaN when the draw holds no measurable pair."""
+    try:
+        return log_fold_shift(before, after)
+    except ValueError:
+        return float("nan")
 
 
 def evaluate_dataset(dataset_dir: str | Path, report_dir: str | Path, seed: int = 0,

@@ -37,6 +37,7 @@ from .splits import Split
 
 KINDS = ("spatia", "baseline", "reference")
 KID_SUBSETS_PER_DRAW = 10
+GENERATION_DRAWS = 50  # bootstrap draws of task 11: each recomputes FID (a matrix square root); 200 took ~1 min
 LOWER_IS_BETTER = frozenset({"fid", "kid"})
 
 
@@ -701,12 +702,13 @@ def run_generation(real_features: np.ndarray, real_labels: Sequence, generated: 
             return {"fid": out["fid"], "kid": out["kid"],
                     "type_accuracy": classification_scores(pred[rows], cond[rows])["accuracy"]}
 
-        acc.add(name, seed, score, resamples(len(g), seed))
+        acc.add(name, seed, score, resamples(len(g), seed, GENERATION_DRAWS))
     notes = [f"FID/KID in the given feature space ({real.shape[1]} dims, {len(real)} real images); "
              "type accuracy: linear probe fitted on the real features"]
     if len(real) <= real.shape[1]:
         notes.append("fewer real images than feature dimensions: FID is biased upwards; compare methods only")
-    notes.append(f"interval: {LEVEL:.0%} bootstrap over the generated images (the real reference set stays whole; "
+    notes.append(f"interval: {LEVEL:.0%} bootstrap ({GENERATION_DRAWS} draws) over the generated images (the real "
+                 "reference set stays whole; "
                  f"{KID_SUBSETS_PER_DRAW} KID subsets per draw); one noise seed ({seed}), as generating again per seed "
                  "would multiply the generation time")
     return _result(11, acc, kinds, {"kind": "cells", "n_real": int(len(real))}, notes=notes)
@@ -714,18 +716,40 @@ def run_generation(real_features: np.ndarray, real_labels: Sequence, generated: 
 
 # ----------------------------------------------------------------------------- task 12: perturbation
 def run_perturbation(measured: Mapping[str, Sequence[float]], true_shift: Sequence[float],
-                     perturbations: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None) -> TaskResult:
+                     perturbations: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None,
+                     resample: Mapping[str, tuple[int, Any]] | None = None, seed: int = 0) -> TaskResult:
     """Task 12: measured log-fold morphology shifts (one per perturbation, e.g. NUCSIZE x4 -> log
     nucleus-area ratio of generated after/before from the same noise) vs the true shifts; direction
-    agreement, median size ratio and slope."""
+    agreement, median size ratio and slope.
+
+    ``resample`` maps a method to ``(n_items, shifts_of(rows))``: its shifts recomputed from the item
+    rows ``rows`` (the perturbed cells, or the real cells of a regression), for a bootstrap interval;
+    methods without it get their point value as the interval's two ends."""
     true = np.asarray(true_shift, np.float64)
     _check_methods({k: np.asarray(v, np.float64) for k, v in measured.items()}, "measured", len(true), ndim=1)
     names = list(perturbations) if perturbations is not None else [str(i) for i in range(len(true))]
-    scores, shifts = {}, {}
+    acc, shifts = SeededScores(), {}
+    keys = ("direction_agreement", "size_ratio", "slope")
+
+    def score(values) -> dict[str, float]:
+        if not np.isfinite(values).all():  # a draw with no measurable cell: left out of the interval
+            return {k: math.nan for k in keys}
+        out = compute_metric_arrays("morphology_shift", predictions=np.asarray(values, np.float64), references=true)
+        return {k: out[k] for k in keys}
+
     for name, m in measured.items():
-        out = compute_metric("morphology_shift", predictions=np.asarray(m, np.float64), references=true)
-        scores[name] = {k: out[k] for k in ("direction_agreement", "size_ratio", "slope")}
         shifts[name] = np.asarray(m, np.float64).tolist()
-    return _result(12, scores, kinds, {"kind": "perturbations", "n_perturbations": int(len(true))},
+        if resample and name in resample:
+            n_items, shifts_of = resample[name]
+            draws = resamples(n_items, seed)
+            acc.add(name, seed, lambda rows, shifts_of=shifts_of, m=m: score(
+                m if len(rows) == n_items and np.array_equal(rows, np.arange(n_items)) else shifts_of(rows)), draws)
+        else:
+            acc.add_point(name, seed, score(m))
+    notes = ["shifts are natural-log folds; size_ratio 1 = right size, 0 = no effect"]
+    if resample:
+        notes.append(f"interval: {LEVEL:.0%} bootstrap over each method's cells (perturbed cells; the real cells of "
+                     "the regression); references without cells have none")
+    return _result(12, acc, kinds, {"kind": "perturbations", "n_perturbations": int(len(true))},
                    details={"perturbations": names, "true_shift": true.tolist(), "measured_shift": shifts},
-                   notes=["shifts are natural-log folds; size_ratio 1 = right size, 0 = no effect"])
+                   notes=notes)
