@@ -196,3 +196,16 @@ def test_every_documented_extra_slot_is_scored_as_spatia(tiny_dataset):
     assert by["finetuned_annotation"].scores["SPATIA"]["macro_f1"] == 1.0
     assert by["gene_imputation"].scores["SPATIA"]["pearson"] == pytest.approx(1.0)
     assert by["retrieval"].scores["SPATIA"]["recall@1"] == 1.0  # identical towers find every partner
+
+
+def test_a_missing_peer_is_a_note_not_a_row(monkeypatch, tiny_dataset):
+    from spatia_hf.evaluation import peers
+    from spatia_hf.evaluation.suite import prepare_suite
+
+    with pytest.raises(ValueError, match="one of"):
+        peers.peer_installed("stagate")
+    inputs = prepare_suite(tiny_dataset, seed=0, n_masked_genes=8, n_target_genes=10)
+    monkeypatch.setattr(peers, "peer_installed", lambda name: False)
+    out = peers.run_peers(inputs, ["novae", "scvi"])
+    assert out.extra == {} and out.seconds == {}
+    assert all("not installed" in n and "spatia-hf[peers]" in n for task in (1, 4, 5, 7, 8) for n in out.notes[task])
