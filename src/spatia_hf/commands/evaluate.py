@@ -88,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(result.format_table())
     for text in result.warnings:
-        print(f"warning: {text}")
+        print(f"note: {text}")
     print(f"\nreport: {result.report}  ({result.seconds['total']:.0f} s)")
     return 0

@@ -36,7 +36,7 @@ class EvaluationResult:
     Attributes:
         tasks: one :class:`~spatia_hf.evaluation.tasks.TaskResult` per task that ran.
         report: path of ``report.md`` (``results.json`` and ``figures/`` are next to it).
-        warnings: caveats (also in the report).
+        warnings: caveats, e.g. tasks the data cannot decide ("not estimable", with the reason; also in the report).
         seconds: wall-clock time per stage.
     """
 
@@ -218,7 +218,6 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
     if pipeline is not None:
         checkpoints["generator"] = pipeline
     trained = check_training_sections(checkpoints, inputs.section_split.held_out_sections, inputs.sections.sample_ids)
-    caveats: list[str] = []
     seconds["prepare"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -282,6 +281,7 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
     meta["peers"] = ({name: f"{sec} s" for name, sec in peer_out.seconds.items()} or
                      f"none ran (requested: {list(peers) or 'none'}; spatia evaluate --peers novae,scvi)")
     report = write_report(results, out_dir, meta, figures)
+    caveats = [f"task {r.task} ({r.title}) not estimable: {r.not_estimable}" for r in results if r.not_estimable]
     return EvaluationResult(results, report, caveats, seconds)
 
 
