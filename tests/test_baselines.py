@@ -199,15 +199,26 @@ def test_clustering_recovers_separated_groups(method):
     assert r.details["algorithm"] == [method]
 
 
-def test_section_classification_leaves_each_section_out():
-    labels = np.array(["healthy", "disease"] * 3)
-    feats = {"separable": np.where(labels == "disease", 1.0, -1.0)[:, None] + np.arange(6)[:, None] * 0.01,
-             "uninformative": np.zeros((6, 1))}
-    r = T.run_section_classification(feats, labels, [f"s{i}" for i in range(6)])
+def test_section_classification_scores_held_out_sections_only():
+    labels = np.array(["healthy", "disease"] * 4)
+    ids = [f"s{i}" for i in range(8)]
+    feats = {"separable": np.where(labels == "disease", 1.0, -1.0)[:, None] + np.arange(8)[:, None] * 0.01,
+             "uninformative": np.zeros((8, 1))}
+    r = T.run_section_classification(feats, labels, ids, held_out=["s4", "s5", "s6", "s7"])
+    assert r.not_estimable is None and r.split["held_out_sections"] == ["s4", "s5", "s6", "s7"]
     assert r.scores["separable"]["accuracy"] == 1.0
     assert r.scores["uninformative"]["accuracy"] <= 0.5
+    assert r.details["sample_ids"] == ["s4", "s5", "s6", "s7"]  # the training sections are never scored
     with pytest.raises(ValueError, match="single class"):
-        T.run_section_classification(feats, ["a"] * 6, [f"s{i}" for i in range(6)])
+        T.run_section_classification(feats, ["a"] * 8, ids, held_out=["s7"])
+
+
+def test_section_classification_with_too_few_held_out_sections_is_not_estimable():
+    labels = np.array(["healthy", "disease"] * 2)
+    feats = {"separable": np.where(labels == "disease", 1.0, -1.0)[:, None]}
+    r = T.run_section_classification(feats, labels, ["s0", "s1", "s2", "s3"], held_out=["s3"])
+    assert r.scores == {} and "1 held-out section(s) ['s3']" in r.not_estimable
+    assert "at least 2 held-out sections of each of at least 2 classes" in r.not_estimable
 
 
 def test_finetuned_annotation_scores_given_predictions_and_checks_their_length():

@@ -5,7 +5,6 @@ ones); the end-to-end test pretrains, fine-tunes and trains a generator for a fe
 """
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -35,7 +34,12 @@ def tiny(tmp_path_factory):
                                     num_labels=len(types), id2label=dict(enumerate(types)),
                                     label2id={t: i for i, t in enumerate(types)})
     SpatiaForCellClassification(head).save_pretrained(root / "ft")
-    return {"data": data, "pre": root / "pre", "ft": root / "ft", "root": root, "types": types}
+    sections = sorted(ds.sample_ids)
+    record = json.dumps({"train_sections": sections[:-1], "eval_sections": sections[-1:]})
+    for name in ("pre", "ft"):  # what pretraining / fine-tuning record: the last section held out
+        (root / name / "spatia_training.json").write_text(record)
+    return {"data": data, "pre": root / "pre", "ft": root / "ft", "root": root, "types": types,
+            "sections": sections}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def test_zero_shot_imputation_cannot_read_the_masked_values(inputs, ckpt):
 
     from spatia_hf.evaluation.spatia_methods import masked_gene_predictions
 
-    idx = inputs.cell_split.test[:12]
+    idx = inputs.section_split.test[:12]
     genes = inputs.masked_genes
     base = masked_gene_predictions(ckpt, inputs, idx, genes)
     assert base.shape == (len(idx), len(genes)) and np.isfinite(base).all()
@@ -123,7 +127,7 @@ def test_spatia_outputs_match_the_suite_contract_for_every_slot(tiny, inputs, ck
 
     ft = M.load_checkpoint(tiny["ft"], tiny["data"], fallback_processor=ckpt.processor)
     out = M.spatia_methods(ckpt, inputs, tiny["data"], finetuned=[ft])
-    n, sec, cel = inputs.cells.n_cells, inputs.section_split, inputs.cell_split
+    n, sec = inputs.cells.n_cells, inputs.section_split
     d = ckpt.backbone.config.cell_config.hidden_size
     assert out.extra["cell_annotation"][M.FUSED].shape == (n, d)
     assert out.extra["image_annotation"][M.IMAGE_BRANCH].shape == (n, d)
@@ -132,10 +136,14 @@ def test_spatia_outputs_match_the_suite_contract_for_every_slot(tiny, inputs, ck
     pred = out.extra["finetuned_annotation"][M.FINETUNED_HEAD]
     assert pred.shape == (len(sec.test),) and set(pred) <= set(tiny["types"])
     for key, genes in (("gene_imputation", inputs.masked_genes), ("niche_imputation", inputs.neighbor_genes)):
-        for name, p in out.extra[key].items():
-            assert p.shape == (len(cel.test), len(genes)) and np.isfinite(p).all(), name
-    assert {M.MASKED_HEAD, M.RIDGE_FUSED} <= set(out.extra["gene_imputation"])
-    assert {M.NICHE_HEAD, M.RIDGE_NICHE, M.RIDGE_CELL_ONLY} <= set(out.extra["niche_imputation"])
+        for name, p in out.extra[key].items():  # zero-shot heads: one row per held-out cell
+            assert p.shape == (len(sec.test), len(genes)) and np.isfinite(p).all(), name
+        for name, x in out.extra[f"{key}_features"].items():  # embeddings the suite's ridge is fitted on
+            assert x.shape == (len(sec.test), d) and np.isfinite(x).all(), name
+    assert set(out.extra["gene_imputation"]) == {M.MASKED_HEAD}
+    assert set(out.extra["gene_imputation_features"]) == {M.RIDGE_FUSED}
+    assert set(out.extra["niche_imputation"]) == {M.NICHE_HEAD}
+    assert set(out.extra["niche_imputation_features"]) == {M.RIDGE_NICHE, M.RIDGE_CELL_ONLY}
     assert out.extra["image_to_expression"][M.RIDGE_IMAGE].shape == (len(sec.test), len(inputs.target_genes))
     e, m = out.extra["retrieval"][M.CONTRASTIVE]
     assert e.shape == m.shape == (len(inputs.retrieval_idx), ckpt.model.config.contrastive_dim)
@@ -177,33 +185,48 @@ def test_null_condition_ignores_the_expression():
     assert not np.allclose(run(a), run(b))  # restored
 
 
-def test_section_overlap_is_reported_from_the_training_records(tmp_path):
-    from spatia_hf.evaluation.evaluate import section_overlap_warnings
+def test_checkpoints_trained_on_a_scored_section_are_refused(tmp_path):
+    from spatia_hf.evaluation.evaluate import SectionOverlapError, check_training_sections
 
     sections = ["s0", "s1", "s2"]
     pre, ft, gen, bare = tmp_path / "pre", tmp_path / "ft", tmp_path / "gen" / "pipeline", tmp_path / "bare"
     for p in (pre, ft, gen, bare):
         p.mkdir(parents=True)
     (pre / "spatia_training.json").write_text(json.dumps({"train_sections": ["s0", "s1"], "eval_sections": ["s2"]}))
-    (ft / "spatia_training.json").write_text(json.dumps({"eval_sections": ["s1"]}))
+    (ft / "spatia_training.json").write_text(json.dumps({"eval_sections": ["s1"]}))  # an older record
     (gen.parent / "generator_training.json").write_text(json.dumps({"train_sections": ["s0", "s1"]}))
-    assert section_overlap_warnings({"pretrained": pre, "generator": gen}, ["s2"], sections) == []
-    found = section_overlap_warnings({"pretrained": pre, "fine-tuned": ft, "other": bare}, ["s2"], sections)
-    assert len(found) == 2
-    assert "fine-tuned" in found[0] and "['s2']" in found[0] and "--eval_sections s2" in found[0]
-    assert "does not record" in found[1]
+    table = check_training_sections({"pretrained": pre, "generator": gen}, ["s2"], sections)
+    assert table["pretrained"]["train_sections"] == ["s0", "s1"] and table["generator"]["train_sections"] == ["s0", "s1"]
+    with pytest.raises(SectionOverlapError) as err:
+        check_training_sections({"pretrained": pre, "fine-tuned": ft, "other": bare}, ["s2"], sections)
+    text = str(err.value)
+    assert "fine-tuned" in text and "['s2']" in text and "--eval_sections s2" in text
+    assert "other checkpoint" in text and "does not record" in text
 
 
-def test_pretraining_records_its_sections_and_suite_default_agrees():
+def test_records_name_the_base_checkpoints_sections(tmp_path):
+    from spatia_hf.evaluation.evaluate import trained_sections
     from spatia_hf.evaluation.splits import section_split
     from spatia_hf.data.datasets import default_eval_sections
-    from spatia_hf.training.pretrain import _section_record
+    from spatia_hf.training.setup import section_record
 
     class Data:
         sample_ids = ["b", "a", "c"]
 
-    assert _section_record(Data, None) == {"train_sections": ["b", "a"], "eval_sections": ["c"]}
-    assert _section_record(Data, ["a"]) == {"train_sections": ["b", "c"], "eval_sections": ["a"]}
+    assert section_record(Data, None) == {"train_sections": ["a", "b"], "eval_sections": ["c"]}
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "spatia_training.json").write_text(json.dumps({"train_sections": ["c"]}))
+    rec = section_record(Data, ["c"], base)  # fine-tuned on a, b from a base that saw c
+    assert rec["train_sections"] == ["a", "b", "c"] and rec["base_train_sections"] == ["c"]
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "spatia_training.json").write_text(json.dumps(rec))
+    assert trained_sections(ft, ["a", "b", "c"]) == ["a", "b", "c"]
+    rec = section_record(Data, ["c"], tmp_path / "no-record")
+    assert rec["base_model_unrecorded"] is True
+    (ft / "spatia_training.json").write_text(json.dumps(rec))
+    assert trained_sections(ft, ["a", "b", "c"]) is None  # cannot be shown unseen
     assert list(section_split(["a", "b", "c", "c"]).held_out_sections) == default_eval_sections(["a", "b", "c"])
 
 
@@ -220,24 +243,39 @@ def test_run_suite_takes_method_kinds_per_task(inputs):
         run_suite(inputs, extra, tasks=[1], cnn_epochs=1, kinds={"annotation": {}})
 
 
-def test_evaluate_writes_a_report_with_spatia_next_to_baselines_and_warns(tiny, tmp_path):
+def test_evaluate_writes_a_report_with_spatia_next_to_baselines(tiny, tmp_path):
     from spatia_hf.evaluation.evaluate import evaluate
     from spatia_hf.evaluation.report import load_results
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = evaluate(tiny["pre"], tiny["data"], tmp_path / "report", tasks=[1, 5, 6], cnn_epochs=1,
-                          progress=False, n_masked_genes=6, n_target_genes=8)
-    assert any("does not record its training sections" in str(w.message) for w in caught)
+    result = evaluate(tiny["pre"], tiny["data"], tmp_path / "report", tasks=[1, 5, 6], cnn_epochs=1,
+                      progress=False, n_masked_genes=6, n_target_genes=8)
     tasks, data = load_results(result.report.parent)
     assert sorted(t.task for t in tasks) == [1, 5, 6]
-    for t in tasks:
-        kinds = set(t.method_kinds.values())
-        assert {"spatia", "baseline"} <= kinds, t.task
-    assert "does not record" in str(data["meta"]["training/evaluation section check"])
+    by = {t.task: t for t in tasks}
+    assert "held-out section(s)" in by[6].not_estimable  # 1 held-out section of 3 cannot score a section label
+    for t in (by[1], by[5]):
+        assert {"spatia", "baseline"} <= set(t.method_kinds.values()), t.task
+        assert set(t.intervals) == set(t.scores)  # every score has its interval
+    assert data["meta"]["sections that trained each checkpoint"] == {"pretrained": tiny["sections"][:-1]}
+    assert "passed" in data["meta"]["training/evaluation section check"]
     assert (result.report.parent / "figures" / "embedding_spatia_fused.png").is_file()
     table = result.format_table()
     assert "not run" in table and "SPATIA (niche" in table  # niche-aware or niche context (cell hidden)
+
+
+def test_evaluate_refuses_a_checkpoint_trained_on_the_scored_section(tiny, tmp_path):
+    import shutil
+
+    from spatia_hf.evaluation.evaluate import SectionOverlapError, evaluate
+
+    pre = tmp_path / "pre"
+    shutil.copytree(tiny["pre"], pre)
+    (pre / "spatia_training.json").write_text(json.dumps({"train_sections": tiny["sections"]}))
+    with pytest.raises(SectionOverlapError, match=rf"trained on \['{tiny['sections'][-1]}'\]"):
+        evaluate(pre, tiny["data"], tmp_path / "report", tasks=[1], progress=False)
+    (pre / "spatia_training.json").unlink()
+    with pytest.raises(SectionOverlapError, match="does not record"):
+        evaluate(pre, tiny["data"], tmp_path / "report", tasks=[1], progress=False)
 
 
 def test_cli_help_shows_an_example(capsys):
@@ -272,6 +310,8 @@ def tiny_pipeline(tiny):
     pipe = SpatiaGenerationPipeline.from_genes(genes, image_size=16, size="tiny")
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tiny["root"] / "gen" / "pipeline")
+    (tiny["root"] / "gen" / "generator_training.json").write_text(
+        json.dumps({"train_sections": tiny["sections"][:-1], "eval_sections": tiny["sections"][-1:]}))
     return pipe
 
 
@@ -318,8 +358,10 @@ def test_spatia_evaluate_all_tasks_from_random_checkpoints(tiny, tiny_pipeline, 
     tasks, _ = load_results(tmp_path / "report")
     assert sorted(t.task for t in tasks) == list(range(1, 13))
     by = {t.task: t for t in tasks}
+    assert by[6].not_estimable  # 1 held-out section of 3: a section label cannot be scored
     for t in tasks:
-        assert "spatia" in t.method_kinds.values() and "baseline" in t.method_kinds.values(), t.task
+        if t.task != 6:
+            assert "spatia" in t.method_kinds.values() and "baseline" in t.method_kinds.values(), t.task
     assert "SPATIA (fine-tuned head)" in by[3].scores
     assert {"SPATIA generator", "SPATIA generator (token merging 0.5)"} <= set(by[11].scores)
     # the 16 px generator's ceiling: the same real crops through its resolution (crops are 32 px)
@@ -351,11 +393,12 @@ def test_spatia_evaluate_end_to_end_after_a_few_training_steps(tmp_path, capsys)
                  "--cnn-epochs", "2", "--max-generation", "16", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "report:" in printed and "warning" not in printed  # every checkpoint held the last section out
+    assert "report:" in printed  # every checkpoint held the last section out, or evaluate would refuse
     tasks, _ = load_results(tmp_path / "report")
     assert sorted(t.task for t in tasks) == list(range(1, 13))
     for t in tasks:
-        assert "spatia" in t.method_kinds.values() and "baseline" in t.method_kinds.values(), t.task
+        if not t.not_estimable:
+            assert "spatia" in t.method_kinds.values() and "baseline" in t.method_kinds.values(), t.task
     by = {t.task: t for t in tasks}
     assert "SPATIA (fine-tuned head)" in by[3].scores
     assert {"SPATIA generator", "SPATIA generator (token merging 0.5)"} <= set(by[11].scores)

@@ -1,6 +1,9 @@
 """Hub publishing: cards, repo-id/token checks, and push -> download -> offline load round trips
 through the loopback Hub (``tests/hub_server.LoopbackHub``) for a model, the generation pipeline and
-datasets. Every test keeps Hugging Face caches in its own temporary folder."""
+datasets. What was published is read back the way users and the Hub read it, through
+``huggingface_hub`` itself (``HfApi`` listings and commits, ``hf_hub_download``, ``ModelCard`` /
+``ModelCardData`` parsing, HTTP status codes), never through the stand-in server's own state or
+messages. Every test keeps Hugging Face caches in its own temporary folder."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import DatasetCard, ModelCard, constants
+from huggingface_hub import DatasetCard, HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
 import spatia_hf
@@ -67,9 +70,26 @@ def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _hub_files(server: LoopbackHub, repo_id: str, repo_type: str = "model", revision: str = "main"
+               ) -> dict[str, bytes]:
+    """The repo's files as huggingface_hub lists and downloads them (the client's view of the commit),
+    through a throw-away cache so the test's own cache stays as the code under test left it."""
+    import tempfile
+
+    with server.client(), tempfile.TemporaryDirectory() as cache:
+        paths = HfApi().list_repo_files(repo_id, repo_type=repo_type, revision=revision)
+        return {p: Path(hf_hub_download(repo_id, p, repo_type=repo_type, revision=revision,
+                                        cache_dir=cache)).read_bytes() for p in paths}
+
+
+def _commits(server: LoopbackHub, repo_id: str, repo_type: str = "model") -> list:
+    with server.client():
+        return HfApi().list_repo_commits(repo_id, repo_type=repo_type)
+
+
 def _assert_uploaded_as_is(server: LoopbackHub, folder: Path, repo_id: str, repo_type: str = "model",
                            revision: str = "main") -> dict[str, bytes]:
-    remote = server.files(repo_id, repo_type, revision)
+    remote = _hub_files(server, repo_id, repo_type, revision)
     local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     for path, data in local.items():
         if path != "README.md":
@@ -179,6 +199,9 @@ def test_model_card_of_trained_tiny_model_lists_metrics(tmp_path):
                                  training_data=f"{steps} AdamW steps (batch 12) on synthetic toy cells.")
     text = str(card)
     meta = ModelCard(text).data.to_dict()  # what the Hub reads back
+    parsed = ModelCard(text).data.eval_results  # huggingface_hub's own model-index parser
+    assert {(r.task_type, r.metric_type): r.metric_value for r in parsed} == pytest.approx(
+        {("finetuned_annotation", k): v for k, v in results["tasks"][0]["scores"]["SPATIA"].items()}, abs=1e-6)
     assert meta["license"] == "apache-2.0" and meta["library_name"] == "spatia-hf"
     assert {"spatia", "spatial-transcriptomics", "transformers"} <= set(meta["tags"])
     assert meta["datasets"] == ["lab/toy-cells"]
@@ -236,8 +259,9 @@ def test_model_round_trip_through_loopback_hub(loopback, tmp_path):
     with loopback.client():
         info = hub.push_model(folder, "lab/spatia-cell-tiny", token=loopback.token)
         remote = _assert_uploaded_as_is(loopback, folder, "lab/spatia-cell-tiny")
-        assert info.oid == loopback.repos[("model", "lab/spatia-cell-tiny")].branches["main"]
-        assert "model.safetensors" in loopback.lfs_paths("lab/spatia-cell-tiny")
+        assert info.oid == _commits(loopback, "lab/spatia-cell-tiny")[0].commit_id
+        weights = HfApi().get_paths_info("lab/spatia-cell-tiny", ["model.safetensors"])[0]
+        assert weights.lfs is not None and weights.lfs.size == (folder / "model.safetensors").stat().st_size
         assert 'SpatiaCellModel.from_pretrained("lab/spatia-cell-tiny")' in remote["README.md"].decode()
         online = AutoModel.from_pretrained("lab/spatia-cell-tiny")
     for a, b in zip(expected, _outputs(online, inputs)):
@@ -255,9 +279,10 @@ def test_model_push_to_hub_method_publishes_the_spatia_card(loopback):
     model = _tiny_cell_model()
     with loopback.client():
         model.push_to_hub("lab/cell-from-object", token=loopback.token)
-    files = loopback.files("lab/cell-from-object")
+    files = _hub_files(loopback, "lab/cell-from-object")
     assert {"config.json", "model.safetensors", "README.md"} <= set(files)
-    card = ModelCard(files["README.md"].decode())
+    with loopback.client():
+        card = ModelCard.load("lab/cell-from-object")
     assert card.data.library_name == "spatia-hf" and "arXiv:2507.04704" in card.text
 
 
@@ -315,7 +340,7 @@ def test_pipeline_mixin_loads_package_components_that_diffusers_download_rejects
     expected = pipe(cond, generator=torch.Generator().manual_seed(0))
     with loopback.client():
         pipe.push_to_hub("lab/toy-gen", token=loopback.token)  # the mixin's push: one commit with our card
-        files = loopback.files("lab/toy-gen")
+        files = _hub_files(loopback, "lab/toy-gen")
         assert json.loads(files["model_index.json"])["denoiser"] == ["toy_pipeline", "ToyDenoiser"]
         assert "ToyPipeline.from_pretrained(\"lab/toy-gen\")" in files["README.md"].decode()
         # what the mixin works around: diffusers 0.42's own Hub download refuses the module path
@@ -377,7 +402,7 @@ def test_dataset_dict_push_to_hub_with_gene_panel(loopback):
     panel = {"genes": GENES}
     with loopback.client():
         hub.push_dataset(dd, "lab/dd", token=loopback.token, gene_panel=panel)
-        assert json.loads(loopback.files("lab/dd", "dataset")["gene_panel.json"]) == panel
+        assert json.loads(_hub_files(loopback, "lab/dd", "dataset")["gene_panel.json"]) == panel
         online = datasets.load_dataset("lab/dd")
     assert online["train"].to_dict() == dd["train"].to_dict() and online["test"].to_dict() == dd["test"].to_dict()
     loopback.stop()
@@ -391,13 +416,14 @@ def test_failed_commit_leaves_checkpoint_untouched_and_retry_succeeds(loopback, 
     before = _snapshot(folder)
     with loopback.client():
         loopback.fail_next("commit", status=500)
-        with pytest.raises(HfHubHTTPError, match="injected failure of commit"):
+        with pytest.raises(HfHubHTTPError) as err:
             hub.push_model(folder, "lab/flaky", token=loopback.token)
+        assert err.value.response.status_code == 500
         assert _snapshot(folder) == before
-        assert set(loopback.files("lab/flaky")) == {".gitattributes"}  # nothing half-committed
-        assert loopback.commit_count("lab/flaky") == 1
+        assert set(_hub_files(loopback, "lab/flaky")) == {".gitattributes"}  # nothing half-committed
+        assert len(_commits(loopback, "lab/flaky")) == 1
         hub.push_model(folder, "lab/flaky", token=loopback.token)
-    assert {"config.json", "model.safetensors", "README.md"} <= set(loopback.files("lab/flaky"))
+    assert {"config.json", "model.safetensors", "README.md"} <= set(_hub_files(loopback, "lab/flaky"))
     assert _snapshot(folder) == before
 
 
@@ -409,27 +435,31 @@ def test_repush_replaces_weights_and_deletes_stale_ones(loopback, tmp_path):
     extra.write_bytes((folder / "model.safetensors").read_bytes())
     with loopback.client():
         hub.push_model(folder, "lab/repush", token=loopback.token)
-        assert "extra.safetensors" in loopback.files("lab/repush")
+        assert "extra.safetensors" in HfApi().list_repo_files("lab/repush")
         extra.unlink()
         hub.push_model(folder, "lab/repush", token=loopback.token)
-    assert "extra.safetensors" not in loopback.files("lab/repush")
-    assert loopback.commit_count("lab/repush") == 3
+        assert "extra.safetensors" not in HfApi().list_repo_files("lab/repush")
+    assert len(_commits(loopback, "lab/repush")) == 3
 
 
 def test_read_only_token_is_refused_with_the_hub_message(loopback, tmp_path):
     model = _tiny_cell_model()
     model.save_pretrained(tmp_path)
-    with loopback.client(), pytest.raises(HfHubHTTPError, match="read access only"):
+    with loopback.client(), pytest.raises(HfHubHTTPError) as err:
         hub.push_model(tmp_path, "lab/readonly", token=loopback.read_token)
+    assert err.value.response.status_code == 403  # what the Hub answers a read-only token
 
 
 def test_card_with_invalid_model_index_is_refused_before_upload(loopback, tmp_path):
     model = _tiny_cell_model()
     model.save_pretrained(tmp_path)
-    (tmp_path / "README.md").write_text("---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n---\n# x\n")
-    with loopback.client(), pytest.raises(ValueError, match="task.type"):
+    text = "---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n---\n# x\n"
+    (tmp_path / "README.md").write_text(text)
+    with pytest.raises(ValueError, match="Invalid `model_index`"):  # huggingface_hub's own parser refuses it
+        ModelCard(text)
+    with loopback.client(), pytest.raises(ValueError):
         hub.push_model(tmp_path, "lab/bad-card", token=loopback.token, keep_card=True)
-    assert set(loopback.files("lab/bad-card")) == {".gitattributes"} and not loopback.lfs_objects
+    assert set(_hub_files(loopback, "lab/bad-card")) == {".gitattributes"}  # nothing was committed
 
 
 def test_private_repo_is_invisible_without_a_token(loopback, tmp_path):
@@ -458,9 +488,10 @@ def test_cli_push_model_to_a_branch_with_eval_results(loopback, tmp_path, capsys
                      "--revision", "dev", "--eval-results", os.fspath(results), "--dataset-id", "lab/cells"])
         assert code == 0
         assert "lab/cli-model (dev)" in capsys.readouterr().out
-        assert set(loopback.files("lab/cli-model", revision="main")) == {".gitattributes"}
-        card = ModelCard(loopback.files("lab/cli-model", revision="dev")["README.md"].decode())
-        metrics = {m["name"]: m["value"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]}
+        assert set(_hub_files(loopback, "lab/cli-model", revision="main")) == {".gitattributes"}
+        assert "dev" in [b.name for b in HfApi().list_repo_refs("lab/cli-model").branches]
+        card = ModelCard.load(hf_hub_download("lab/cli-model", "README.md", revision="dev"))
+        metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
         assert metrics == {"macro_f1": 0.5, "accuracy": 0.75}
         assert main(["push", "model", os.fspath(folder), "--repo-id", "no-namespace", "--token", "x"]) == 1
         assert "ORG/NAME" in capsys.readouterr().err

@@ -18,35 +18,65 @@ def test_every_metric_ships_with_a_module_and_card_and_loads_offline():
 
 
 def test_unknown_metric_names_the_available_ones():
-    with pytest.raises(ValueError, match="macro_f1"):
+    with pytest.raises(ValueError, match="per_gene_correlation"):
         load_metric("f1")
 
 
+def test_plain_sklearn_metrics_are_not_wrapped_as_modules():
+    assert not {"accuracy", "macro_f1", "adjusted_rand_index", "normalized_mutual_info"} & set(METRIC_NAMES)
+
+
 def test_macro_f1_and_accuracy_by_hand():
-    pred, ref = [0, 1, 1, 1, 2], [0, 0, 1, 1, 2]
-    out = compute_metric("macro_f1", predictions=pred, references=ref)
+    from spatia_hf.evaluation.tasks import classification_scores
+
+    out = classification_scores([0, 1, 1, 1, 2], [0, 0, 1, 1, 2])
     # class 0: P=1, R=1/2 -> F1=2/3; class 1: P=2/3, R=1 -> 0.8; class 2: 1
-    assert out["per_class_f1"] == pytest.approx({"0": 2 / 3, "1": 0.8, "2": 1.0})
-    assert out["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 1.0) / 3)
-    assert compute_metric("accuracy", predictions=pred, references=ref)["accuracy"] == pytest.approx(0.8)
-
-
-def test_macro_f1_counts_a_never_predicted_class_as_zero():
-    out = compute_metric("macro_f1", predictions=[0, 0, 0, 0], references=[0, 0, 0, 1])
-    assert out["per_class_f1"]["1"] == 0.0
-    assert out["macro_f1"] == pytest.approx((6 / 7 + 0.0) / 2)  # class 0: P=3/4, R=1 -> 6/7
+    assert out["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 1.0) / 3) and out["accuracy"] == pytest.approx(0.8)
+    # a never-predicted class counts as 0: class 0: P=3/4, R=1 -> 6/7
+    assert classification_scores([0, 0, 0, 0], [0, 0, 0, 1])["macro_f1"] == pytest.approx((6 / 7 + 0.0) / 2)
 
 
 def test_ari_and_nmi_by_hand():
-    pred, ref = [0, 0, 1, 2], [0, 0, 1, 1]
-    # contingency pairs: sum C(n_ij,2)=1, rows 2, cols 1, C(4,2)=6: (1 - 1/3) / (1.5 - 1/3) = 4/7
-    assert compute_metric("adjusted_rand_index", predictions=pred, references=ref)["adjusted_rand_index"] == \
-        pytest.approx(4 / 7)
+    from spatia_hf.evaluation.tasks import clustering_scores
+
+    # contingency pairs: sum C(n_ij,2)=1, rows 2, cols 1, C(4,2)=6: (1 - 1/3) / (1.5 - 1/3) = 4/7;
     # pred refines ref: MI = H(ref) = ln 2, H(pred) = 1.5 ln 2 -> NMI = ln2 / (1.25 ln 2) = 0.8
-    assert compute_metric("normalized_mutual_info", predictions=pred, references=ref)["normalized_mutual_info"] == \
-        pytest.approx(0.8)
-    relabelled = compute_metric("adjusted_rand_index", predictions=[5, 5, 7, 7], references=ref)
-    assert relabelled["adjusted_rand_index"] == pytest.approx(1.0)
+    assert clustering_scores([0, 0, 1, 2], [0, 0, 1, 1]) == pytest.approx({"ari": 4 / 7, "nmi": 0.8})
+    assert clustering_scores([5, 5, 7, 7], [0, 0, 1, 1])["ari"] == pytest.approx(1.0)
+
+
+def test_bootstrap_draws_score_exactly_as_sklearn_does():
+    from spatia_hf.evaluation.intervals import resamples
+    from spatia_hf.evaluation.tasks import (classification_scores, classification_scores_batched, clustering_scores,
+                                            clustering_scores_batched)
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 60)
+    pred = np.where(rng.random(60) < 0.6, truth, rng.integers(0, 5, 60))
+    rows = resamples(60, seed=1, n_boot=30)
+    rows[0] = 0  # a draw of one repeated item: one class on both sides
+    got_c = classification_scores_batched(pred.astype(str), truth.astype(str), rows)
+    got_k = clustering_scores_batched(pred, truth, rows)
+    for b, r in enumerate(rows):
+        want = classification_scores(pred[r].astype(str), truth[r].astype(str))
+        assert got_c["macro_f1"][b] == pytest.approx(want["macro_f1"]) and got_c["accuracy"][b] == pytest.approx(
+            want["accuracy"])
+        assert {k: v[b] for k, v in got_k.items()} == pytest.approx(clustering_scores(pred[r], truth[r]))
+
+
+def test_intervals_pool_seeds_and_name_a_winner_only_when_they_separate():
+    from spatia_hf.evaluation.intervals import SeededScores, resamples, separated
+
+    acc = SeededScores()
+    x = np.random.default_rng(0).normal(size=200)
+    for seed, shift in ((0, 0.0), (1, 0.1), (2, 0.2)):
+        acc.add("m", seed, lambda rows, shift=shift: {"mean": x[rows].mean() + shift}, resamples(200, seed, 100))
+    assert acc.means()["m"]["mean"] == pytest.approx(x.mean() + 0.1)
+    assert acc.per_seed()["m"]["mean"]["2"] == pytest.approx(x.mean() + 0.2)
+    lo, hi = acc.intervals()["m"]["mean"]
+    assert lo < x.mean() < x.mean() + 0.2 < hi  # covers the seeds' spread and the sampling
+    assert separated([0.1, 0.2], [0.3, 0.4]) and not separated([0.1, 0.35], [0.3, 0.4])
+    assert not separated([0.1, float("nan")], [0.3, 0.4])
 
 
 def test_per_gene_correlation_by_hand_and_its_conventions():
@@ -63,6 +93,21 @@ def test_per_gene_correlation_by_hand_and_its_conventions():
     assert out["pearson_mean"] == pytest.approx(r_a / 2)
     assert out["spearman_mean"] == pytest.approx(0.5)
     assert out["gene_names"] == ["A", "B", "C"]
+
+
+def test_per_gene_pearson_scores_stacked_draws_like_one_draw_at_a_time():
+    from spatia_hf.utils.stats import per_column_pearson, per_column_spearman
+
+    rng = np.random.default_rng(0)
+    pred, ref = rng.normal(size=(5, 30, 4)), rng.normal(size=(5, 30, 4))
+    pred[2, :, 1] = 1.0  # a constant prediction scores 0, a constant truth is undefined
+    ref[3, :, 2] = 2.0
+    stacked, ranked = per_column_pearson(pred, ref), per_column_spearman(pred, ref)
+    for b in range(5):
+        one = compute_metric("per_gene_correlation", predictions=pred[b], references=ref[b])
+        np.testing.assert_allclose(stacked[b], one["pearson_per_gene"], equal_nan=True)
+        np.testing.assert_allclose(ranked[b], one["spearman_per_gene"], equal_nan=True)
+    assert stacked[2, 1] == 0.0 and np.isnan(stacked[3, 2])
 
 
 def test_per_gene_correlation_matches_numpy_on_random_data():

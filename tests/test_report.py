@@ -141,7 +141,7 @@ def test_tiny_run_scores_all_12_tasks_with_an_extra_method(tmp_path, tiny_datase
 
     path = write_report(results, tmp_path, {"dataset": str(tiny_dataset)}, figures)
     text = path.read_text()
-    assert "| 1 | Cell-type annotation (linear probe on the embedding) | macro_f1 ↑ | 1.000 |" in text
+    assert "| 1 | Cell-type annotation (linear probe on the embedding) | macro_f1 ↑ | 1.000 [1.000, 1.000] |" in text
     assert "not run" not in text
     loaded, _ = load_results(tmp_path)
     assert [r.to_dict() for r in loaded] == [r.to_dict() for r in results]
@@ -156,7 +156,7 @@ def test_extra_methods_must_match_the_prepared_rows(tiny_dataset):
     inputs = prepare_suite(tiny_dataset, seed=0, n_masked_genes=8, n_target_genes=10)
     with pytest.raises(ValueError, match="unknown task keys"):
         run_suite(inputs, {"annotation": {}}, tasks=[1], cnn_epochs=1, num_threads=1)
-    with pytest.raises(ValueError, match=r"predictions\['SPATIA'\] has 3 rows"):
+    with pytest.raises(ValueError, match=r"\['SPATIA'\] has 3 rows: expected one per held-out cell"):
         run_suite(inputs, {"gene_imputation": {"SPATIA": np.zeros((3, 8))}}, tasks=[7], cnn_epochs=1, num_threads=1)
 
 
@@ -172,7 +172,7 @@ def test_every_documented_extra_slot_is_scored_as_spatia(tiny_dataset):
     from spatia_hf.evaluation.suite import masked_log1p, prepare_suite, run_suite
 
     inputs = prepare_suite(tiny_dataset, seed=0, n_masked_genes=8, n_target_genes=10)
-    c, sec, cel = inputs.cells, inputs.section_split, inputs.cell_split
+    c, sec = inputs.cells, inputs.section_split
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(c.n_cells, 4))
     _, masked_truth, _ = masked_log1p(inputs, inputs.masked_genes)
@@ -181,15 +181,31 @@ def test_every_documented_extra_slot_is_scored_as_spatia(tiny_dataset):
              "domain_clustering": {"SPATIA": emb},
              "finetuned_annotation": {"SPATIA": c.label("cell_type")[sec.test]},
              "section_classification": {"SPATIA": rng.normal(size=(len(inputs.sections.sample_ids), 3))},
-             "gene_imputation": {"SPATIA": masked_truth[cel.test]},  # an oracle: perfect correlation
-             "niche_imputation": {"SPATIA": nbr_truth[cel.test]},
+             "gene_imputation": {"SPATIA": masked_truth[sec.test]},  # an oracle: perfect correlation
+             "niche_imputation": {"SPATIA": nbr_truth[sec.test]},
              "image_to_expression": {"SPATIA": rng.normal(size=(len(sec.test), len(inputs.target_genes)))},
              "retrieval": {"SPATIA": (emb[inputs.retrieval_idx], emb[inputs.retrieval_idx])}}
     results, _ = run_suite(inputs, extra, tasks=list(range(2, 11)), cnn_epochs=1, num_threads=1)
     by = {r.key: r for r in results}
     assert set(by) == set(extra)
     for key, methods in extra.items():
+        if by[key].not_estimable:  # 1 held-out section of 4: section labels cannot be scored
+            assert key == "section_classification" and "held-out" in by[key].not_estimable
+            continue
         assert all(by[key].method_kinds[m] == "spatia" for m in methods)
     assert by["finetuned_annotation"].scores["SPATIA"]["macro_f1"] == 1.0
     assert by["gene_imputation"].scores["SPATIA"]["pearson"] == pytest.approx(1.0)
     assert by["retrieval"].scores["SPATIA"]["recall@1"] == 1.0  # identical towers find every partner
+
+
+def test_a_missing_peer_is_a_note_not_a_row(monkeypatch, tiny_dataset):
+    from spatia_hf.evaluation import peers
+    from spatia_hf.evaluation.suite import prepare_suite
+
+    with pytest.raises(ValueError, match="one of"):
+        peers.peer_installed("stagate")
+    inputs = prepare_suite(tiny_dataset, seed=0, n_masked_genes=8, n_target_genes=10)
+    monkeypatch.setattr(peers, "peer_installed", lambda name: False)
+    out = peers.run_peers(inputs, ["novae", "scvi"])
+    assert out.extra == {} and out.seconds == {}
+    assert all("not installed" in n and "spatia-hf[peers]" in n for task in (1, 4, 5, 7, 8) for n in out.notes[task])

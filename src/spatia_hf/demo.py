@@ -227,15 +227,10 @@ def _summary(p: dict[str, Path]) -> dict[str, Any]:
     results = p["report"] / "results.json"
     if not results.exists():
         return {}
-    from spatia_hf.evaluation.report import load_results
+    from spatia_hf.evaluation.report import load_results, summary_rows
 
     tasks, _ = load_results(results)
-    rows = []
-    for t in tasks:
-        s_name, s_val = t.best("spatia")
-        b_name, b_val = t.best("baseline")
-        rows.append({"task": t.task, "title": t.title, "metric": t.primary_metric, "spatia": s_val,
-                     "spatia_method": s_name, "best_baseline": b_val, "baseline_method": b_name})
+    rows = [{k: v for k, v in row.items() if k != "ran"} for row in summary_rows(tasks) if row["ran"]]
     return {"report": str(p["report"] / "report.md"), "tasks": rows}
 
 
@@ -245,19 +240,21 @@ def format_summary(result: DemoResult) -> str:
     lines += [f"  {name:<42} {sec:7.1f} s" for name, sec in result.timings.items()]
     tasks = result.summary.get("tasks", [])
     if tasks:
-        lines += ["", f"  {'#':>2}  {'task':<44} {'metric':<22} {'SPATIA':>8} {'best baseline':>14}"]
+        from spatia_hf.evaluation.report import format_value
+
+        lines += ["", f"  {'#':>2}  {'task':<44} {'metric':<20} {'SPATIA [95% CI]':>22} {'best baseline':>22}  winner"]
         for r in tasks:
-            lines.append(f"  {r['task']:>2}  {r['title'][:44]:<44} {r['metric'][:22]:<22} {_num(r['spatia']):>8} "
-                         f"{_num(r['best_baseline']):>14}")
+            head = f"  {r['task']:>2}  {r['title'][:44]:<44} {r['metric'][:20]:<20}"
+            if r.get("not_estimable"):
+                lines.append(f"{head} {'not estimable':>22}")
+                continue
+            lines.append(f"{head} {format_value(r['spatia'], r.get('spatia_interval')):>22} "
+                         f"{format_value(r['best_baseline'], r.get('baseline_interval')):>22}  {r.get('winner') or ''}")
     lines += ["", f"  report:   {result.summary.get('report', '(not written)')}",
               f"  model:    {result.paths['hub']}/model   (SpatiaModel.from_pretrained)",
               f"  pipeline: {result.paths['hub']}/pipeline   (SpatiaGenerationPipeline.from_pretrained)",
               f"  dataset:  {result.paths['hub']}/dataset   (datasets.load_dataset(path, 'cells'))",
               f"  publish:  spatia push model {result.paths['hub']}/model --repo-id ORG/NAME"]
     return "\n".join(lines)
-
-
-def _num(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and v != v) else f"{float(v):.3f}"
 
 

@@ -11,9 +11,11 @@ EXAMPLE = """example:
       --pipeline runs/demo/generator/pipeline --dataset runs/demo/dataset --out runs/demo/report
 writes REPORT_DIR/report.md (summary table + one section per task), results.json (every score; the
 model card reads it) and figures/*.png. SPATIA is scored on the same cells, splits and seeds as the
-baselines; the held-out section (default: the last by name, as training holds out) must not have been
-trained on, and a checkpoint whose recorded training sections include it is reported as a warning.
-Without --finetuned, task 3 reports SPATIA "not run"; without --pipeline, tasks 11-12 do."""
+baselines, only on held-out sections (default: the last by name, as training holds out); a checkpoint
+whose recorded training sections (its base checkpoint's included) overlap them, or that records none,
+is refused. Every score is a mean over seeds with a 95% interval; a winner is named only when the
+intervals separate. Without --finetuned, task 3 reports SPATIA "not run"; without --pipeline, tasks
+11-12 do. --peers novae,scvi adds published methods (pip install 'spatia-hf[peers]'; minutes on a CPU)."""
 
 
 def _tasks(text: str) -> list[int]:
@@ -61,6 +63,12 @@ def register(subparsers) -> None:
                         help="held-out cells edited in task 12, each generated at every fold (default 64)")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
     parser.add_argument("--cnn-epochs", type=int, default=8, help="epochs of the image-CNN baseline (default 8)")
+    parser.add_argument("--peers", default="", metavar="NAMES",
+                        help="comma-separated published methods to train from scratch and score as baselines: "
+                             "novae (task 5), scvi (tasks 1, 4, 7, 8); needs pip install 'spatia-hf[peers]'")
+    parser.add_argument("--novae-epochs", type=int, default=20, help="epoch cap of the Novae peer (default 20, >= 3)")
+    parser.add_argument("--scvi-epochs", type=int, default=None,
+                        help="epoch cap of the scVI peer (default: scvi-tools' own rule)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_and_seed(parser)
     parser.set_defaults(func=run)
@@ -75,10 +83,12 @@ def run(args: argparse.Namespace) -> int:
                       held_out=held, batch_size=args.batch_size, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, generation_variants=not args.no_generation_variants,
                       cnn_epochs=args.cnn_epochs, progress=not args.no_progress, max_generation=args.max_generation,
-                      max_perturbation=args.max_perturbation)
+                      max_perturbation=args.max_perturbation,
+                      peers=[p.strip() for p in args.peers.split(",") if p.strip()], novae_epochs=args.novae_epochs,
+                      scvi_epochs=args.scvi_epochs)
     print()
     print(result.format_table())
     for text in result.warnings:
-        print(f"warning: {text}")
+        print(f"note: {text}")
     print(f"\nreport: {result.report}  ({result.seconds['total']:.0f} s)")
     return 0

@@ -3,9 +3,10 @@
 The Python API behind ``spatia evaluate`` and the demo's evaluation step:
 
 1. :func:`~spatia_hf.evaluation.suite.prepare_suite` fixes the splits and per-task choices;
-2. the sections scored by section-split tasks are checked against the sections each checkpoint
-   recorded as trained on (``spatia_training.json`` / ``generator_training.json``); an overlap is
-   a warning in the console and in the report;
+2. the scored (held-out) sections are checked against the sections each checkpoint recorded as
+   trained on (``spatia_training.json`` / ``generator_training.json``, base checkpoints included):
+   an overlap, or a checkpoint without a record, stops the evaluation with
+   :class:`SectionOverlapError`; the report lists which sections trained what;
 3. :func:`~spatia_hf.evaluation.spatia_methods.spatia_methods` computes SPATIA's outputs on those
    exact rows;
 4. :func:`~spatia_hf.evaluation.suite.run_suite` runs the baselines and scores everything;
@@ -16,14 +17,11 @@ The Python API behind ``spatia evaluate`` and the demo's evaluation step:
 from __future__ import annotations
 
 import json
-import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from .tasks import TASKS, TaskResult
 from spatia_hf.utils.progress import respects_progress
@@ -38,7 +36,7 @@ class EvaluationResult:
     Attributes:
         tasks: one :class:`~spatia_hf.evaluation.tasks.TaskResult` per task that ran.
         report: path of ``report.md`` (``results.json`` and ``figures/`` are next to it).
-        warnings: training/evaluation section overlaps and other caveats (also in the report).
+        warnings: caveats, e.g. tasks the data cannot decide ("not estimable", with the reason; also in the report).
         seconds: wall-clock time per stage.
     """
 
@@ -48,30 +46,29 @@ class EvaluationResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary_rows(self) -> list[dict[str, Any]]:
-        """Per task (all 12): headline metric, best SPATIA variant and best baseline (None when not run)."""
-        by_number = {r.task: r for r in self.tasks}
-        rows = []
-        for number, spec in TASKS.items():
-            r = by_number.get(number)
-            s_name, s_val = r.best("spatia") if r else (None, math.nan)
-            b_name, b_val = r.best("baseline") if r else (None, math.nan)
-            rows.append({"task": number, "title": spec.title, "metric": spec.primary, "spatia": s_val,
-                         "spatia_method": s_name, "best_baseline": b_val, "baseline_method": b_name, "ran": r is not None})
-        return rows
+        """Per task (all 12): see :func:`~spatia_hf.evaluation.report.summary_rows`."""
+        from .report import summary_rows
+
+        return summary_rows(self.tasks)
 
     def format_table(self) -> str:
-        """The summary as aligned text (what ``spatia evaluate`` prints)."""
-        def num(v: float) -> str:
-            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+        """The summary as aligned text (what ``spatia evaluate`` prints): mean [95% interval] and the
+        winner, named only when the intervals separate."""
+        from .report import format_value
 
-        lines = [f"{'#':>2}  {'task':<46} {'metric':<20} {'SPATIA':>7}  {'baseline':>8}  best baseline / SPATIA variant"]
+        lines = [f"{'#':>2}  {'task':<40} {'metric':<12} {'SPATIA':>22}  {'best baseline':>22}  winner: best baseline "
+                 "/ SPATIA variant"]
         for row in self.summary_rows():
+            head = f"{row['task']:>2}  {row['title'][:40]:<40} {row['metric'][:12]:<12}"
             if not row["ran"]:
-                lines.append(f"{row['task']:>2}  {row['title'][:46]:<46} {row['metric'][:20]:<20} {'not run':>7}")
+                lines.append(f"{head} {'not run':>22}")
+                continue
+            if row["not_estimable"]:
+                lines.append(f"{head} {'not estimable':>22}  {'':>22}  {row['not_estimable'][:90]}")
                 continue
             who = f"{row['baseline_method'] or '-'} / {row['spatia_method'] or 'not run'}"
-            lines.append(f"{row['task']:>2}  {row['title'][:46]:<46} {row['metric'][:20]:<20} {num(row['spatia']):>7}  "
-                         f"{num(row['best_baseline']):>8}  {who}")
+            lines.append(f"{head} {format_value(row['spatia'], row['spatia_interval']):>22}  "
+                         f"{format_value(row['best_baseline'], row['baseline_interval']):>22}  {row['winner']}: {who}")
         return "\n".join(lines)
 
 
@@ -90,63 +87,52 @@ def training_record(path: str | Path) -> dict | None:
     return None
 
 
-def section_overlap_warnings(checkpoints: dict[str, str | Path], evaluated: Sequence[str],
-                             dataset_sections: Sequence[str]) -> list[str]:
-    """Warnings for checkpoints whose recorded training sections include an evaluated section.
+class SectionOverlapError(ValueError):
+    """A checkpoint trained on (or does not record whether it trained on) a section the evaluation scores."""
 
-    A record with ``train_sections`` is checked directly; one with only ``eval_sections`` (the
-    fine-tuning summary) trained on every other section of the dataset; no record is reported too,
-    since the split cannot be checked.
-    """
-    out = []
-    evaluated = sorted(set(evaluated))
-    for role, path in checkpoints.items():
-        rec = training_record(path)
-        if rec is None or ("train_sections" not in rec and "eval_sections" not in rec):
-            out.append(f"{role} checkpoint {path} does not record its training sections: cannot check that the "
-                       f"evaluated sections {evaluated} were held out of its training")
+
+def trained_sections(path: str | Path, dataset_sections: Sequence[str]) -> list[str] | None:
+    """The sections that trained a checkpoint, from its record: ``train_sections`` (which includes its
+    base checkpoint's, see :func:`spatia_hf.training.setup.section_lineage`), or for an older record
+    with only ``eval_sections`` every other section of the dataset; None when nothing is recorded."""
+    rec = training_record(path)
+    if rec is None or ("train_sections" not in rec and "eval_sections" not in rec):
+        return None
+    if rec.get("base_model_unrecorded"):
+        return None
+    if "train_sections" in rec:
+        return sorted(map(str, rec["train_sections"]))
+    return sorted(set(map(str, dataset_sections)) - set(map(str, rec["eval_sections"])))
+
+
+def training_sections_table(checkpoints: dict[str, str | Path], dataset_sections: Sequence[str]) -> dict[str, Any]:
+    """Per checkpoint role: its path and the sections that trained it (None: not recorded)."""
+    return {role: {"path": str(path), "train_sections": trained_sections(path, dataset_sections)}
+            for role, path in checkpoints.items()}
+
+
+def check_training_sections(checkpoints: dict[str, str | Path], evaluated: Sequence[str],
+                            dataset_sections: Sequence[str]) -> dict[str, Any]:
+    """Refuse to score ``evaluated`` sections that any checkpoint trained on, or with a checkpoint that
+    does not record its training sections; returns :func:`training_sections_table` when all is clean."""
+    table = training_sections_table(checkpoints, dataset_sections)
+    evaluated = sorted(set(map(str, evaluated)))
+    problems = []
+    for role, row in table.items():
+        if row["train_sections"] is None:
+            problems.append(f"{role} checkpoint {row['path']} does not record the sections that trained it (nor its "
+                            "base checkpoint's), so the scored sections cannot be shown unseen. Fix: retrain it with "
+                            "this version (it writes train_sections into spatia_training.json / "
+                            "generator_training.json) or add the record by hand")
             continue
-        if "train_sections" in rec:
-            trained = set(map(str, rec["train_sections"]))
-        else:
-            trained = set(map(str, dataset_sections)) - set(map(str, rec["eval_sections"]))
-        overlap = sorted(trained & set(evaluated))
+        overlap = sorted(set(row["train_sections"]) & set(evaluated))
         if overlap:
-            out.append(f"{role} checkpoint {path} was trained on {overlap}, which this evaluation holds out and "
-                       "scores: its held-out scores are optimistic. Fix: retrain with --eval_sections "
-                       f"{','.join(evaluated)} or evaluate with --held-out set to its eval sections "
-                       f"{rec.get('eval_sections')}")
-    return out
-
-
-# ----------------------------------------------------------------------------- held-out breakdown (tasks 7-8)
-def held_out_breakdown(result: TaskResult, inputs) -> None:
-    """Tasks 7-8 score cells held out *within* every section, and pretraining saw the training
-    sections' cells (all genes, self-supervised). Adds each method's mean Pearson on the scored cells
-    of the held-out sections only (never seen by any training) to ``details`` and a note."""
-    from .metrics import compute_metric
-
-    preds, truth = result.artifacts.get("predictions"), result.artifacts.get("truth")
-    if preds is None or truth is None:
-        return
-    test = inputs.cell_split.test
-    rows = np.isin(inputs.cells.sample_ids[test], list(inputs.section_split.held_out_sections))
-    if rows.sum() < 3:
-        return
-    genes = result.details.get("genes", [str(j) for j in range(truth.shape[1])])
-    scores = {}
-    for name, p in preds.items():
-        out = compute_metric("per_gene_correlation", predictions=np.asarray(p, np.float64)[rows],
-                             references=np.asarray(truth, np.float64)[rows], gene_names=list(genes))
-        scores[name] = out["pearson_mean"]
-    result.details["pearson_held_out_sections"] = scores
-    base = [(v, m) for m, v in scores.items() if v is not None and not math.isnan(v)
-            and result.method_kinds.get(m) == "baseline"]
-    best = max(base) if base else (math.nan, None)
-    spatia = {m: v for m, v in scores.items() if result.method_kinds.get(m) == "spatia"}
-    text = ", ".join(f"{m} {v:.3f}" for m, v in spatia.items() if v is not None and not math.isnan(v))
-    result.notes.append(f"on the {int(rows.sum())} scored cells of the held-out section(s) only (no model saw them): "
-                        f"{text or 'no SPATIA method'}; best baseline {best[1]} {best[0]:.3f}")
+            problems.append(f"{role} checkpoint {row['path']} was trained on {overlap}, which this evaluation would "
+                            f"score. Fix: evaluate with --held-out set to sections none of the checkpoints trained on, "
+                            f"or retrain with --eval_sections {','.join(evaluated)}")
+    if problems:
+        raise SectionOverlapError("refusing to score sections a model trained on:\n- " + "\n- ".join(problems))
+    return table
 
 
 # ----------------------------------------------------------------------------- the API
@@ -177,7 +163,8 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
              concat_model: str | Path | None = None, device: str = "auto", tasks: Sequence[int] | None = None,
              held_out: Sequence[str] | None = None, batch_size: int = 64, num_inference_steps: int = 20,
              guidance_scale: float | None = None, generation_variants: bool = True, cnn_epochs: int = 8,
-             num_threads: int | None = 1, progress: bool = True, **prepare_kwargs: Any) -> EvaluationResult:
+             num_threads: int | None = 1, progress: bool = True, peers: Sequence[str] = (),
+             novae_epochs: int = 20, scvi_epochs: int | None = None, **prepare_kwargs: Any) -> EvaluationResult:
     """Score a SPATIA checkpoint on the 12 tasks next to the baselines and write the report.
 
     Args:
@@ -198,6 +185,10 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
         num_inference_steps / guidance_scale / generation_variants: generation settings (tasks 11-12).
         cnn_epochs: epochs of the image-CNN baseline.
         num_threads: BLAS threads of the scoring (1 is fastest for these small matrices).
+        peers: published methods to train from scratch and score as baselines ("novae", "scvi"; see
+            :mod:`~spatia_hf.evaluation.peers`); one that is not installed is skipped with a note.
+        novae_epochs / scvi_epochs: the peers' epoch caps (Novae's default 20, at least 3; scVI's own
+            default rule when None).
         prepare_kwargs: passed to :func:`~spatia_hf.evaluation.suite.prepare_suite` (``max_generation``, ...).
     """
     import torch
@@ -237,10 +228,7 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
         checkpoints["concat-fusion"] = concat_model
     if pipeline is not None:
         checkpoints["generator"] = pipeline
-    caveats = section_overlap_warnings(checkpoints, inputs.section_split.held_out_sections,
-                                       inputs.sections.sample_ids)
-    for text in caveats:
-        warnings.warn(text, UserWarning, stacklevel=2)
+    trained = check_training_sections(checkpoints, inputs.section_split.held_out_sections, inputs.sections.sample_ids)
     seconds["prepare"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -257,14 +245,27 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
                                 progress=progress)
     seconds["SPATIA outputs"] = time.perf_counter() - t
 
+    from .peers import PEERS, run_peers
+
+    unknown_peers = sorted(set(peers) - set(PEERS))
+    if unknown_peers:
+        raise ValueError(f"peers={list(peers)}: {unknown_peers} unknown. Fix: choose from {list(PEERS)}")
+    t = time.perf_counter()
+    peer_out = run_peers(inputs, peers, seed=seed, novae_epochs=novae_epochs, scvi_epochs=scvi_epochs)
+    for key, methods in peer_out.extra.items():
+        for name, value in methods.items():
+            spatia.add(key, name, value, kind=peer_out.kinds.get(key, {}).get(name))
+    for task, texts in peer_out.notes.items():
+        spatia.notes.setdefault(task, []).extend(texts)
+    if peers:
+        seconds["peers"] = time.perf_counter() - t
+
     t = time.perf_counter()
     fig_dir = out_dir / FIGURES_DIR
     results, figures = run_suite(inputs, spatia.extra, tasks, cnn_epochs, fig_dir, progress, num_threads,
                                  kinds=spatia.kinds)
     for r in results:
         r.notes.extend(spatia.notes.get(r.task, []))
-        if r.task in (7, 8):
-            held_out_breakdown(r, inputs)
     seconds["baselines and scoring"] = time.perf_counter() - t
 
     sec = inputs.section_split
@@ -282,13 +283,18 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
     skipped = sorted(set(tasks or TASKS) - {r.task for r in results})
     if skipped:
         meta["skipped tasks (data lacks what they need)"] = skipped
-    meta["training/evaluation section check"] = caveats or "every checkpoint records training sections disjoint " \
-                                                           "from the evaluated ones"
+    meta["sections that trained each checkpoint"] = {role: row["train_sections"] for role, row in trained.items()}
+    meta["training/evaluation section check"] = (f"passed: no checkpoint trained on the scored sections "
+                                                 f"{list(inputs.section_split.held_out_sections)}")
     seconds["total"] = time.perf_counter() - t0
     meta["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     meta["seconds of SPATIA stages"] = spatia.seconds
+    meta["peers"] = ({name: f"{sec} s" for name, sec in peer_out.seconds.items()} or
+                     f"none ran (requested: {list(peers) or 'none'}; spatia evaluate --peers novae,scvi)")
     report = write_report(results, out_dir, meta, figures)
+    caveats = [f"task {r.task} ({r.title}) not estimable: {r.not_estimable}" for r in results if r.not_estimable]
     return EvaluationResult(results, report, caveats, seconds)
 
 
-__all__ = ["EvaluationResult", "evaluate", "training_record", "section_overlap_warnings", "held_out_breakdown"]
+__all__ = ["EvaluationResult", "SectionOverlapError", "evaluate", "training_record", "trained_sections",
+           "training_sections_table", "check_training_sections"]

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .intervals import LEVEL, separated
 from .tasks import TASKS, TaskResult, higher_is_better
 from ..utils.io import atomic_write_text
 
@@ -32,6 +33,62 @@ def _fmt(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
+
+
+def _fmt_ci(r: TaskResult, method: str | None, metric: str | None = None) -> str:
+    """``mean [lo, hi]`` of a method's metric (the interval when recorded)."""
+    if method is None:
+        return "–"
+    metric = metric or r.primary_metric
+    text = _fmt(r.scores.get(method, {}).get(metric))
+    ci = r.interval(method, metric)
+    if ci is not None and not any(v is None or math.isnan(v) for v in ci):
+        text += f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    return text
+
+
+def verdict(r: TaskResult) -> str:
+    """Which side wins the headline metric: named only when the intervals separate."""
+    if r.not_estimable:
+        return "not estimable"
+    s_name, s_val = r.best("spatia")
+    b_name, b_val = r.best("baseline")
+    if s_name is None or b_name is None:
+        return "–"
+    if r.interval(s_name) is None or r.interval(b_name) is None:
+        return "no interval drawn"
+    if not separated(r.interval(s_name), r.interval(b_name)):
+        return "no winner (intervals overlap)"
+    spatia_better = (s_val > b_val) == higher_is_better(r.primary_metric)
+    return "**SPATIA**" if spatia_better else "**baseline**"
+
+
+def summary_rows(results: Sequence[TaskResult]) -> list[dict[str, Any]]:
+    """Per task (all 12): headline metric, best SPATIA variant and best baseline with their intervals,
+    the winner (only when the intervals separate) and why a task is not estimable; ``ran`` is False
+    for tasks that did not run."""
+    by_number = {r.task: r for r in results}
+    rows = []
+    for number, spec in TASKS.items():
+        r = by_number.get(number)
+        s_name, s_val = r.best("spatia") if r else (None, math.nan)
+        b_name, b_val = r.best("baseline") if r else (None, math.nan)
+        rows.append({"task": number, "title": spec.title, "metric": spec.primary, "spatia": s_val,
+                     "spatia_interval": r.interval(s_name) if r else None, "spatia_method": s_name,
+                     "best_baseline": b_val, "baseline_interval": r.interval(b_name) if r else None,
+                     "baseline_method": b_name, "winner": verdict(r).strip("*") if r else None,
+                     "not_estimable": r.not_estimable if r else None, "ran": r is not None})
+    return rows
+
+
+def format_value(value: float | None, interval: Sequence[float] | None = None) -> str:
+    """``0.912 [0.890, 0.931]`` (``-`` for a missing value) for console tables."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{value:.3f}"
+    if interval is not None and not any(v is None or math.isnan(v) for v in interval):
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text
 
 
 def results_to_json(results: Sequence[TaskResult], meta: Mapping[str, Any] | None = None,
@@ -63,19 +120,23 @@ def load_results(path: str | Path) -> tuple[list[TaskResult], dict]:
 
 
 def _summary_table(results: Mapping[int, TaskResult]) -> list[str]:
-    lines = ["| # | task | metric | SPATIA | best baseline | baseline method |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| # | task | metric | SPATIA | best baseline | baseline method | winner |",
+             "|---|---|---|---|---|---|---|"]
     for number, spec in TASKS.items():
         r = results.get(number)
         if r is None:
-            lines.append(f"| {number} | {spec.title} | {spec.primary} | not run | not run | |")
+            lines.append(f"| {number} | {spec.title} | {spec.primary} | not run | not run | | |")
             continue
         arrow = "↑" if higher_is_better(r.primary_metric) else "↓"
-        spatia_name, spatia = r.best("spatia")
-        base_name, base = r.best("baseline")
-        spatia_cell = _fmt(spatia) + (f" ({spatia_name})" if spatia_name and spatia_name != "SPATIA" else "")
-        lines.append(f"| {number} | {r.title} | {r.primary_metric} {arrow} | {spatia_cell if spatia_name else '–'} | "
-                     f"{_fmt(base)} | {base_name or '–'} |")
+        if r.not_estimable:
+            lines.append(f"| {number} | {r.title} | {r.primary_metric} {arrow} | not estimable | not estimable | | "
+                         "not estimable (see the task) |")
+            continue
+        spatia_name, _ = r.best("spatia")
+        base_name, _ = r.best("baseline")
+        spatia_cell = _fmt_ci(r, spatia_name) + (f" ({spatia_name})" if spatia_name and spatia_name != "SPATIA" else "")
+        lines.append(f"| {number} | {r.title} | {r.primary_metric} {arrow} | {spatia_cell} | "
+                     f"{_fmt_ci(r, base_name)} | {base_name or '–'} | {verdict(r)} |")
     return lines
 
 
@@ -86,6 +147,10 @@ def _task_section(r: TaskResult, figures: Mapping[str, str]) -> list[str]:
         extras += [m for m in scores if m not in metrics and m not in extras]
     metrics += extras[:MAX_EXTRA_COLUMNS]
     arrows = ["↑" if higher_is_better(m) else "↓" for m in metrics]
+    if r.not_estimable:
+        split = ", ".join(f"{k}={v}" for k, v in r.split.items() if v not in (None, [], ""))
+        return [f"### {r.task}. {r.title}", "", f"**Not estimable**: {r.not_estimable}", "",
+                f"Data: {split or 'see notes'}."] + [f"- {n}" for n in r.notes] + [""]
     lines = [f"### {r.task}. {r.title}", "",
              "| method | kind | " + " | ".join(f"{m} {a}" for m, a in zip(metrics, arrows)) + " |",
              "|---|---|" + "---|" * len(metrics)]
@@ -93,7 +158,7 @@ def _task_section(r: TaskResult, figures: Mapping[str, str]) -> list[str]:
     order = sorted(r.scores, key=lambda m: (r.method_kinds.get(m) != "spatia",
                                             -sign * _nan_last(r.scores[m].get(r.primary_metric))))
     for m in order:
-        cells = " | ".join(_fmt(r.scores[m].get(k)) for k in metrics)
+        cells = " | ".join(_fmt_ci(r, m, k) for k in metrics)
         lines.append(f"| {m} | {r.method_kinds.get(m, '')} | {cells} |")
     split = ", ".join(f"{k}={v}" for k, v in r.split.items() if v not in (None, [], ""))
     lines += ["", f"Scored on: {split or 'see notes'}."]
@@ -117,11 +182,17 @@ def render_markdown(results: Sequence[TaskResult], meta: Mapping[str, Any] | Non
     figures = dict(figures or {})
     lines = ["# SPATIA evaluation report", "", f"spatia-hf {__version__}."]
     for k, v in (meta or {}).items():
-        lines.append(f"- {k}: {v}")
+        if isinstance(v, Mapping) and v and all(isinstance(x, (list, type(None))) for x in v.values()):
+            lines.append(f"- {k}:")  # e.g. the sections that trained each checkpoint
+            lines += [f"  - {role}: {x if x is not None else 'not recorded'}" for role, x in v.items()]
+        else:
+            lines.append(f"- {k}: {v}")
     lines += ["", "## Summary", "",
               "Headline metric per task (↑ higher is better, ↓ lower is better): the best SPATIA variant and "
-              "the best baseline, scored on the same cells with the same seeds. References (oracles, nulls) "
-              "bound the scale and are not baselines.", ""]
+              "the best baseline, scored on the same cells of sections no training stage saw, with the same "
+              f"seeds; each cell is the mean over seeds and a {LEVEL:.0%} interval (bootstrap over the scored "
+              "items, pooled over seeds). A winner is named only when the two intervals do not overlap. "
+              "References (oracles, nulls) bound the scale and are not baselines.", ""]
     lines += _summary_table(by_number)
     general = [(n, rel) for n, rel in figures.items() if not n.startswith("task")]
     if general:

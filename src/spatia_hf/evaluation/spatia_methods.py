@@ -48,7 +48,7 @@ import torch
 from spatia_hf.data import schema
 
 from . import baselines as B
-from .suite import SuiteInputs, masked_log1p
+from .suite import SuiteInputs
 from .tasks import section_means
 
 # method names (the report and results.json show them; "SPATIA" first = a SPATIA variant)
@@ -74,6 +74,7 @@ RIDGE_IMAGE = "SPATIA (ridge on image-branch embedding)"
 CONTRASTIVE = "SPATIA (contrastive projections)"
 CCA = "SPATIA (CCA on image-only / expression-only embeddings)"
 GENERATOR = "SPATIA generator"
+N_HIDE_PASSES = 4  # masked-cell passes: ~1/4 of a niche hidden at a time, as in pretraining
 UNCONDITIONAL = "unconditional generator (same denoiser, null condition)"
 
 
@@ -310,6 +311,13 @@ def hidden_cell_context(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, niches, cel
     return out
 
 
+def _held_out_niches(niches, sections: Sequence[str]):
+    """The niches of the held-out sections (niches never cross sections), so context is computed only
+    where it is scored."""
+    keep = np.isin(np.asarray(niches.with_format("numpy")[schema.SAMPLE_ID]).astype(str), list(sections))
+    return niches.select(np.flatnonzero(keep))
+
+
 # ----------------------------------------------------------------------------- heads
 def _vocab_ids(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, genes: Sequence[str]) -> np.ndarray | None:
     """Vocabulary ids of dataset genes (None when the model does not know one of them)."""
@@ -386,7 +394,7 @@ def finetuned_outputs(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, seed: int = 0
         id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
         return "finetuned_annotation", np.array([id2label[int(i)] for i in np.concatenate(out)])
     if arch == "SpatiaForGeneImputation":
-        genes, idx = inputs.masked_genes, inputs.cell_split.test
+        genes, idx = inputs.masked_genes, inputs.section_split.test
         hidden = inputs.cells.gene_index(genes)
         target = torch.as_tensor(_vocab_ids(ckpt, inputs, genes), device=dev)
         proc, out = hiding_processor(ckpt.processor, hidden), []
@@ -515,7 +523,8 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     wanted = set(tasks or range(1, 13))
     out = SpatiaOutputs()
     pre = ckpt.architecture == "SpatiaForPretraining"
-    c, sec, cel = inputs.cells, inputs.section_split, inputs.cell_split
+    c, sec = inputs.cells, inputs.section_split
+    held = sec.test
     stages = ["embeddings", "imputation", "niche imputation", "retrieval", "fine-tuned heads", "generation"]
     step = _progress(stages, progress, out.seconds)
 
@@ -545,7 +554,7 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     out.add("domain_clustering", NICHE_EMBEDDING, emb.cell_niches[order])
     out.add("domain_clustering", NICHE_AWARE, in_niche)
     if 5 in wanted:
-        niches = load_spatia_dataset(dataset_dir, ("niches",))["niches"]
+        niches = _held_out_niches(load_spatia_dataset(dataset_dir, ("niches",))["niches"], sec.held_out_sections)
         out.add("domain_clustering", NICHE_HIDDEN, hidden_cell_context(ckpt, inputs, niches, fused, seed=seed,
                                                                         progress=progress))
     out.add("domain_clustering", CELL_ONLY, fused, kind="baseline")
@@ -571,42 +580,45 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     if 7 in wanted:
         genes = inputs.masked_genes
         hidden = c.gene_index(genes)
-        _, target, _ = masked_log1p(inputs, genes)
-        x = embed_cells(ckpt, inputs, hidden_columns=hidden, seed=seed, batch_size=batch_size, progress=progress)
-        out.add("gene_imputation", RIDGE_FUSED, B.ridge_regression(x[cel.train], target[cel.train], x[cel.test]))
+        x = embed_cells(ckpt, inputs, held, hidden_columns=hidden, seed=seed, batch_size=batch_size, progress=progress)
+        out.add("gene_imputation_features", RIDGE_FUSED, x)
         if pre and _vocab_ids(ckpt, inputs, genes) is not None:
-            out.add("gene_imputation", MASKED_HEAD, masked_gene_predictions(ckpt, inputs, cel.test, genes, seed,
+            out.add("gene_imputation", MASKED_HEAD, masked_gene_predictions(ckpt, inputs, held, genes, seed,
                                                                             batch_size, progress))
             out.note(7, f"{MASKED_HEAD}: the pretraining masked-gene head (gene tokens whose value is the mask token)")
         out.note(7, f"the {len(genes)} scored genes are removed from every cell's input and from the sampled zeros; "
-                    f"{RIDGE_FUSED}: RidgeCV from the fused embedding of the remaining genes, fitted on training cells")
+                    f"{RIDGE_FUSED}: the suite's RidgeCV on the fused embedding of the remaining genes")
     step("imputation")
 
     if 8 in wanted and inputs.neighbor_genes:
         genes = inputs.neighbor_genes
         hidden = c.gene_index(genes)
-        _, target, _ = masked_log1p(inputs, genes)
-        niches = load_spatia_dataset(dataset_dir, ("niches",))["niches"]
-        x = embed_cells(ckpt, inputs, hidden_columns=hidden, seed=seed, batch_size=batch_size, progress=progress)
+        niches = _held_out_niches(load_spatia_dataset(dataset_dir, ("niches",))["niches"], sec.held_out_sections)
+        x = np.zeros((c.n_cells, ckpt.backbone.config.cell_config.hidden_size), np.float32)
+        x[held] = embed_cells(ckpt, inputs, held, hidden_columns=hidden, seed=seed, batch_size=batch_size,
+                              progress=progress)
         ctx, _ = niche_context(ckpt, inputs, niches, x, progress=progress)
-        out.add("niche_imputation", RIDGE_NICHE, B.ridge_regression(ctx[cel.train], target[cel.train], ctx[cel.test]))
-        out.add("niche_imputation", RIDGE_CELL_ONLY, B.ridge_regression(x[cel.train], target[cel.train], x[cel.test]),
-                kind="baseline")
+        out.add("niche_imputation_features", RIDGE_NICHE, ctx[held])
+        out.add("niche_imputation_features", RIDGE_CELL_ONLY, x[held], kind="baseline")
         ids = _vocab_ids(ckpt, inputs, genes)
         if pre and ids is not None:
-            hide = np.zeros(c.n_cells, bool)
-            hide[cel.test] = True
-            _, pred = niche_context(ckpt, inputs, niches, x, hide=hide, decode_gene_ids=ids, progress=progress)
-            missing = np.isnan(pred[cel.test]).any(axis=1)
-            pred = pred[cel.test]
-            if missing.any():  # scored cells in no niche: the training mean (counted in the note)
-                pred[missing] = target[cel.train].mean(axis=0)
+            pred = np.full((c.n_cells, len(genes)), np.nan, np.float32)
+            group = np.random.default_rng(seed).integers(0, N_HIDE_PASSES, size=c.n_cells)
+            for g in range(N_HIDE_PASSES):
+                hide = np.zeros(c.n_cells, bool)
+                hide[held[group[held] == g]] = True
+                _, got = niche_context(ckpt, inputs, niches, x, hide=hide, decode_gene_ids=ids, progress=progress)
+                pred[hide] = got[hide]
+            pred = pred[held]
+            missing = np.isnan(pred).any(axis=1)
+            if missing.any():  # held-out cells in no niche: the head's mean prediction (counted in the note)
+                pred[missing] = pred[~missing].mean(axis=0)
             out.add("niche_imputation", NICHE_HEAD, pred)
-            out.note(8, f"{NICHE_HEAD}: the pretraining niche decoder reads a scored cell's genes from its niche while "
-                        f"that cell (and every other scored cell of the niche) is hidden as the mask token; "
-                        f"{int(missing.sum())} scored cells in no niche get the training mean")
+            out.note(8, f"{NICHE_HEAD}: the pretraining niche decoder reads a cell's genes from its niche while the "
+                        f"cell is hidden as the mask token (a random 1/{N_HIDE_PASSES} of the held-out cells hidden per "
+                        f"pass, {N_HIDE_PASSES} passes); {int(missing.sum())} held-out cells in no niche get its mean prediction")
         out.note(8, f"the neighbour-driven genes are removed from every cell's input; {RIDGE_NICHE} / "
-                    f"{RIDGE_CELL_ONLY}: RidgeCV from context-aware / cell-only embeddings, fitted on training cells")
+                    f"{RIDGE_CELL_ONLY}: the suite's RidgeCV on context-aware / cell-only embeddings")
     step("niche imputation")
 
     if 10 in wanted:

@@ -16,8 +16,10 @@ image_annotation                  per-cell image-only embedding ``(n_cells, d)``
 domain_clustering                 per-cell niche-aware embedding ``(n_cells, d)``
 finetuned_annotation              predicted type names for ``inputs.section_split.test``
 section_classification            section embedding ``(n_sections, d)`` in ``inputs.sections`` order
-gene_imputation                   ``(len(cell_split.test), len(masked_genes))`` log1p values
-niche_imputation                  ``(len(cell_split.test), len(neighbor_genes))`` log1p values
+gene_imputation                   ``(len(section_split.test), len(masked_genes))`` log1p values
+niche_imputation                  ``(len(section_split.test), len(neighbor_genes))`` log1p values
+gene_imputation_features          per held-out cell embedding ``(len(section_split.test), d)`` with the
+niche_imputation_features         scored genes hidden; the suite fits the baselines' ridge on it per seed
 image_to_expression               ``(len(section_split.test), len(target_genes))`` log1p values
 retrieval                         ``(expression_emb, image_emb)`` for ``inputs.retrieval_idx``
 generation                        generated crops ``(len(generation_idx), C, H, W)`` conditioned on those cells
@@ -26,6 +28,11 @@ perturbation                      ``{"before": crops, "after": {fold: crops}}`` 
 
 Log1p values are ``log1p(counts / observed_library * 1e4)`` where the observed library excludes the
 masked genes (see :func:`spatia_hf.evaluation.baselines.log1p_normalize`).
+
+Every task scores only cells of the held-out sections (``section_split.test``), which no training
+stage saw. Tasks 7-8 need cells with known values next to the scored ones: they split the held-out
+sections' cells (seeded, one split per seed in ``imputation_splits``) into cells every method may fit
+on and scored cells.
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ from . import tasks as T
 from .arrays import CellArrays, SectionArrays, load_arrays
 from .morphology import nucleus_area
 from .morphology import log_fold_shift, true_log_shift
+from .intervals import DEFAULT_SEEDS
 from .splits import Split, cell_split, section_split
 
 DEFAULT_FOLDS = (0.25, 0.5, 2.0, 4.0)
+FEATURE_SLOTS = ("gene_imputation_features", "niche_imputation_features")  # embeddings the suite fits a ridge on
 
 
 @dataclass
@@ -57,7 +66,7 @@ class SuiteInputs:
     ground_truth: dict | None
     seed: int
     section_split: Split
-    cell_split: Split
+    imputation_splits: dict[int, Split]
     cell_type_key: str
     domain_key: str | None
     section_label_key: str | None
@@ -72,12 +81,17 @@ class SuiteInputs:
     folds: tuple[float, ...]
     log1p: np.ndarray = field(repr=False, default=None)
 
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds of every seeded step (cell splits, clustering); the first one is ``seed``."""
+        return list(self.imputation_splits)
+
     def describe(self) -> dict:
         """Short JSON-able description for the report's metadata."""
         return {"cells": self.cells.n_cells, "genes": len(self.cells.genes), "sections": len(self.sections.sample_ids),
-                "held-out sections": list(self.section_split.held_out_sections), "seed": self.seed,
+                "held-out sections": list(self.section_split.held_out_sections), "seeds": self.seeds,
                 "masked genes (task 7)": len(self.masked_genes), "neighbour-driven genes (task 8)": self.neighbor_genes,
-                "clustering": "leiden" if T.leiden_available() else "kmeans"}
+                "clustering": "leiden (scanpy, igraph)" if T.leiden_available() else "kmeans"}
 
 
 def _load_ground_truth(dataset_dir: Path) -> dict | None:
@@ -98,8 +112,12 @@ def prepare_suite(dataset_dir: str | Path, seed: int = 0, held_out: Sequence[str
                   section_label_key: str | None = "condition", n_masked_genes: int = 20, n_target_genes: int = 50,
                   neighbor_genes: Sequence[str] | None = None, morphology_gene: str | None = None,
                   folds: Sequence[float] = DEFAULT_FOLDS, test_fraction: float = 0.25, max_retrieval: int = 500,
-                  max_generation: int = 256, max_perturbation: int = 64) -> SuiteInputs:
+                  max_generation: int = 256, max_perturbation: int = 64,
+                  seeds: Sequence[int] | None = None) -> SuiteInputs:
     """Load ``dataset_dir`` and fix the splits and every per-task choice (seeded).
+
+    ``seeds`` (default ``seed, seed + 1, seed + 2``) seed the cell splits of tasks 7-8 and the
+    clustering of tasks 4-5; ``test_fraction`` is the share of held-out cells scored in tasks 7-8.
 
     ``neighbor_genes`` / ``morphology_gene`` default to the synthetic tissue's ground truth (tasks 8
     and 12 are skipped on data without them unless given).
@@ -110,7 +128,10 @@ def prepare_suite(dataset_dir: str | Path, seed: int = 0, held_out: Sequence[str
     gt = _load_ground_truth(dataset_dir)
     rng = np.random.default_rng([seed, 11])
     sec = section_split(cells.sample_ids, held_out)
-    cel = cell_split(cells.n_cells, test_fraction, seed, stratify=cells.sample_ids)
+    seeds = [seed + k for k in range(len(DEFAULT_SEEDS))] if seeds is None else [int(s) for s in seeds]
+    if not seeds or seeds[0] != seed:
+        raise ValueError(f"seeds={seeds}: expected a non-empty list starting with seed={seed}")
+    imputation = {s: held_out_cell_split(sec, cells.sample_ids, test_fraction, s) for s in seeds}
 
     if neighbor_genes is None:
         neighbor_genes = [g for g in (gt or {}).get("neighbor_genes", {}) if g in cells.genes]
@@ -119,14 +140,15 @@ def prepare_suite(dataset_dir: str | Path, seed: int = 0, held_out: Sequence[str
     log1p = B.log1p_normalize(cells.counts)
     exclude = list(cells.gene_index(neighbor_genes)) + (list(cells.gene_index([morphology_gene]))
                                                         if morphology_gene else [])
-    masked = B.highly_variable_genes(log1p[cel.train], n_masked_genes, exclude)
+    masked = B.highly_variable_genes(log1p[sec.train], n_masked_genes, exclude)
     target = B.highly_variable_genes(log1p[sec.train], n_target_genes)
 
     test = sec.test
     perm = rng.permutation(test)
     half = len(perm) // 2
     return SuiteInputs(
-        cells=cells, sections=sections, panel=panel, ground_truth=gt, seed=seed, section_split=sec, cell_split=cel,
+        cells=cells, sections=sections, panel=panel, ground_truth=gt, seed=seed, section_split=sec,
+        imputation_splits=imputation,
         cell_type_key=cell_type_key, domain_key=domain_key if domain_key in cells.labels else None,
         section_label_key=section_label_key if section_label_key in sections.labels else None,
         masked_genes=[cells.genes[j] for j in masked], neighbor_genes=list(neighbor_genes),
@@ -135,6 +157,14 @@ def prepare_suite(dataset_dir: str | Path, seed: int = 0, held_out: Sequence[str
         generation_idx=np.sort(perm[half:])[:max_generation],
         perturbation_idx=_subsample(test, max_perturbation, rng), morphology_gene=morphology_gene,
         folds=tuple(float(f) for f in folds), log1p=log1p)
+
+
+def held_out_cell_split(sec: Split, sample_ids: np.ndarray, test_fraction: float, seed: int) -> Split:
+    """Cells of the held-out sections split (seeded, stratified by section) into cells a method may fit
+    on and scored cells; indices are rows of the whole dataset."""
+    test = sec.test
+    inner = cell_split(len(test), test_fraction, seed, stratify=np.asarray(sample_ids)[test])
+    return Split(test[inner.train], test[inner.test], "cell", seed, sec.held_out_sections)
 
 
 def masked_log1p(inputs: SuiteInputs, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -208,9 +238,10 @@ def _run_suite(inputs, extra, tasks, cnn_epochs, figures_dir, progress, kinds=No
     from tqdm.auto import tqdm
 
     for what, given in (("extra", extra), ("kinds", kinds)):
-        unknown = sorted(set(given or {}) - set(T.TASK_KEYS))
+        known = set(T.TASK_KEYS) | set(FEATURE_SLOTS)
+        unknown = sorted(set(given or {}) - known)
         if unknown:
-            raise ValueError(f"{what} has unknown task keys {unknown}; expected keys from {sorted(T.TASK_KEYS)}")
+            raise ValueError(f"{what} has unknown task keys {unknown}; expected keys from {sorted(known)}")
     wanted = sorted(set(tasks or T.TASKS))
     shared = _shared(inputs, cnn_epochs)
     c, sec = inputs.cells, inputs.section_split
@@ -276,7 +307,7 @@ def _task4(inputs, sh, extra, fig_dir, figures, kinds=None):
     feats = {"PCA": sh.pca, "image-CNN": sh.cnn_features,
              "PCA + image-CNN (concat)": np.hstack([sh.pca, sh.cnn_features])}
     return T.run_cell_clustering(_merge(feats, extra, "cell_clustering"), inputs.cells.label(inputs.cell_type_key),
-                                 inputs.section_split.test, seed=inputs.seed, kinds=_kinds(kinds, "cell_clustering"))
+                                 inputs.section_split.test, seed=inputs.seeds, kinds=_kinds(kinds, "cell_clustering"))
 
 
 def _task5(inputs, sh, extra, fig_dir, figures, kinds=None):
@@ -287,7 +318,7 @@ def _task5(inputs, sh, extra, fig_dir, figures, kinds=None):
              "PCA, kNN spatial smoothing (30 µm)": B.spatial_smoothing(sh.pca, c.xy_um, c.sample_ids, 30.0),
              "PCA, kNN spatial smoothing (60 µm)": B.spatial_smoothing(sh.pca, c.xy_um, c.sample_ids, 60.0)}
     r = T.run_domain_clustering(_merge(feats, extra, "domain_clustering"), c.label(inputs.domain_key), c.sample_ids,
-                                inputs.section_split.test, seed=inputs.seed,
+                                inputs.section_split.test, seed=inputs.seeds,
                                 kinds=_kinds(kinds, "domain_clustering"))
     if fig_dir is not None:
         from . import plots
@@ -308,27 +339,61 @@ def _task6(inputs, sh, extra, fig_dir, figures, kinds=None):
              "mean PCA of cells": T.section_means(sh.pca, c.sample_ids, s.sample_ids),
              "mean image-CNN of cells": T.section_means(sh.cnn_features, c.sample_ids, s.sample_ids)}
     return T.run_section_classification(_merge(feats, extra, "section_classification"),
-                                        s.labels[inputs.section_label_key], s.sample_ids, inputs.seed,
+                                        s.labels[inputs.section_label_key], s.sample_ids,
+                                        inputs.section_split.held_out_sections, inputs.seed,
                                         kinds=_kinds(kinds, "section_classification"))
 
 
+RIDGE_PCS = "ridge on observed-gene PCs (cell only)"
+RIDGE_SMOOTHED_PCS = "ridge on spatially smoothed PCs (niche, 30 µm)"
+
+
 def _imputation(inputs, genes, key, runner, fig_dir, figures, extra, fig_name, kinds=None):
-    c, s = inputs.cells, inputs.cell_split
+    """Tasks 7-8 on the held-out sections, one cell split per seed: every method predicts the scored
+    cells' ``genes`` from what it may fit on (the split's other held-out cells). Embeddings given in
+    ``extra[key + '_features']`` get the baselines' ridge (same RidgeCV, same cells)."""
+    c, held = inputs.cells, inputs.section_split.test
     observed, target, _ = masked_log1p(inputs, genes)
-    pcs = B.pca_features(observed, s.train, 30, inputs.seed)
-    preds = {"mean imputation": B.mean_imputation(target[s.train], len(s.test)),
-             "kNN in expression (cell only)": B.knn_expression_imputation(pcs[s.train], target[s.train], pcs[s.test]),
-             "spatial kNN smoothing (niche)": B.spatial_knn_imputation(c.xy_um[s.train], target[s.train],
-                                                                       c.sample_ids[s.train], c.xy_um[s.test],
-                                                                       c.sample_ids[s.test])}
-    r = runner(_merge(preds, extra, key), target[s.test], list(genes), s, kinds=_kinds(kinds, key))
+    row_of = {int(r): k for k, r in enumerate(held)}  # dataset row -> row of the held-out arrays
+    given = dict((extra or {}).get(key, {}))
+    features = dict((extra or {}).get(f"{key}_features", {}))
+    for name, x in {**given, **features}.items():
+        if np.asarray(x).shape[0] != len(held):
+            raise ValueError(f"extra[{key!r}] / extra['{key}_features'][{name!r}] has {np.asarray(x).shape[0]} rows: "
+                             f"expected one per held-out cell (inputs.section_split.test, {len(held)})")
+    preds_by_seed, truth_by_seed = {}, {}
+    for seed, s in inputs.imputation_splits.items():
+        tr, te = np.array([row_of[int(r)] for r in s.train]), np.array([row_of[int(r)] for r in s.test])
+        pcs = B.pca_features(observed, s.train, 30, seed)
+        smoothed = B.spatial_smoothing(pcs[held], c.xy_um[held], c.sample_ids[held], 30.0)
+        preds = {"mean imputation": B.mean_imputation(target[s.train], len(s.test)),
+                 "kNN in expression (cell only)": B.knn_expression_imputation(pcs[s.train], target[s.train],
+                                                                              pcs[s.test]),
+                 RIDGE_PCS: B.ridge_regression(pcs[s.train], target[s.train], pcs[s.test]),
+                 RIDGE_SMOOTHED_PCS: B.ridge_regression(smoothed[tr], target[s.train], smoothed[te]),
+                 "spatial kNN smoothing (niche)": B.spatial_knn_imputation(c.xy_um[s.train], target[s.train],
+                                                                           c.sample_ids[s.train], c.xy_um[s.test],
+                                                                           c.sample_ids[s.test])}
+        added = {name: np.asarray(p)[te] for name, p in given.items()}
+        added.update({name: B.ridge_regression(np.asarray(x)[tr], target[s.train], np.asarray(x)[te])
+                      for name, x in features.items()})
+        preds_by_seed[seed] = _merge(preds, {key: added}, key)
+        truth_by_seed[seed] = target[s.test]
+    s0 = inputs.imputation_splits[inputs.seed]
+    split = {**s0.to_json(), "seed": inputs.seeds, "n_fit": int(len(s0.train))}
+    r = runner(preds_by_seed, truth_by_seed, list(genes), split,
+               kinds={**_kinds(kinds, f"{key}_features"), **_kinds(kinds, key)})
+    r.notes.append(f"cells of the held-out section(s) {list(inputs.section_split.held_out_sections)} only (no training "
+                   f"stage saw them), split per seed into {len(s0.train)} cells to fit on and {len(s0.test)} scored "
+                   f"cells; {RIDGE_PCS} / {RIDGE_SMOOTHED_PCS}: the standardised RidgeCV every embedding gets, on 30 "
+                   "PCs of the observed genes / those PCs averaged over the cells within 30 µm")
     if fig_dir is not None:
         from . import plots
 
         m = r.best("spatia")[0] or r.best("baseline")[0]
         order = np.argsort(-np.nan_to_num(np.asarray(r.details["pearson_per_gene"][m], float), nan=-2))
         figures[fig_name] = plots.plot_imputation_scatter(
-            np.asarray(r.artifacts["predictions"][m])[:, order], target[s.test][:, order],
+            np.asarray(r.artifacts["predictions"][m])[:, order], r.artifacts["truth"][:, order],
             [genes[j] for j in order], fig_dir / f"{fig_name}.png", title=f"{T.TASKS[r.task].title}: {m}")
     return r
 
@@ -365,7 +430,7 @@ def _task10(inputs, sh, extra, fig_dir, figures, kinds=None):
                                                                  seed=inputs.seed)}
     return T.run_retrieval(_merge(pairs, extra, "retrieval"), split={"kind": "section", "n_test": int(len(idx)),
                                                                      "held_out_sections": list(s.held_out_sections)},
-                           kinds=_kinds(kinds, "retrieval", {"random": "reference"}))
+                           kinds=_kinds(kinds, "retrieval", {"random": "reference"}), seed=inputs.seed)
 
 
 def _task11(inputs, sh, extra, fig_dir, figures, kinds=None):
@@ -424,22 +489,26 @@ def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
     log_expr = np.log((counts[s.train] + 0.5) / np.maximum(library[s.train], 1.0))
     area = nucleus_area(c.images[s.train], c.pixel_size_um[s.train])
     ok = area > 0
-    measured = {"observational regression (real cells)": B.observational_shift(
-        log_expr[ok], np.log(area[ok]), np.log(inputs.folds), B.one_hot(c.label(inputs.cell_type_key)[s.train][ok])),
-        "no change": np.zeros(len(truth))}
+    x, y = log_expr[ok], np.log(area[ok])
+    types = B.one_hot(c.label(inputs.cell_type_key)[s.train][ok])
+    regression = "observational regression (real cells)"
+    measured = {regression: B.observational_shift(x, y, np.log(inputs.folds), types), "no change": np.zeros(len(truth))}
+    resample = {regression: (len(y), lambda rows: B.observational_shift(x[rows], y[rows], np.log(inputs.folds),
+                                                                         types[rows]))}
     kinds = _kinds(kinds, "perturbation", {"no change": "reference"})
     for name, out in dict((extra or {}).get("perturbation", {})).items():
         before = nucleus_area(_as_uint8(out["before"], name), c.pixel_size_um[inputs.perturbation_idx])
-        shifts = []
+        afters = []
         for f in inputs.folds:
             if f not in out["after"]:
                 raise ValueError(f"extra['perturbation'][{name!r}]['after'] has no images for fold {f}; folds: "
                                  f"{list(inputs.folds)}")
-            after = nucleus_area(_as_uint8(out["after"][f], name), c.pixel_size_um[inputs.perturbation_idx])
-            shifts.append(log_fold_shift(before, after))
+            afters.append(nucleus_area(_as_uint8(out["after"][f], name), c.pixel_size_um[inputs.perturbation_idx]))
         if name in measured:
             raise ValueError(f"extra['perturbation'] reuses baseline method name {name!r}")
-        measured[name] = np.array(shifts)
+        measured[name] = np.array([log_fold_shift(before, a) for a in afters])
+        resample[name] = (len(before), lambda rows, before=before, afters=afters: np.array(
+            [_shift_or_nan(before[rows], a[rows]) for a in afters]))
         if fig_dir is not None and "task12_strip" not in figures:
             from . import plots
 
@@ -447,10 +516,18 @@ def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
             figures["task12_strip"] = plots.plot_perturbation_strip(
                 _as_uint8(out["before"], name), edited, fig_dir / "task12_strip.png",
                 title=f"{name}: {gene} edits, same noise")
-    r = T.run_perturbation(measured, truth, names, kinds=kinds)
+    r = T.run_perturbation(measured, truth, names, kinds=kinds, resample=resample, seed=inputs.seed)
     r.notes.append(f"truth: {gene} drives nucleus area with exponent {gt['morphology_genes'][gene]['exponent']}; "
                    "nucleus area measured from crops by evaluation.generation.nucleus_area")
     return r
+
+
+def _shift_or_nan(before: np.ndarray, after: np.ndarray) -> float:
+    """:func:`log_fold_shift` of a bootstrap draw, NaN when the draw holds no measurable pair."""
+    try:
+        return log_fold_shift(before, after)
+    except ValueError:
+        return float("nan")
 
 
 def evaluate_dataset(dataset_dir: str | Path, report_dir: str | Path, seed: int = 0,

@@ -2,19 +2,21 @@
 
 Every function takes the outputs of any number of methods at once (``features`` / ``predictions``
 map a method name, e.g. "SPATIA", "PCA", "log1p", "image-CNN", to its array), scores them all on the
-same cells with the same seeds through the package's ``evaluate`` metrics, and returns a
-:class:`TaskResult`. Method names starting with "SPATIA" are SPATIA variants, any other name is a
-baseline unless ``kinds`` marks it a "reference" (an oracle or a null that bounds the scale, such as
-held-out real images in task 11); the report compares SPATIA with the best baseline.
+same cells with the same seeds (sklearn metrics, and the package's ``evaluate`` modules where they add
+something), and returns a :class:`TaskResult` with the mean over seeds, a 95% interval and the
+per-seed values of every score (:mod:`~spatia_hf.evaluation.intervals`). Method names starting with
+"SPATIA" are SPATIA variants, any other name is a baseline unless ``kinds`` marks it a "reference"
+(an oracle or a null that bounds the scale, such as held-out real images in task 11); the report
+compares SPATIA with the best baseline and names a winner only when their intervals separate.
 
 Protocols fixed here so that every method gets the same treatment:
 - annotation probes: standardise, then multinomial logistic regression fitted on the training cells;
-- clustering: PCA to 50 dimensions when wider, then Leiden on a 15-NN graph with the resolution
-  bisected to give the true number of groups (when ``leidenalg`` and ``igraph`` are installed,
-  ``pip install spatia-hf[leiden]``), otherwise k-means with that number of clusters (10 restarts);
-- section classification: leave-one-section-out with the same probe, but one global scale instead of
-  per-feature standardisation (few sections, many features); a fold whose training sections hold
-  one class predicts that class;
+- clustering: PCA to 50 dimensions when wider, then scanpy's Leiden (igraph flavour) on a 15-NN
+  graph with the resolution bisected to give the true number of groups, once per seed (k-means with
+  that number of clusters when igraph is missing);
+- section classification: the same probe fitted on the training sections (one global scale instead
+  of per-feature standardisation: few sections, many features), scored on the held-out sections;
+  "not estimable" when they hold fewer than 2 sections of each of 2 classes;
 - correlations are per gene across the scored cells (see the ``per_gene_correlation`` metric).
 """
 
@@ -22,15 +24,20 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .metrics import compute_metric
-from .splits import Split, leave_one_section_out
+from .intervals import LEVEL, SeededScores, draws_per_seed, resamples
+from ..utils.stats import per_column_pearson, per_column_spearman
+from .metrics import compute_metric, compute_metric_arrays
+from .splits import Split
 
 KINDS = ("spatia", "baseline", "reference")
+KID_SUBSETS_PER_DRAW = 10
+GENERATION_DRAWS = 50  # bootstrap draws of task 11: each recomputes FID (a matrix square root); 200 took ~1 min
 LOWER_IS_BETTER = frozenset({"fid", "kid"})
 
 
@@ -100,6 +107,15 @@ class TaskResult:
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     artifacts: dict = field(default_factory=dict, repr=False, compare=False)
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    per_seed: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    not_estimable: str | None = None
+
+    def interval(self, method: str | None, metric: str | None = None) -> list[float] | None:
+        """``[lo, hi]`` of ``method``'s ``metric`` (default: the primary), or None when not recorded."""
+        if method is None:
+            return None
+        return self.intervals.get(method, {}).get(metric or self.primary_metric)
 
     def best(self, kind: str = "baseline", metric: str | None = None) -> tuple[str | None, float]:
         """The method of ``kind`` with the best ``metric`` (default: the primary) and its value."""
@@ -129,26 +145,48 @@ class TaskResult:
         return clean({"task": self.task, "key": self.key, "title": self.title, "metrics": self.metrics,
                       "primary_metric": self.primary_metric, "scores": self.scores,
                       "method_kinds": self.method_kinds, "split": self.split, "details": self.details,
-                      "notes": self.notes})
+                      "notes": self.notes, "intervals": self.intervals, "per_seed": self.per_seed,
+                      "not_estimable": self.not_estimable})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TaskResult":
         scores = {m: {k: float("nan") if v is None else float(v) for k, v in s.items()} for m, s in d["scores"].items()}
+        nan = float("nan")
+        intervals = {m: {k: [nan if x is None else float(x) for x in v] for k, v in s.items()}
+                     for m, s in d.get("intervals", {}).items()}
         return cls(int(d["task"]), d["key"], d["title"], list(d["metrics"]), d["primary_metric"], scores,
                    dict(d["method_kinds"]), dict(d.get("split", {})), dict(d.get("details", {})),
-                   list(d.get("notes", [])))
+                   list(d.get("notes", [])), intervals=intervals, per_seed=dict(d.get("per_seed", {})),
+                   not_estimable=d.get("not_estimable"))
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def _result(number: int, scores: dict, kinds: Mapping[str, str] | None, split: dict, **kw) -> TaskResult:
+def _result(number: int, scores: dict | SeededScores, kinds: Mapping[str, str] | None, split: dict,
+            **kw) -> TaskResult:
     spec = TASKS[number]
     kinds = dict(kinds or {})
     bad = {m: k for m, k in kinds.items() if k not in KINDS}
     if bad:
         raise ValueError(f"kinds={bad}: each kind must be one of {KINDS}")
+    if isinstance(scores, SeededScores):
+        kw.setdefault("intervals", scores.intervals())
+        kw.setdefault("per_seed", scores.per_seed())
+        scores = scores.means()
     method_kinds = {m: kinds.get(m, method_kind(m)) for m in scores}
     return TaskResult(number, spec.key, spec.title, list(spec.metrics), spec.primary, scores, method_kinds, split,
                       **kw)
+
+
+def not_estimable(number: int, reason: str, split: dict | None = None) -> TaskResult:
+    """A task the data cannot decide: no scores, and the reason in the report instead of a number."""
+    return _result(number, {}, None, dict(split or {}), not_estimable=reason)
+
+
+def _seeds(seed: int | Sequence[int]) -> list[int]:
+    seeds = [int(seed)] if np.ndim(seed) == 0 else [int(s) for s in seed]
+    if not seeds:
+        raise ValueError("seed=[]: pass at least one seed")
+    return seeds
 
 
 def _check_methods(arrays: Mapping[str, Any], what: str, n_rows: int | None = None, ndim: int = 2) -> None:
@@ -174,8 +212,8 @@ def _codes(*label_arrays: Sequence) -> tuple[np.ndarray, list[np.ndarray]]:
 
 def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, seed: int = 0,
                  scaling: str = "feature") -> np.ndarray:
-    """Multinomial logistic regression (C=1) fitted on the training rows; predicted labels of the
-    test rows. With a single training class it predicts that class.
+    """Multinomial logistic regression (C=1, lbfgs: deterministic, so no seed changes it) fitted on the
+    training rows; predicted labels of the test rows. With a single training class it predicts that class.
 
     ``scaling``: "feature" standardises each column (cells: many rows per column); "global" centres
     the columns and divides by one overall standard deviation, keeping the relative spread of the
@@ -201,54 +239,117 @@ def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, see
     return model.fit(train_x, train_y).predict(test_x)
 
 
-def _classification_scores(pred: Sequence, truth: Sequence) -> dict[str, float]:
+def classification_scores(pred: Sequence, truth: Sequence) -> dict[str, float]:
+    """Macro-F1 (a class never predicted scores 0) and accuracy, by sklearn."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     _, (p, t) = _codes(pred, truth)
-    return {"macro_f1": compute_metric("macro_f1", predictions=p, references=t)["macro_f1"],
-            "accuracy": compute_metric("accuracy", predictions=p, references=t)["accuracy"]}
+    return {"macro_f1": float(f1_score(t, p, average="macro", zero_division=0.0)),
+            "accuracy": float(accuracy_score(t, p))}
+
+
+def clustering_scores(labels: Sequence, truth: Sequence) -> dict[str, float]:
+    """ARI and NMI of cluster labels against the true groups, by sklearn."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"ari": float(adjusted_rand_score(truth, labels)), "nmi": float(normalized_mutual_info_score(truth, labels))}
+
+
+def _batched_confusion(a: np.ndarray, b: np.ndarray, rows: np.ndarray, square: bool = False) -> np.ndarray:
+    """Contingency tables ``(n_draws, n_a, n_b)`` of integer labels ``a`` vs ``b`` on each row set of
+    ``rows`` ``(n_draws, n_items)``, in one bincount (``square``: both sides share the classes)."""
+    ka, kb = int(a.max()) + 1, int(b.max()) + 1
+    if square:
+        ka = kb = max(ka, kb)
+    draw = np.arange(rows.shape[0])[:, None] * (ka * kb)
+    flat = np.bincount((draw + a[rows] * kb + b[rows]).ravel(), minlength=rows.shape[0] * ka * kb)
+    return flat.reshape(rows.shape[0], ka, kb).astype(np.float64)
+
+
+def classification_scores_batched(pred: Sequence, truth: Sequence, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`classification_scores` on each row set of ``rows`` ``(n_draws, n_items)`` at once
+    (sklearn's macro-F1 over the classes present in either array, absent-class F1 0; equality with
+    sklearn is tested)."""
+    _, (p, t) = _codes(pred, truth)
+    cm = _batched_confusion(t, p, rows, square=True)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support = cm.sum(axis=2) + cm.sum(axis=1)  # true + predicted counts per class
+    present = support > 0
+    f1 = np.divide(2 * tp, support, out=np.zeros_like(tp), where=present)
+    return {"macro_f1": (f1 * present).sum(axis=1) / present.sum(axis=1), "accuracy": tp.sum(axis=1) / rows.shape[1]}
+
+
+def clustering_scores_batched(labels: Sequence, truth: Sequence, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`clustering_scores` (ARI, arithmetic-mean NMI) on each row set of ``rows`` at once, from
+    the contingency tables (the formulas sklearn uses; equality with sklearn is tested)."""
+    _, (lab,) = _codes(labels)
+    _, (t,) = _codes(truth)
+    cm = _batched_confusion(t, lab, rows)
+    n = float(rows.shape[1])
+    comb = lambda x: x * (x - 1) / 2.0  # noqa: E731
+    a, b = cm.sum(axis=2), cm.sum(axis=1)
+    index, sa, sb = comb(cm).sum(axis=(1, 2)), comb(a).sum(axis=1), comb(b).sum(axis=1)
+    expected = sa * sb / comb(n)
+    top = 0.5 * (sa + sb)
+    same = np.isclose(top, expected)
+    ari = np.where(same, 1.0, (index - expected) / np.where(same, 1.0, top - expected))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pij = cm / n
+        outer = (a / n)[:, :, None] * (b / n)[:, None, :]
+        mi = np.where(pij > 0, pij * np.log(pij / outer), 0.0).sum(axis=(1, 2))
+        ent = lambda q: -np.where(q > 0, q * np.log(q), 0.0).sum(axis=1)  # noqa: E731
+        ha, hb = ent(a / n), ent(b / n)
+    single = ((a > 0).sum(axis=1) == 1) & ((b > 0).sum(axis=1) == 1)
+    nmi = np.where(single, 1.0, np.maximum(mi, 0.0) / np.maximum(0.5 * (ha + hb), np.finfo(np.float64).eps))
+    return {"ari": ari, "nmi": nmi}
 
 
 def leiden_available() -> bool:
+    """Leiden via scanpy needs ``igraph`` (a default dependency; absent only in a stripped install)."""
     try:
         import igraph  # noqa: F401
-        import leidenalg  # noqa: F401
+        import scanpy  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-def _leiden(x: np.ndarray, n_clusters: int, seed: int, n_neighbors: int) -> np.ndarray:
-    import igraph
-    import leidenalg
-    from sklearn.neighbors import kneighbors_graph
+def _leiden(x: np.ndarray, n_clusters: int, seeds: Sequence[int], n_neighbors: int) -> list[np.ndarray]:
+    """scanpy's Leiden (igraph flavour) on one kNN graph of ``x``, once per seed, each with the
+    resolution bisected (log scale) towards ``n_clusters`` groups (Leiden's count follows the resolution)."""
+    import anndata
+    import scanpy as sc
 
-    knn = kneighbors_graph(x, n_neighbors=min(n_neighbors, len(x) - 1), mode="connectivity", include_self=False)
-    knn = ((knn + knn.T) > 0).astype(np.float64).tocoo()
-    keep = knn.row < knn.col
-    graph = igraph.Graph(n=len(x), edges=list(zip(knn.row[keep].tolist(), knn.col[keep].tolist())))
+    adata = anndata.AnnData(obsm={"X_eval": np.asarray(x, np.float32)})
+    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, len(x) - 1), use_rep="X_eval", random_state=0)
 
-    def run(resolution: float) -> np.ndarray:
-        part = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
-                                        resolution_parameter=resolution, seed=seed)
-        return np.asarray(part.membership)
+    def run(resolution: float, seed: int) -> np.ndarray:
+        sc.tl.leiden(adata, resolution=resolution, flavor="igraph", n_iterations=2, directed=False,
+                     random_state=seed, key_added="_eval_leiden")
+        return adata.obs["_eval_leiden"].cat.codes.to_numpy()
 
-    lo, hi = math.log(1e-3), math.log(20.0)
-    best = run(1.0)
-    for _ in range(25):  # bisect the resolution (log scale) towards n_clusters groups
-        mid = 0.5 * (lo + hi)
-        labels = run(math.exp(mid))
-        k = labels.max() + 1
-        if abs(k - n_clusters) < abs(best.max() + 1 - n_clusters):
-            best = labels
-        if k == n_clusters:
-            break
-        lo, hi = (mid, hi) if k < n_clusters else (lo, mid)
-    return best
+    out = []
+    for seed in seeds:
+        lo, hi = math.log(1e-3), math.log(20.0)
+        best = run(1.0, seed)
+        for _ in range(20):
+            if best.max() + 1 == n_clusters:
+                break
+            mid = 0.5 * (lo + hi)
+            labels = run(math.exp(mid), seed)
+            k = labels.max() + 1
+            if abs(k - n_clusters) < abs(best.max() + 1 - n_clusters):
+                best = labels
+            lo, hi = (mid, hi) if k < n_clusters else (lo, mid)
+        out.append(best)
+    return out
 
 
-def cluster(x: np.ndarray, n_clusters: int, method: str = "auto", seed: int = 0, n_neighbors: int = 15
-            ) -> tuple[np.ndarray, str]:
-    """Cluster rows of ``x`` into about ``n_clusters`` groups; returns labels and the algorithm used
-    ("leiden" or "kmeans"). ``method``: "auto" (Leiden when installed), "leiden" or "kmeans"."""
+def cluster_seeds(x: np.ndarray, n_clusters: int, method: str = "auto", seeds: Sequence[int] = (0,),
+                  n_neighbors: int = 15) -> tuple[list[np.ndarray], str]:
+    """Cluster rows of ``x`` into about ``n_clusters`` groups once per seed; returns the labels per
+    seed and the algorithm ("leiden" or "kmeans"). ``method``: "auto" (Leiden when available),
+    "leiden" (scanpy, igraph flavour) or "kmeans" (sklearn, 10 restarts)."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
@@ -258,105 +359,124 @@ def cluster(x: np.ndarray, n_clusters: int, method: str = "auto", seed: int = 0,
         raise ValueError(f"n_clusters={n_clusters} for {len(x)} cells: expected 2 <= n_clusters <= n_cells")
     x = np.asarray(x, np.float64)
     if x.shape[1] > 50:
-        x = PCA(n_components=min(50, len(x) - 1), random_state=seed).fit_transform(x)
+        x = PCA(n_components=min(50, len(x) - 1), random_state=0).fit_transform(x)
     use_leiden = method == "leiden" or (method == "auto" and leiden_available())
     if use_leiden:
         if not leiden_available():
-            raise ImportError("method='leiden' needs leidenalg and igraph. Fix: pip install 'spatia-hf[leiden]' "
-                              "or use method='kmeans'")
-        return _leiden(x, n_clusters, seed, n_neighbors), "leiden"
-    return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x), "kmeans"
+            raise ImportError("method='leiden' needs scanpy and igraph. Fix: pip install igraph, or use "
+                              "method='kmeans'")
+        return _leiden(x, n_clusters, seeds, n_neighbors), "leiden"
+    return [KMeans(n_clusters=n_clusters, n_init=10, random_state=s).fit_predict(x) for s in seeds], "kmeans"
+
+
+def cluster(x: np.ndarray, n_clusters: int, method: str = "auto", seed: int = 0, n_neighbors: int = 15
+            ) -> tuple[np.ndarray, str]:
+    """:func:`cluster_seeds` for one seed: labels and the algorithm used."""
+    labels, algo = cluster_seeds(x, n_clusters, method, [seed], n_neighbors)
+    return labels[0], algo
 
 
 def _clustering(number: int, features: Mapping[str, np.ndarray], truth: Sequence, eval_idx: np.ndarray | None,
-                n_clusters: int | None, method: str, seed: int, kinds, groups: Sequence | None = None) -> TaskResult:
+                n_clusters: int | None, method: str, seed: int | Sequence[int], kinds,
+                groups: Sequence | None = None) -> TaskResult:
     truth = np.asarray(truth).astype(str)
     _check_methods(features, "features", len(truth))
+    seeds = _seeds(seed)
     idx = np.arange(len(truth)) if eval_idx is None else np.asarray(eval_idx)
     _, (t,) = _codes(truth[idx])
     k = int(n_clusters or np.unique(t).size)
-    scores, labels_by_method, per_group, used = {}, {}, {}, set()
+    acc, labels_by_method, per_group, used = SeededScores(), {}, {}, set()
+    draws = {s: resamples(len(idx), s, draws_per_seed(len(seeds))) for s in seeds}
     for name, x in features.items():
-        labels, algo = cluster(np.asarray(x)[idx], k, method, seed)
+        all_labels, algo = cluster_seeds(np.asarray(x)[idx], k, method, seeds)
         used.add(algo)
-        labels_by_method[name] = labels
-        scores[name] = {
-            "ari": compute_metric("adjusted_rand_index", predictions=labels, references=t)["adjusted_rand_index"],
-            "nmi": compute_metric("normalized_mutual_info", predictions=labels, references=t)["normalized_mutual_info"]}
+        for s, labels in zip(seeds, all_labels):
+            acc.add(name, s, lambda rows, lab=labels: clustering_scores_batched(lab, t, rows), draws[s], batched=True)
+        labels_by_method[name] = all_labels[0]
         if groups is not None:
             g = np.asarray(groups).astype(str)[idx]
-            per_group[name] = {sid: compute_metric("adjusted_rand_index", predictions=labels[g == sid],
-                                                   references=t[g == sid])["adjusted_rand_index"]
+            per_group[name] = {sid: clustering_scores(all_labels[0][g == sid], t[g == sid])["ari"]
                                for sid in np.unique(g)}
-    details = {"algorithm": sorted(used), "n_clusters": k}
+    details = {"algorithm": sorted(used), "n_clusters": k, "seeds": seeds}
     if groups is not None:
-        details["ari_per_section"] = per_group
-    notes = [f"{'/'.join(sorted(used))} with {k} clusters (the number of true groups) on {len(idx)} cells"]
+        details["ari_per_section"] = per_group  # first seed
+    notes = [f"{'/'.join(sorted(used))} with {k} clusters (the number of true groups) on {len(idx)} held-out cells, "
+             f"seeds {seeds}; interval: {LEVEL:.0%} bootstrap over cells pooled over seeds"]
     if "kmeans" in used and method == "auto":
-        notes.append("leidenalg/igraph not installed: k-means used (pip install 'spatia-hf[leiden]' for Leiden)")
-    return _result(number, scores, kinds, {"kind": "cells", "n_test": int(len(idx))}, details=details, notes=notes,
+        notes.append("scanpy/igraph not installed: k-means used (pip install igraph for Leiden)")
+    return _result(number, acc, kinds, {"kind": "cells", "n_test": int(len(idx))}, details=details, notes=notes,
                    artifacts={"labels": labels_by_method, "eval_idx": idx})
 
 
 # ----------------------------------------------------------------------------- tasks 1-3: annotation
-def _annotation(number: int, features: Mapping[str, np.ndarray], labels: Sequence, split: Split, seed: int,
-                kinds) -> TaskResult:
+def _score_predictions(number: int, preds: Mapping[str, np.ndarray], truth: np.ndarray, split: Split, seed: int,
+                       kinds, notes: list[str]) -> TaskResult:
+    acc = SeededScores()
+    draws = resamples(len(truth), seed)
+    for name, p in preds.items():
+        acc.add(name, seed, lambda rows, p=np.asarray(p).astype(str): classification_scores_batched(p, truth, rows),
+                draws, batched=True)
+    notes = notes + [f"interval: {LEVEL:.0%} bootstrap over the {len(truth)} held-out cells (the fitted maps are "
+                     "deterministic given the training sections)"]
+    return _result(number, acc, kinds, split.to_json(), notes=notes,
+                   artifacts={"predictions": dict(preds), "truth": truth})
+
+
+def _annotation(number: int, features: Mapping[str, np.ndarray], labels: Sequence, split: Split,
+                seed: int | Sequence[int], kinds) -> TaskResult:
     labels = np.asarray(labels).astype(str)
     _check_methods(features, "features", len(labels))
-    scores, preds = {}, {}
-    for name, x in features.items():
-        x = np.asarray(x)
-        preds[name] = linear_probe(x[split.train], labels[split.train], x[split.test], seed)
-        scores[name] = _classification_scores(preds[name], labels[split.test])
+    seed0 = _seeds(seed)[0]
+    preds = {name: linear_probe(np.asarray(x)[split.train], labels[split.train], np.asarray(x)[split.test], seed0)
+             for name, x in features.items()}
     unseen = sorted(set(labels[split.test]) - set(labels[split.train]))
     notes = [f"test types never seen in training: {unseen}"] if unseen else []
-    return _result(number, scores, kinds, split.to_json(), notes=notes,
-                   artifacts={"predictions": preds, "truth": labels[split.test]})
+    return _score_predictions(number, preds, labels[split.test], split, seed0, kinds, notes)
 
 
-def run_cell_annotation(features: Mapping[str, np.ndarray], labels: Sequence, split: Split, seed: int = 0,
-                        kinds: Mapping[str, str] | None = None) -> TaskResult:
+def run_cell_annotation(features: Mapping[str, np.ndarray], labels: Sequence, split: Split,
+                        seed: int | Sequence[int] = 0, kinds: Mapping[str, str] | None = None) -> TaskResult:
     """Task 1: a linear probe (fitted on ``split.train``) on each method's per-cell embedding
     ``(n_cells, d)`` predicts the cell type of ``split.test``; macro-F1 and accuracy."""
     return _annotation(1, features, labels, split, seed, kinds)
 
 
-def run_image_annotation(features: Mapping[str, np.ndarray], labels: Sequence, split: Split, seed: int = 0,
-                         kinds: Mapping[str, str] | None = None) -> TaskResult:
+def run_image_annotation(features: Mapping[str, np.ndarray], labels: Sequence, split: Split,
+                         seed: int | Sequence[int] = 0, kinds: Mapping[str, str] | None = None) -> TaskResult:
     """Task 2: as task 1, on image-only embeddings (SPATIA's image branch, an image CNN, pixels)."""
     return _annotation(2, features, labels, split, seed, kinds)
 
 
 def run_finetuned_annotation(predictions: Mapping[str, Sequence], labels: Sequence, split: Split,
-                             kinds: Mapping[str, str] | None = None) -> TaskResult:
+                             kinds: Mapping[str, str] | None = None, seed: int = 0) -> TaskResult:
     """Task 3: score cell-type predictions of fine-tuned heads for the cells ``split.test`` (in that
     order); the training happened elsewhere (the Trainer), on ``split.train`` only."""
     labels = np.asarray(labels).astype(str)
     _check_methods(predictions, "predictions", len(split.test), ndim=1)
-    scores = {name: _classification_scores(np.asarray(p).astype(str), labels[split.test])
-              for name, p in predictions.items()}
-    return _result(3, scores, kinds, split.to_json(),
-                   artifacts={"predictions": dict(predictions), "truth": labels[split.test]})
+    return _score_predictions(3, predictions, labels[split.test], split, seed, kinds, [])
 
 
 # ----------------------------------------------------------------------------- tasks 4-5: clustering
 def run_cell_clustering(features: Mapping[str, np.ndarray], labels: Sequence, eval_idx: np.ndarray | None = None,
-                        n_clusters: int | None = None, method: str = "auto", seed: int = 0,
+                        n_clusters: int | None = None, method: str = "auto", seed: int | Sequence[int] = 0,
                         kinds: Mapping[str, str] | None = None) -> TaskResult:
     """Task 4: cluster each method's cell embeddings (rows ``eval_idx``, default all) and compare with
-    the cell types: ARI and NMI."""
+    the cell types: ARI and NMI (one clustering per seed)."""
     return _clustering(4, features, labels, eval_idx, n_clusters, method, seed, kinds)
 
 
 def run_domain_clustering(features: Mapping[str, np.ndarray], domains: Sequence, sample_ids: Sequence,
                           eval_idx: np.ndarray | None = None, n_clusters: int | None = None, method: str = "auto",
-                          seed: int = 0, kinds: Mapping[str, str] | None = None) -> TaskResult:
+                          seed: int | Sequence[int] = 0, kinds: Mapping[str, str] | None = None) -> TaskResult:
     """Task 5: cluster niche-aware cell embeddings into spatial domains (jointly over the scored
     sections); ARI and NMI against the true domains, plus ARI per section in ``details``."""
     return _clustering(5, features, domains, eval_idx, n_clusters, method, seed, kinds, groups=sample_ids)
 
 
 # ----------------------------------------------------------------------------- task 6: sections
+MIN_HELD_OUT_SECTIONS_PER_CLASS = 2
+
+
 def section_means(cell_features: np.ndarray, cell_sample_ids: Sequence, sample_ids: Sequence) -> np.ndarray:
     """Mean of per-cell features per section, rows in the order of ``sample_ids``."""
     cs = np.asarray(cell_sample_ids).astype(str)
@@ -369,10 +489,34 @@ def section_means(cell_features: np.ndarray, cell_sample_ids: Sequence, sample_i
     return np.stack(rows)
 
 
+def section_classification_blocker(labels: Sequence, sample_ids: Sequence, held_out: Sequence[str]) -> str | None:
+    """Why a section label cannot be scored on ``held_out`` sections (None when it can): the probe
+    needs training sections of at least 2 classes, and the score needs at least
+    :data:`MIN_HELD_OUT_SECTIONS_PER_CLASS` held-out sections of each of at least 2 classes (with
+    fewer, one section flips the accuracy by 1/n and no interval can be drawn)."""
+    labels, sample_ids = np.asarray(labels).astype(str), np.asarray(sample_ids).astype(str)
+    test = np.isin(sample_ids, list(held_out))
+    held = dict(zip(*np.unique(labels[test], return_counts=True))) if test.any() else {}
+    train_classes = sorted(set(labels[~test]))
+    if len(train_classes) < 2:
+        return (f"the {int((~test).sum())} training section(s) hold the class(es) {train_classes}: a probe needs at "
+                "least 2 classes. Fix: build more sections or hold out others")
+    if len(held) < 2 or min(held.values()) < MIN_HELD_OUT_SECTIONS_PER_CLASS:
+        return (f"{int(test.sum())} held-out section(s) {sorted(sample_ids[test].tolist())} with classes "
+                f"{ {str(k): int(v) for k, v in held.items()} }: a section-level accuracy needs at least "
+                f"{MIN_HELD_OUT_SECTIONS_PER_CLASS} held-out sections of each of at least 2 classes that no training "
+                f"stage saw; the other {int((~test).sum())} section(s) trained the model. Fix: build and hold out more "
+                "sections (spatia synth --sections, --held-out)")
+    return None
+
+
 def run_section_classification(features: Mapping[str, np.ndarray], labels: Sequence, sample_ids: Sequence,
-                               seed: int = 0, kinds: Mapping[str, str] | None = None) -> TaskResult:
-    """Task 6: leave-one-section-out probe on section-level features ``(n_sections, d)`` (tissue
-    embeddings, pseudo-bulk, mean cell embeddings) predicting a section label; accuracy."""
+                               held_out: Sequence[str], seed: int = 0,
+                               kinds: Mapping[str, str] | None = None) -> TaskResult:
+    """Task 6: a probe fitted on the training sections' features ``(n_sections, d)`` (tissue
+    embeddings, pseudo-bulk, mean cell embeddings) predicts the label of each ``held_out`` section;
+    accuracy with a bootstrap over held-out sections. Not estimable (see
+    :func:`section_classification_blocker`) when the held-out sections cannot decide it."""
     labels = np.asarray(labels).astype(str)
     sample_ids = np.asarray(sample_ids).astype(str)
     if len(labels) != len(sample_ids):
@@ -381,95 +525,140 @@ def run_section_classification(features: Mapping[str, np.ndarray], labels: Seque
         raise ValueError(f"labels has a single class {np.unique(labels).tolist()}: section classification needs "
                          "at least 2 classes. Fix: choose another section label or add sections")
     _check_methods(features, "features", len(labels))
-    folds = leave_one_section_out(sample_ids)
-    scores, preds = {}, {}
+    split = {"kind": "section", "n_sections": int(len(labels)), "held_out_sections": sorted(map(str, held_out))}
+    reason = section_classification_blocker(labels, sample_ids, held_out)
+    if reason is not None:
+        return not_estimable(6, reason, split)
+    test = np.flatnonzero(np.isin(sample_ids, list(held_out)))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    acc, preds = SeededScores(), {}
+    draws = resamples(len(test), seed)
     for name, x in features.items():
         x = np.asarray(x)
-        pred = np.empty(len(labels), dtype=object)
-        for f in folds:
-            pred[f.test] = linear_probe(x[f.train], labels[f.train], x[f.test], seed, scaling="global")
-        preds[name] = pred.astype(str)
-        _, (p, t) = _codes(preds[name], labels)
-        scores[name] = {"accuracy": compute_metric("accuracy", predictions=p, references=t)["accuracy"]}
-    notes = [f"leave-one-section-out over {len(labels)} sections: accuracy moves in steps of {1 / len(labels):.2f}",
-             "probe: logistic regression on features centred and divided by one global scale"]
-    return _result(6, scores, kinds, {"kind": "leave-one-section-out", "n_sections": int(len(labels))},
-                   details={"predictions": {m: p.tolist() for m, p in preds.items()}, "labels": labels.tolist(),
-                            "sample_ids": sample_ids.tolist()}, notes=notes)
+        preds[name] = linear_probe(x[train], labels[train], x[test], seed, scaling="global").astype(str)
+        acc.add(name, seed, lambda rows, p=preds[name]: {
+            "accuracy": classification_scores_batched(p, labels[test], rows)["accuracy"]}, draws, batched=True)
+    notes = ["probe: logistic regression fitted on the training sections, features centred and divided by one "
+             f"global scale; interval: {LEVEL:.0%} bootstrap over the {len(test)} held-out sections"]
+    return _result(6, acc, kinds, split, notes=notes,
+                   details={"predictions": {m: p.tolist() for m, p in preds.items()},
+                            "labels": labels[test].tolist(), "sample_ids": sample_ids[test].tolist()})
 
 
 # ----------------------------------------------------------------------------- tasks 7-9: expression
-def _correlation_task(number: int, predictions: Mapping[str, np.ndarray], truth: np.ndarray,
-                      gene_names: Sequence[str], split: dict, kinds, with_spearman: bool) -> TaskResult:
-    truth = np.asarray(truth, np.float64)
-    if truth.ndim != 2 or truth.shape[1] != len(gene_names):
-        raise ValueError(f"truth has shape {truth.shape} for {len(gene_names)} gene_names: expected (n_cells, n_genes)")
-    _check_methods(predictions, "predictions", truth.shape[0])
-    scores, details = {}, {"genes": list(gene_names), "pearson_per_gene": {}, "n_genes_undefined": {}}
-    for name, p in predictions.items():
-        p = np.asarray(p, np.float64)
-        if p.shape != truth.shape:
-            raise ValueError(f"predictions[{name!r}] has shape {p.shape}: expected {truth.shape} (cells x genes)")
-        out = compute_metric("per_gene_correlation", predictions=p, references=truth, gene_names=list(gene_names))
-        scores[name] = {"pearson": out["pearson_mean"], "pearson_median": out["pearson_median"]}
-        if with_spearman:
-            scores[name]["spearman"] = out["spearman_mean"]
-        details["pearson_per_gene"][name] = out["pearson_per_gene"]
-        details["n_genes_undefined"][name] = out["n_genes_undefined"]
-    notes = ["mean over genes of the per-gene correlation across scored cells (constant predictions score 0)"]
-    return _result(number, scores, kinds, split, details=details, notes=notes,
-                   artifacts={"predictions": dict(predictions), "truth": truth})
+def _runs_by_seed(predictions, truth, seed) -> dict[int, tuple[Mapping[str, np.ndarray], np.ndarray]]:
+    """``{seed: (predictions, truth)}`` from one split's arrays or from dicts keyed by seed."""
+    if isinstance(truth, Mapping):
+        if set(truth) != set(predictions):
+            raise ValueError(f"truth has seeds {sorted(truth)}, predictions {sorted(predictions)}: expected the same")
+        return {int(s): (predictions[s], truth[s]) for s in truth}
+    return {_seeds(seed)[0]: (predictions, truth)}
 
 
-def run_gene_imputation(predictions: Mapping[str, np.ndarray], truth: np.ndarray, gene_names: Sequence[str],
-                        split: Split | dict | None = None, kinds: Mapping[str, str] | None = None) -> TaskResult:
+def _correlation_task(number: int, predictions, truth, gene_names: Sequence[str], split: dict, kinds,
+                      with_spearman: bool, seed: int | Sequence[int] = 0) -> TaskResult:
+    runs = _runs_by_seed(predictions, truth, seed)
+    acc = SeededScores()
+    details = {"genes": list(gene_names), "pearson_per_gene": {}, "n_genes_undefined": {}, "seeds": sorted(runs)}
+    artifacts = {}
+    for s, (preds, tru) in runs.items():
+        tru = np.asarray(tru, np.float64)
+        if tru.ndim != 2 or tru.shape[1] != len(gene_names):
+            raise ValueError(f"truth has shape {tru.shape} for {len(gene_names)} gene_names: expected "
+                             "(n_cells, n_genes)")
+        _check_methods(preds, "predictions", tru.shape[0])
+        draws = resamples(tru.shape[0], s, draws_per_seed(len(runs)))
+        for name, p in preds.items():
+            p = np.asarray(p, np.float64)
+            if p.shape != tru.shape:
+                raise ValueError(f"predictions[{name!r}] has shape {p.shape}: expected {tru.shape} (cells x genes)")
+
+            def score(rows, p=p, tru=tru):  # rows: (n_draws, n_cells) -> per-gene values of every draw at once
+                pearson = per_column_pearson(p[rows], tru[rows])
+                got = {"pearson": _nan_summary(pearson, np.mean), "pearson_median": _nan_summary(pearson, np.median)}
+                if with_spearman:
+                    got["spearman"] = _nan_summary(per_column_spearman(p[rows], tru[rows]), np.mean)
+                return got
+
+            acc.add(name, s, score, draws, batched=True)
+            if not artifacts:  # per-gene values of the first seed, for the report's figure and results.json
+                full = compute_metric_arrays("per_gene_correlation", predictions=p, references=tru)
+                details["pearson_per_gene"][name] = full["pearson_per_gene"]
+                details["n_genes_undefined"][name] = full["n_genes_undefined"]
+        if not artifacts:
+            artifacts = {"predictions": dict(preds), "truth": tru}
+    n_cells = [np.asarray(t).shape[0] for _, t in runs.values()]
+    notes = ["mean over genes of the per-gene correlation across scored cells (constant predictions score 0)",
+             f"interval: {LEVEL:.0%} bootstrap over the scored cells ({'/'.join(map(str, n_cells))} per seed)"
+             + (f", pooled over the seeds {sorted(runs)} of the cell split" if len(runs) > 1 else "")]
+    return _result(number, acc, kinds, split, details=details, notes=notes, artifacts=artifacts)
+
+
+def _nan_summary(values: np.ndarray, fn) -> np.ndarray:
+    """``fn`` (mean or median) over genes (last axis) leaving out undefined (NaN) genes, per draw."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw with no defined gene gives NaN
+        return np.asarray({np.mean: np.nanmean, np.median: np.nanmedian}[fn](values, axis=-1))
+
+
+def run_gene_imputation(predictions, truth, gene_names: Sequence[str], split: Split | dict | None = None,
+                        kinds: Mapping[str, str] | None = None, seed: int = 0) -> TaskResult:
     """Task 7: predicted values ``(n_test_cells, n_masked_genes)`` of genes masked in the test cells vs
-    their measured (log1p-normalised) values; per-gene Pearson and Spearman."""
-    return _correlation_task(7, predictions, truth, gene_names, _split_json(split), kinds, True)
+    their measured (log1p-normalised) values; per-gene Pearson and Spearman. ``predictions`` /
+    ``truth`` may also be dicts keyed by seed (one cell split per seed)."""
+    return _correlation_task(7, predictions, truth, gene_names, _split_json(split), kinds, True, seed)
 
 
-def run_niche_imputation(predictions: Mapping[str, np.ndarray], truth: np.ndarray, gene_names: Sequence[str],
-                         split: Split | dict | None = None, kinds: Mapping[str, str] | None = None) -> TaskResult:
+def run_niche_imputation(predictions, truth, gene_names: Sequence[str], split: Split | dict | None = None,
+                         kinds: Mapping[str, str] | None = None, seed: int = 0) -> TaskResult:
     """Task 8: as task 7 for genes whose expression is driven by the cell's neighbours; Pearson."""
-    return _correlation_task(8, predictions, truth, gene_names, _split_json(split), kinds, False)
+    return _correlation_task(8, predictions, truth, gene_names, _split_json(split), kinds, False, seed)
 
 
 def run_image_to_expression(predictions: Mapping[str, np.ndarray], truth: np.ndarray, gene_names: Sequence[str],
-                            split: Split | dict | None = None, kinds: Mapping[str, str] | None = None) -> TaskResult:
+                            split: Split | dict | None = None, kinds: Mapping[str, str] | None = None,
+                            seed: int = 0) -> TaskResult:
     """Task 9: expression predicted from the cell image alone vs measured; per-gene Pearson."""
-    return _correlation_task(9, predictions, truth, gene_names, _split_json(split), kinds, False)
+    return _correlation_task(9, predictions, truth, gene_names, _split_json(split), kinds, False, seed)
 
 
 def _split_json(split: Split | dict | None) -> dict:
     return split.to_json() if isinstance(split, Split) else dict(split or {})
 
-
 # ----------------------------------------------------------------------------- task 10: retrieval
 def run_retrieval(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], ks: Sequence[int] = (1, 5, 10),
-                  split: Split | dict | None = None, kinds: Mapping[str, str] | None = None) -> TaskResult:
+                  split: Split | dict | None = None, kinds: Mapping[str, str] | None = None,
+                  seed: int = 0) -> TaskResult:
     """Task 10: each method gives ``(expression_embedding, image_embedding)`` of the same scored cells
     (row i = cell i in both, same width); recall@k for expression -> image and image -> expression,
     and their mean ("recall@k")."""
     if not pairs:
         raise ValueError("pairs is empty: pass {'method': (expression_embedding, image_embedding)}")
     ks = sorted({int(k) for k in ks} | {1, 10})
-    scores, ranks = {}, {}
+    acc, ranks, draws = SeededScores(), {}, None
     for name, pair in pairs.items():
         if len(pair) != 2:
             raise ValueError(f"pairs[{name!r}]: expected a tuple (expression_embedding, image_embedding)")
         e, m = (np.asarray(a, np.float64) for a in pair)
         out = compute_metric("recall_at_k", predictions=e, references=m, ks=ks)
-        s = {}
-        for k in ks:
-            s[f"expr_to_image_recall@{k}"] = out[f"pred_to_ref_recall@{k}"]
-            s[f"image_to_expr_recall@{k}"] = out[f"ref_to_pred_recall@{k}"]
-            s[f"recall@{k}"] = 0.5 * (s[f"expr_to_image_recall@{k}"] + s[f"image_to_expr_recall@{k}"])
-        scores[name] = s
+        fwd, bwd, n = np.asarray(out["pred_to_ref_ranks"]), np.asarray(out["ref_to_pred_ranks"]), out["n_items"]
+        draws = resamples(n, seed) if draws is None else draws
+
+        def score(rows, fwd=fwd, bwd=bwd, n=n):
+            s = {}
+            for k in ks:
+                s[f"expr_to_image_recall@{k}"] = float(np.mean(fwd[rows] <= min(k, n)))
+                s[f"image_to_expr_recall@{k}"] = float(np.mean(bwd[rows] <= min(k, n)))
+                s[f"recall@{k}"] = 0.5 * (s[f"expr_to_image_recall@{k}"] + s[f"image_to_expr_recall@{k}"])
+            return s
+
+        acc.add(name, seed, score, draws)
         ranks[name] = {"expr_to_image": out["pred_to_ref_median_rank"], "image_to_expr": out["ref_to_pred_median_rank"],
                        "chance": {str(k): out[f"chance@{k}"] for k in ks}, "n_items": out["n_items"]}
     n = next(iter(ranks.values()))["n_items"]
-    notes = [f"{n} candidates per query: chance recall@10 = {min(10, n) / n:.3f}"]
-    return _result(10, scores, kinds, _split_json(split), details={"median_rank": ranks}, notes=notes)
+    notes = [f"{n} candidates per query: chance recall@10 = {min(10, n) / n:.3f}; interval: {LEVEL:.0%} bootstrap "
+             "over the queries (the candidate set stays whole)"]
+    return _result(10, acc, kinds, _split_json(split), details={"median_rank": ranks}, notes=notes)
 
 
 # ----------------------------------------------------------------------------- task 11: generation
@@ -492,7 +681,7 @@ def run_generation(real_features: np.ndarray, real_labels: Sequence, generated: 
         raise ValueError(f"real_features {real.shape} and real_labels ({len(real_labels)}): expected (n_real, d) "
                          "and one label per row")
     _check_methods(generated, "generated")
-    scores = {}
+    acc = SeededScores()
     for name, g in generated.items():
         g = np.asarray(g, np.float64)
         if g.shape[1] != real.shape[1]:
@@ -503,33 +692,64 @@ def run_generation(real_features: np.ndarray, real_labels: Sequence, generated: 
         if len(cond) != len(g):
             raise ValueError(f"condition labels for {name!r}: {len(cond)} for {len(g)} generated images")
         flags = np.r_[np.zeros(len(real), bool), np.ones(len(g), bool)]
-        out = compute_metric("feature_fid_kid", features=np.vstack([real, g]), is_generated=flags,
-                             subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
         pred = linear_probe(real, real_labels, g, seed)
-        _, (p, t) = _codes(pred, cond)
-        scores[name] = {"fid": out["fid"], "kid": out["kid"],
-                        "type_accuracy": compute_metric("accuracy", predictions=p, references=t)["accuracy"]}
+
+        def score(rows, g=g, pred=pred, cond=cond, flags=flags):
+            whole = len(rows) == len(g) and np.array_equal(rows, np.arange(len(g)))
+            out = compute_metric_arrays("feature_fid_kid", features=np.vstack([real, g[rows]]), is_generated=flags,
+                                        subsets=kid_subsets if whole else KID_SUBSETS_PER_DRAW,
+                                        subset_size=kid_subset_size, seed=seed)
+            return {"fid": out["fid"], "kid": out["kid"],
+                    "type_accuracy": classification_scores(pred[rows], cond[rows])["accuracy"]}
+
+        acc.add(name, seed, score, resamples(len(g), seed, GENERATION_DRAWS))
     notes = [f"FID/KID in the given feature space ({real.shape[1]} dims, {len(real)} real images); "
              "type accuracy: linear probe fitted on the real features"]
     if len(real) <= real.shape[1]:
         notes.append("fewer real images than feature dimensions: FID is biased upwards; compare methods only")
-    return _result(11, scores, kinds, {"kind": "cells", "n_real": int(len(real))}, notes=notes)
+    notes.append(f"interval: {LEVEL:.0%} bootstrap ({GENERATION_DRAWS} draws) over the generated images (the real "
+                 "reference set stays whole; "
+                 f"{KID_SUBSETS_PER_DRAW} KID subsets per draw); one noise seed ({seed}), as generating again per seed "
+                 "would multiply the generation time")
+    return _result(11, acc, kinds, {"kind": "cells", "n_real": int(len(real))}, notes=notes)
 
 
 # ----------------------------------------------------------------------------- task 12: perturbation
 def run_perturbation(measured: Mapping[str, Sequence[float]], true_shift: Sequence[float],
-                     perturbations: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None) -> TaskResult:
+                     perturbations: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None,
+                     resample: Mapping[str, tuple[int, Any]] | None = None, seed: int = 0) -> TaskResult:
     """Task 12: measured log-fold morphology shifts (one per perturbation, e.g. NUCSIZE x4 -> log
     nucleus-area ratio of generated after/before from the same noise) vs the true shifts; direction
-    agreement, median size ratio and slope."""
+    agreement, median size ratio and slope.
+
+    ``resample`` maps a method to ``(n_items, shifts_of(rows))``: its shifts recomputed from the item
+    rows ``rows`` (the perturbed cells, or the real cells of a regression), for a bootstrap interval;
+    methods without it get their point value as the interval's two ends."""
     true = np.asarray(true_shift, np.float64)
     _check_methods({k: np.asarray(v, np.float64) for k, v in measured.items()}, "measured", len(true), ndim=1)
     names = list(perturbations) if perturbations is not None else [str(i) for i in range(len(true))]
-    scores, shifts = {}, {}
+    acc, shifts = SeededScores(), {}
+    keys = ("direction_agreement", "size_ratio", "slope")
+
+    def score(values) -> dict[str, float]:
+        if not np.isfinite(values).all():  # a draw with no measurable cell: left out of the interval
+            return {k: math.nan for k in keys}
+        out = compute_metric_arrays("morphology_shift", predictions=np.asarray(values, np.float64), references=true)
+        return {k: out[k] for k in keys}
+
     for name, m in measured.items():
-        out = compute_metric("morphology_shift", predictions=np.asarray(m, np.float64), references=true)
-        scores[name] = {k: out[k] for k in ("direction_agreement", "size_ratio", "slope")}
         shifts[name] = np.asarray(m, np.float64).tolist()
-    return _result(12, scores, kinds, {"kind": "perturbations", "n_perturbations": int(len(true))},
+        if resample and name in resample:
+            n_items, shifts_of = resample[name]
+            draws = resamples(n_items, seed)
+            acc.add(name, seed, lambda rows, shifts_of=shifts_of, m=m: score(
+                m if len(rows) == n_items and np.array_equal(rows, np.arange(n_items)) else shifts_of(rows)), draws)
+        else:
+            acc.add_point(name, seed, score(m))
+    notes = ["shifts are natural-log folds; size_ratio 1 = right size, 0 = no effect"]
+    if resample:
+        notes.append(f"interval: {LEVEL:.0%} bootstrap over each method's cells (perturbed cells; the real cells of "
+                     "the regression); references without cells have none")
+    return _result(12, acc, kinds, {"kind": "perturbations", "n_perturbations": int(len(true))},
                    details={"perturbations": names, "true_shift": true.tolist(), "measured_shift": shifts},
-                   notes=["shifts are natural-log folds; size_ratio 1 = right size, 0 = no effect"])
+                   notes=notes)

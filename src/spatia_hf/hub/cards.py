@@ -206,15 +206,30 @@ def _from_evaluation_report(data: Mapping, **dataset) -> tuple[list[EvalResult],
                                 ("dataset_split", dataset["dataset_split"])) if v is not None}
     results = report_eval_results(tasks, dataset_name=str(name),
                                   dataset_type=dataset["dataset_type"] or meta.get("dataset_type"), **kwargs)
-    baselines: dict[tuple[str, str], dict[str, float]] = {}
+    baselines: dict[tuple, Any] = {}
     for t in tasks:
         kinds = t.get("method_kinds") or {}
         for metric in t["metrics"]:
-            found = {m: s[metric] for m, s in t["scores"].items()
+            found = {m: _fmt(s[metric]) + _interval_text(t, m, metric) for m, s in t["scores"].items()
                      if kinds.get(m) == "baseline" and s.get(metric) is not None and math.isfinite(s[metric])}
             if found:
                 baselines[(t["title"], metric)] = found
+            for m in t["scores"]:  # SPATIA's own intervals, keyed like its EvalResult rows
+                if kinds.get(m) == "spatia" and _interval_text(t, m, metric):
+                    name = metric if m == "SPATIA" else f"{metric} ({m})"
+                    baselines[(INTERVAL_KEY, t["title"], name)] = _interval_text(t, m, metric)
     return results, baselines
+
+
+INTERVAL_KEY = "95% interval"  # baselines[(INTERVAL_KEY, task title, metric name)]: SPATIA's interval text
+
+
+def _interval_text(task: Mapping, method: str, metric: str) -> str:
+    """`` [lo, hi]`` of a method's metric in an evaluation results.json task (empty when not recorded)."""
+    ci = ((task.get("intervals") or {}).get(method) or {}).get(metric)
+    if not ci or any(v is None or not math.isfinite(v) for v in ci):
+        return ""
+    return f" [{_fmt(float(ci[0]))}, {_fmt(float(ci[1]))}]"
 
 
 def _eval_rows(results: Sequence[EvalResult], baselines: Mapping) -> list[dict]:
@@ -223,7 +238,7 @@ def _eval_rows(results: Sequence[EvalResult], baselines: Mapping) -> list[dict]:
         base = baselines.get((r.task_name, r.metric_name), {})
         rows.append({"task": r.task_name or r.task_type, "dataset": r.dataset_name,
                      "split": r.dataset_split or "-", "metric": r.metric_name or r.metric_type,
-                     "value": _fmt(r.metric_value),
+                     "value": _fmt(r.metric_value) + baselines.get((INTERVAL_KEY, r.task_name, r.metric_name), ""),
                      "baselines": ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()) or "-"})
     return rows
 
@@ -446,8 +461,10 @@ def render_model_card(model_or_dir: Any, *, repo_id: str | None = None, eval_res
         gene_summary=_gene_summary(config), labels=_labels(config), spatia_version=versions["spatia-hf"],
         transformers_version=versions["transformers"], torch_version=versions["torch"],
         config_rows=config_rows(config), intended_use=INTENDED_USE_MODEL, training_data=training,
-        eval_rows=_eval_rows(results, baselines), has_baselines=bool(baselines),
-        eval_intro="Scores on held-out data, with the baselines run in the same evaluation where given.",
+        eval_rows=_eval_rows(results, baselines), has_baselines=any(len(k) == 2 for k in baselines),
+        eval_intro="Scores on held-out data (sections no training stage saw), with the baselines run in the same "
+                   "evaluation where given; [lo, hi] is the 95% interval (bootstrap over scored cells, pooled over "
+                   "seeds) where the evaluation recorded one.",
         limitations=limitations, load_snippet=snippet)
 
 
@@ -533,7 +550,7 @@ def render_pipeline_card(pipeline_or_dir: Any, *, repo_id: str | None = None, ev
         components=components, pipeline_class=pipe_class, n_parameters=_human(total or None),
         spatia_version=versions["spatia-hf"], diffusers_version=versions["diffusers"],
         torch_version=versions["torch"], intended_use=INTENDED_USE_PIPELINE, training_data=training,
-        eval_rows=_eval_rows(results, baselines), has_baselines=bool(baselines),
+        eval_rows=_eval_rows(results, baselines), has_baselines=any(len(k) == 2 for k in baselines),
         eval_intro="Scores of generated images on held-out cells.",
         limitations=limitations, load_snippet=snippet)
 

@@ -67,6 +67,7 @@ from .setup import (
     new_config,
     prepare_training_args,
     resolve_resume,
+    section_record,
     seed_everything,
 )
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
@@ -388,6 +389,7 @@ def run_finetuning(
         eval_metrics=eval_metrics,
         stopped_by_time_budget=bool(budget is not None and budget.stopped_at_step is not None),
         extra={"task": task, "train_loss": output.training_loss, "label2id": label2id,
+               **section_record(dataset, data_args.eval_section_list(), model_args.model_name_or_path),
                "eval_sections": sorted(set(_sections_of(evaluation))) if evaluation is not None else [],
                "n_train_examples": len(train)},
     )

@@ -279,6 +279,7 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
     from ..pipelines.denoisers import sampling_scheduler, training_scheduler
     from ..pipelines.pipeline_spatia import SpatiaGenerationPipeline
     from ..data.datasets import load_spatia_dataset, split_by_section
+    from .setup import section_lineage
     from spatia_hf.training.vae import encode_to_latents, vae_factor, vae_for_generator_run
 
     args.check()
@@ -392,8 +393,8 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
         final.save_pretrained(pipeline_dir)
         summary = {"arguments": asdict(args), "global_step": clock.step, "epoch": clock.epoch,
                    "elapsed_s": round(time.monotonic() - start, 1), "stopped_by": clock.stopped_by,
-                   "train_sections": train_sections, "eval_sections": eval_sections, "n_train_cells": batches.n,
-                   "image_size": image_size, "crop_px": crop_px, "channel_names": channel_names,
+                   **section_lineage(train_sections, args.spatia_model), "eval_sections": eval_sections,
+                   "n_train_cells": batches.n, "image_size": image_size, "crop_px": crop_px, "channel_names": channel_names,
                    "final_loss_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
                    "num_processes": accelerator.num_processes, "device": str(accelerator.device)}
         write_json(out / SUMMARY_FILE, summary)

@@ -51,6 +51,7 @@ from .setup import (
     new_config,
     prepare_training_args,
     resolve_resume,
+    section_record,
     seed_everything,
 )
 from .streaming import (StreamingExamples, StreamStateCallback, held_out_sections, niche_example, open_cell_stream,
@@ -315,7 +316,8 @@ def run_pretraining(
         extra={"task": "pretraining", "schedule": data_args.schedule, "train_loss": output.training_loss,
                "n_train_examples": None if streaming else len(train), "streaming": streaming,
                "gene_panel": processor.panel.report() if processor.panel else None,
-               **_section_record(dataset, data_args.eval_section_list(), streaming)},
+               **section_record(dataset, data_args.eval_section_list(), model_args.model_name_or_path,
+                                present=section_ids(dataset.dataset_dir) if streaming else None)},
     )
     if trainer.is_world_process_zero():
         trainer.save_state()
@@ -323,15 +325,6 @@ def run_pretraining(
     if training_args.push_to_hub:  # every process calls it; the Trainer uploads from process zero
         trainer.push_to_hub(commit_message=f"SPATIA {result.extra['task']}: step {result.global_step}")
     return result
-
-
-def _section_record(dataset: SpatiaDataset, eval_sections: list[str] | None,
-                    streaming: bool = False) -> dict[str, list[str]]:
-    """Which sections trained and which were held out, for the summary (evaluation checks that the
-    sections it scores were not trained on)."""
-    present = section_ids(dataset.dataset_dir) if streaming else dataset.sample_ids
-    held = default_eval_sections(present) if eval_sections is None else list(eval_sections)
-    return {"train_sections": [s for s in present if s not in held], "eval_sections": sorted(held)}
 
 
 @respects_progress

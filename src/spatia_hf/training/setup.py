@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,41 @@ SUMMARY_FILE = "spatia_training.json"
 
 
 # ----------------------------------------------------------------------------- config
+def section_record(dataset: SpatiaDataset, eval_sections: list[str] | None,
+                   base_model: str | os.PathLike | None = None, present: list[str] | None = None) -> dict[str, Any]:
+    """Which sections trained (including the base checkpoint's) and which were held out, for the
+    training summary (evaluation refuses to score a section a checkpoint trained on). ``present``:
+    the dataset's sections when ``dataset`` holds a stream (default: ``dataset.sample_ids``)."""
+    from ..data.datasets import default_eval_sections
+
+    present = dataset.sample_ids if present is None else present
+    held = default_eval_sections(present) if eval_sections is None else list(eval_sections)
+    return {**section_lineage([s for s in present if s not in held], base_model), "eval_sections": sorted(held)}
+
+
+def section_lineage(own_sections, base_model: str | os.PathLike | None) -> dict[str, Any]:
+    """The sections that trained a checkpoint's weights: its own training sections plus those its
+    base checkpoint (``base_model``, a local folder with a ``spatia_training.json``) recorded, so an
+    evaluation can refuse to score any of them. A base without a record is named in
+    ``base_model_unrecorded``."""
+    own = sorted({str(x) for x in own_sections})
+    out: dict[str, Any] = {"train_sections": own}
+    if base_model is None:
+        return out
+    out["base_model"] = str(base_model)
+    record = Path(base_model) / SUMMARY_FILE
+    try:
+        base = json.loads(record.read_text()).get("train_sections")
+    except (OSError, json.JSONDecodeError):
+        base = None
+    if base is None:
+        out["base_model_unrecorded"] = True
+        return out
+    out["base_train_sections"] = sorted(map(str, base))
+    out["train_sections"] = sorted(set(own) | set(out["base_train_sections"]))
+    return out
+
+
 def parse_config_overrides(text: str | None) -> dict[str, dict[str, Any]]:
     """``"cell_config.hidden_size=64,mgm_weight=2"`` -> ``{"cell_config": {...}, "": {...}}``."""
     out: dict[str, dict[str, Any]] = {"": {}, "cell_config": {}, "niche_config": {}, "tissue_config": {}}

@@ -3,32 +3,30 @@ module (evaluation) and the fine-tuning Trainer's ``compute_metrics`` (training)
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 
 def per_column_pearson(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Pearson r of each column; NaN where the reference is constant, 0 where only the prediction is."""
-    from scipy.stats import pearsonr
-
-    ref_const = np.ptp(ref, axis=0) == 0
-    pred_const = np.ptp(pred, axis=0) == 0
-    out = np.full(pred.shape[1], np.nan)
-    ok = ~ref_const & ~pred_const
-    if ok.any():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[ok] = pearsonr(pred[:, ok], ref[:, ok], axis=0).statistic
-    out[~ref_const & pred_const] = 0.0
-    return out
+    """Pearson r of each column (genes) across rows (cells, axis -2), for any leading axes (e.g.
+    bootstrap draws stacked as ``(n_draws, n_cells, n_genes)``, all scored in one array operation);
+    NaN where the reference is constant, 0 where only the prediction is."""
+    pred, ref = np.asarray(pred, np.float64), np.asarray(ref, np.float64)
+    ref_const = np.ptp(ref, axis=-2) == 0
+    pred_const = np.ptp(pred, axis=-2) == 0
+    pc = pred - pred.mean(axis=-2, keepdims=True)
+    rc = ref - ref.mean(axis=-2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (pc * rc).sum(axis=-2) / np.sqrt((pc * pc).sum(axis=-2) * (rc * rc).sum(axis=-2))
+    r = np.where(pred_const, 0.0, np.clip(r, -1.0, 1.0))
+    return np.where(ref_const, np.nan, r)
 
 
 def per_column_spearman(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Spearman rho of each column (Pearson r of the ranks), with :func:`per_column_pearson`'s conventions."""
+    """Spearman rho of each column (Pearson r of the ranks across rows, average ties), with
+    :func:`per_column_pearson`'s conventions and leading axes."""
     from scipy.stats import rankdata
 
-    return per_column_pearson(rankdata(pred, axis=0), rankdata(ref, axis=0))
+    return per_column_pearson(rankdata(pred, axis=-2), rankdata(ref, axis=-2))
 
 
 def mean_and_median(values: np.ndarray, name: str) -> dict[str, float]:

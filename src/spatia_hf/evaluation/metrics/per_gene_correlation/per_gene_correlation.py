@@ -17,8 +17,8 @@ import evaluate
 import numpy as np
 from spatia_hf.utils.stats import mean_and_median, per_column_pearson, per_column_spearman
 
-_DESCRIPTION = """Correlation across cells, gene by gene: Pearson (scipy.stats.pearsonr) on the values and
-Spearman (Pearson on scipy.stats.rankdata ranks, average ties) on their ranks."""
+_DESCRIPTION = """Correlation across cells, gene by gene: Pearson on the values and Spearman (Pearson on
+scipy.stats.rankdata ranks, average ties) on their ranks."""
 
 _KWARGS_DESCRIPTION = """
 Args:

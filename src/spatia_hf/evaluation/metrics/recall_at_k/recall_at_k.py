@@ -24,7 +24,8 @@ Args:
     ks (list of int, optional): cut-offs, default (1, 5, 10); values above n are clipped to n.
 Returns:
     pred_to_ref_recall@k, ref_to_pred_recall@k (float) for every k; chance@k (float) = k / n;
-    pred_to_ref_median_rank, ref_to_pred_median_rank (float, 1 = best); n_items (int).
+    pred_to_ref_median_rank, ref_to_pred_median_rank (float, 1 = best); n_items (int);
+    pred_to_ref_ranks, ref_to_pred_ranks (list of int): each query's partner rank (1 = best).
 Examples:
     >>> metric = spatia_hf.evaluation.metrics.load_metric("recall_at_k")
     >>> out = metric.compute(predictions=[[1, 0], [0, 1]], references=[[1, 0.1], [0.1, 1]], ks=[1])
@@ -80,4 +81,6 @@ class RecallAtK(evaluate.Metric):
         out["pred_to_ref_median_rank"] = float(np.median(forward))
         out["ref_to_pred_median_rank"] = float(np.median(backward))
         out["n_items"] = int(n)
+        out["pred_to_ref_ranks"] = forward.astype(int).tolist()  # per query, for intervals over queries
+        out["ref_to_pred_ranks"] = backward.astype(int).tolist()
         return out
