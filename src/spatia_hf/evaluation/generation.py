@@ -338,7 +338,7 @@ def evaluate_generator(pipe, dataset_dir: str | Path, *, eval_sections: Sequence
         pass
     morph = (truth_gt or {}).get("morphology_genes", {})
     gene = gene or next(iter(morph), None)
-    if gene is not None:
+    if gene is not None and n_perturb > 0:  # n_perturb=0: typing and FID only (perturbation_response measures edits)
         exponent = morph.get(gene, {}).get("exponent")
         pidx = chosen[np.sort(rng.permutation(len(chosen))[:n_perturb])]
         col = genes.index(gene)
