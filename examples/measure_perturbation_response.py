@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
 
     from spatia_hf.evaluation.perturbation_response import measure_perturbation_response, write_response
-    from spatia_hf.pipeline_spatia import SpatiaGenerationPipeline
+    from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(args.seed)
     pipe = SpatiaGenerationPipeline.from_pretrained(args.pipeline)

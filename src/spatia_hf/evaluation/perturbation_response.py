@@ -28,7 +28,6 @@ the edit's effect alone. Per edit the report gives:
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -139,7 +138,7 @@ def conditional_mean_reference(train_counts: np.ndarray, train_log_area: np.ndar
     import torch
     from sklearn.linear_model import Ridge
 
-    from spatia_hf.condition_encoder import log1p_normalize, profile_statistics
+    from spatia_hf.pipelines.condition_encoder import log1p_normalize, profile_statistics
 
     mean, std = (np.asarray(v) for v in profile_statistics(torch.as_tensor(train_counts, dtype=torch.float32),
                                                            normalize_total))
@@ -178,10 +177,11 @@ def measure_perturbation_response(pipe, dataset_dir: str | Path, *, gene: str | 
     """
     from spatia_hf.data import schema
     from spatia_hf.data.synthetic import load_ground_truth
-    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
-    from spatia_hf.training.generator import dense_counts
+    from spatia_hf.data.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.training.loop import dense_counts
 
-    from .generation import generate_edit_series, nucleus_area
+    from .generation import generate_edit_series
+    from .morphology import nucleus_area
 
     if not (isinstance(n_pairs, int) and n_pairs >= 2):
         raise ValueError(f"n_pairs={n_pairs!r}: expected an integer >= 2 (>= 200 for a trustworthy CI)")
@@ -273,8 +273,8 @@ def response_strip(pipe, dataset_dir: str | Path, path: str | Path, *, gene: str
     same noise; drawn with the report's :func:`~spatia_hf.evaluation.plots.plot_perturbation_strip`."""
     from spatia_hf.data import schema
     from spatia_hf.data.synthetic import load_ground_truth
-    from spatia_hf.training.datasets import load_spatia_dataset, split_by_section
-    from spatia_hf.training.generator import dense_counts
+    from spatia_hf.data.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.training.loop import dense_counts
 
     from . import plots
     from .generation import generate_edit_series
@@ -329,14 +329,11 @@ def response_goals(report: dict[str, Any]) -> dict[str, bool]:
 
 def write_response(report: dict[str, Any], path: str | Path, command: str | None = None) -> Path:
     """Write ``report`` as JSON (atomically) with ``command`` (default: this process's command line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..utils.io import write_json
+
     payload = {"command": command if command is not None else " ".join(sys.argv), **report,
                "goals_met": response_goals(report)}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(path, payload)
 
 
 __all__ = [
