@@ -42,7 +42,10 @@ def main() -> None:
     p.add_argument("--strip", default=None, help="also write the labelled picture strip (PNG) here")
     args = p.parse_args()
 
-    from spatia_hf.evaluation.perturbation_response import measure_perturbation_response, write_response
+    from spatia_hf.evaluation.perturbation_response import (
+        measure_perturbation_response,
+        write_response,
+    )
     from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline
 
     torch.manual_seed(args.seed)

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -138,7 +139,10 @@ def conditional_mean_reference(train_counts: np.ndarray, train_log_area: np.ndar
     import torch
     from sklearn.linear_model import Ridge
 
-    from spatia_hf.pipelines.condition_encoder import log1p_normalize, profile_statistics
+    from spatia_hf.pipelines.condition_encoder import (
+        log1p_normalize,
+        profile_statistics,
+    )
 
     mean, std = (np.asarray(v) for v in profile_statistics(torch.as_tensor(train_counts, dtype=torch.float32),
                                                            normalize_total))
@@ -176,8 +180,8 @@ def measure_perturbation_response(pipe, dataset_dir: str | Path, *, gene: str | 
     ``perturbation_guidance`` are the pipeline's arguments of those names.
     """
     from spatia_hf.data import schema
-    from spatia_hf.data.synthetic import load_ground_truth
     from spatia_hf.data.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.data.synthetic import load_ground_truth
     from spatia_hf.training.loop import dense_counts
 
     from .generation import generate_edit_series
@@ -272,8 +276,8 @@ def response_strip(pipe, dataset_dir: str | Path, path: str | Path, *, gene: str
     with the type), columns original, each fold of ``gene`` and the control-gene edit, all from the
     same noise; drawn with the report's :func:`~spatia_hf.evaluation.plots.plot_perturbation_strip`."""
     from spatia_hf.data import schema
-    from spatia_hf.data.synthetic import load_ground_truth
     from spatia_hf.data.datasets import load_spatia_dataset, split_by_section
+    from spatia_hf.data.synthetic import load_ground_truth
     from spatia_hf.training.loop import dense_counts
 
     from . import plots
@@ -337,16 +341,16 @@ def write_response(report: dict[str, Any], path: str | Path, command: str | None
 
 
 __all__ = [
-    "DEFAULT_RESPONSE_FOLDS",
     "CONTROL_TOLERANCE",
+    "DEFAULT_RESPONSE_FOLDS",
     "MAGNITUDE_TOLERANCE",
-    "programme_genes",
-    "pick_control_gene",
     "bootstrap_mean_ci",
-    "summarize_edit",
     "conditional_mean_reference",
     "measure_perturbation_response",
+    "pick_control_gene",
+    "programme_genes",
     "response_goals",
-    "write_response",
     "response_strip",
+    "summarize_edit",
+    "write_response",
 ]
