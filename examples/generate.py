@@ -14,7 +14,8 @@
 """
 
 import argparse
-import json
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ def main() -> None:
     p.add_argument("--gene", default=None, help="gene to perturb (default: the ground truth's morphology gene)")
     p.add_argument("--fold", type=float, default=4.0)
     p.add_argument("--n-per-type", type=int, default=40)
-    p.add_argument("--n-perturb", type=int, default=64)
+    p.add_argument("--n-perturb", type=int, default=64,
+                   help="cells edited for the quick x fold check (0: none; examples/measure_perturbation_response.py "
+                        "is the full measure)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -56,6 +59,7 @@ def main() -> None:
     report = evaluate_generator(pipe, args.dataset, n_per_type=args.n_per_type, n_perturb=args.n_perturb,
                                 fold=args.fold, gene=args.gene, num_inference_steps=args.steps,
                                 guidance_scale=args.guidance_scale, seed=args.seed, figures_dir=args.out)
+    report = {"command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]), **report}  # how it was made
     write_json(Path(args.out) / "generation_report.json", report)
     t = report["type_accuracy"]
     print(f"type accuracy of generated cells: {t['accuracy']:.3f} (chance {t['chance_uniform']:.3f}, majority "

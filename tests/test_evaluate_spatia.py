@@ -343,6 +343,62 @@ def test_perturbation_series_shares_noise_and_ignores_batching(inputs, tiny_pipe
         generate_perturbation_series(tiny_pipeline, counts, c.genes, "NOPE", (2.0,), **kw)
 
 
+def test_perturbation_response_has_folds_a_control_gene_and_cis(tiny, tiny_pipeline, tmp_path):
+    """The response measure on a random pipeline: the wiring, the control gene and the JSON file."""
+    from spatia_hf.evaluation.perturbation_response import (measure_perturbation_response, programme_genes,
+                                                            response_goals, write_response)
+    from spatia_hf.data.synthetic import load_ground_truth
+
+    report = measure_perturbation_response(tiny_pipeline, tiny["data"], n_pairs=8, num_inference_steps=2,
+                                           n_boot=200, seed=1)
+    truth = load_ground_truth(tiny["data"])
+    assert report["gene"] == "NUCSIZE"
+    assert report["control_gene"] not in programme_genes(truth)  # a gene without any role in the tissue
+    by_key = {(e["gene"], e["fold"]): e for e in report["edits"]}
+    assert set(by_key) == {("NUCSIZE", 0.5), ("NUCSIZE", 2.0), ("NUCSIZE", 4.0), (report["control_gene"], 4.0)}
+    x4 = by_key[("NUCSIZE", 4.0)]
+    assert x4["true_ratio"] == pytest.approx(4.0 ** truth["morphology_genes"]["NUCSIZE"]["exponent"])
+    lo, hi = x4["area_ratio_ci95"]
+    assert lo <= x4["area_ratio"] <= hi and 0 <= x4["fraction_right_direction"] <= 1
+    control = by_key[(report["control_gene"], 4.0)]
+    assert control["true_ratio"] == 1.0 and isinstance(control["within_control_tolerance"], bool)
+    assert report["cost"]["images"] == 8 * 5
+    assert set(report["conditional_mean_reference"]["area_ratio"]) == {"NUCSIZE x0.5", "NUCSIZE x2", "NUCSIZE x4",
+                                                                        f"{report['control_gene']} x4"}
+    path = write_response(report, tmp_path / "response.json", command="cmd")
+    saved = json.loads(path.read_text())
+    assert saved["command"] == "cmd" and saved["goals_met"] == response_goals(report)
+    with pytest.raises(ValueError, match="control_gene='NUCSIZE'"):
+        measure_perturbation_response(tiny_pipeline, tiny["data"], n_pairs=4, control_gene="NUCSIZE",
+                                      num_inference_steps=1)
+    with pytest.raises(ValueError, match="n_pairs=10000"):
+        measure_perturbation_response(tiny_pipeline, tiny["data"], n_pairs=10000, num_inference_steps=1)
+
+
+def test_summarize_edit_scores_magnitude_direction_and_control():
+    from spatia_hf.evaluation.perturbation_response import bootstrap_mean_ci, summarize_edit
+
+    rng = np.random.default_rng(0)
+    before = rng.uniform(20, 40, 300)
+    after = before * 2.0 * np.exp(rng.normal(0, 0.05, 300))  # x4 with exponent 0.5: the true 2x
+    s = summarize_edit(before, after, 4.0, 0.5, n_boot=500)
+    assert s["area_ratio"] == pytest.approx(2.0, rel=0.02) and s["within_magnitude_tolerance"]
+    assert s["fraction_right_direction"] == 1.0 and s["direction_goal_met"]
+    assert s["fraction_of_true_log_fold_ci95"][0] < 1.0 < s["fraction_of_true_log_fold_ci95"][1] + 0.05
+    weak = summarize_edit(before, before * 1.1, 4.0, 0.5, n_boot=200)
+    assert not weak["within_magnitude_tolerance"] and weak["fraction_of_true_log_fold"] == pytest.approx(0.1375, 0.01)
+    control = summarize_edit(before, before * 1.08, 4.0, 0.0, n_boot=200)
+    assert control["true_ratio"] == 1.0 and not control["within_control_tolerance"]
+    assert "fraction_right_direction" not in control
+    assert summarize_edit(before, before * 0.99, 4.0, 0.0, n_boot=200)["within_control_tolerance"]
+    shrink = summarize_edit(before, before * 0.7, 0.5, 0.5, n_boot=200)
+    assert shrink["fraction_right_direction"] == 1.0  # a fold < 1 must shrink the nucleus
+    with pytest.raises(ValueError, match="pairs have a nucleus"):
+        summarize_edit(np.zeros(5), np.ones(5), 2.0, 0.5)
+    lo, hi = bootstrap_mean_ci(np.arange(100.0), n_boot=500)
+    assert lo < 49.5 < hi
+
+
 def test_spatia_evaluate_all_tasks_from_random_checkpoints(tiny, tiny_pipeline, tmp_path, capsys):
     """`spatia evaluate` of all 12 tasks with every SPATIA input (random tiny weights: the wiring, not
     the scores; the slow test below trains them)."""

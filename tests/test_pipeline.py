@@ -223,9 +223,53 @@ def test_perturbation_changes_only_the_edited_gene(pipe):
     counts, _, index = pipe.prepare_expression(x)
     doubled = x.copy()
     doubled[0, 5] *= 4.0
-    assert torch.allclose(_run(pipe, x, perturbation={"G5": 4.0}, output_type="latent").perturbed_images,
+    # "edited": the edited counts are normalised by their own total, like any new cell
+    assert torch.allclose(_run(pipe, x, perturbation={"G5": 4.0}, output_type="latent",
+                               perturbation_library="edited").perturbed_images,
                           _run(pipe, doubled, output_type="latent").images, rtol=1e-4, atol=1e-2)
     assert index["G5"] == 5 and counts.shape == (1, 12)
+
+
+def test_an_edited_cell_keeps_its_unedited_library_size(pipe):
+    """The default edit moves only the edited gene's normalised value (the size factor is the cell's)."""
+    enc = pipe.condition_encoder
+    x = torch.from_numpy(_counts(1))
+    edited = x.clone()
+    edited[0, 5] *= 4.0
+    kept = enc.standardized_profile(edited, library_size=x.sum(dim=1)) - enc.standardized_profile(x)
+    assert kept[0, 5] > 0 and torch.count_nonzero(kept.abs() > 1e-6) == 1
+    moved = enc.standardized_profile(edited) - enc.standardized_profile(x)  # own total: every gene moves
+    assert torch.count_nonzero(moved.abs() > 1e-6) == 12
+    # perturbation= (default "unedited") == the same edit batched by the caller with reference_rows
+    via_perturbation = _run(pipe, x.numpy(), perturbation={"G5": 4.0}, output_type="latent").perturbed_images
+    gens = [torch.Generator().manual_seed(0) for _ in range(2)]
+    batched = pipe(np.concatenate([x.numpy(), edited.numpy()]), num_inference_steps=STEPS, generator=gens,
+                   output_type="latent", reference_rows=[0, 0]).images
+    assert torch.allclose(via_perturbation[0], batched[1], atol=1e-4)
+    own = _run(pipe, x.numpy(), perturbation={"G5": 4.0}, output_type="latent", perturbation_library="edited")
+    assert (own.perturbed_images - via_perturbation).abs().max() > 1e-5
+
+
+def test_perturbation_guidance_moves_only_edited_images(pipe):
+    plain = _run(pipe, perturbation={"G5": 4.0}, output_type="latent")
+    guided = _run(pipe, perturbation={"G5": 4.0}, output_type="latent", perturbation_guidance=2.0)
+    assert torch.allclose(plain.images, guided.images)  # the controls are not edits
+    assert (plain.perturbed_images - guided.perturbed_images).abs().max() > 1e-5
+    same = _run(pipe, perturbation={"G5": 1.0}, output_type="latent", perturbation_guidance=2.0)
+    assert torch.allclose(same.images, same.perturbed_images, atol=1e-5)  # no edit, no guidance
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(perturbation={"NOPE": 2.0}), "gene 'NOPE' is not in the model's gene panel"),
+    (dict(perturbation_library="raw"), "perturbation_library='raw'"),
+    (dict(perturbation_guidance=-1.0), "perturbation_guidance=-1.0"),
+    (dict(reference_rows=[0]), "reference_rows: expected 2 row indices"),
+    (dict(reference_rows=[1, 0]), "reference row must be unedited"),
+    (dict(reference_rows=[0, 0], perturbation={"G1": 2.0}), "reference_rows and perturbation"),
+])
+def test_bad_edits_raise_clear_errors(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _run(pipe, **kwargs)
 
 
 # ------------------------------------------------------------------ schedulers, guidance, merging

@@ -137,16 +137,33 @@ def generate_images(pipe, counts, gene_names: Sequence[str], *, perturbation: Ma
 
 def generate_perturbation_series(pipe, counts, gene_names: Sequence[str], gene: str, folds: Sequence[float], *,
                                  num_inference_steps: int = 25, guidance_scale: float | None = None,
-                                 batch_size: int = 64, seed: int = 0,
-                                 out_px: int | None = None) -> tuple[np.ndarray, dict[float, np.ndarray]]:
-    """Control crops and, per fold, crops with ``gene``'s counts x fold, all from the same noise.
+                                 batch_size: int = 64, seed: int = 0, out_px: int | None = None,
+                                 **edit_kwargs) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+    """Control crops and, per fold, crops with ``gene``'s counts x fold, all from the same noise
+    (:func:`generate_edit_series` with one edit per fold). Returns uint8 ``(N, C, H, W)`` controls
+    and ``{fold: (N, C, H, W)}``."""
+    folds = [float(f) for f in folds]
+    controls, edited = generate_edit_series(pipe, counts, gene_names, [(gene, f) for f in folds],
+                                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                            batch_size=batch_size, seed=seed, out_px=out_px, **edit_kwargs)
+    return controls, dict(zip(folds, edited))
 
-    One pipeline pass per batch denoises the control and every fold together (``1 + len(folds)``
-    images per cell, instead of ``2 * len(folds)`` when each fold is a separate ``perturbation=``
+
+def generate_edit_series(pipe, counts, gene_names: Sequence[str], edits: Sequence[tuple[str, float]], *,
+                         num_inference_steps: int = 25, guidance_scale: float | None = None, batch_size: int = 64,
+                         seed: int = 0, out_px: int | None = None,
+                         **edit_kwargs) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Control crops and, per edit ``(gene, fold)``, crops with that gene's counts x fold, all from
+    the same noise.
+
+    One pipeline pass per batch denoises the control and every edit together (``1 + len(edits)``
+    images per cell, instead of ``2 * len(edits)`` when each edit is a separate ``perturbation=``
     call that regenerates the control). Cell ``i`` (row of ``counts``) gets its own generator seeded
     ``seed + i`` for the control and every edit, so the initial noise and any sampler noise are
     identical within a cell and the results do not depend on ``batch_size``. Returns uint8
-    ``(N, C, H, W)`` controls and ``{fold: (N, C, H, W)}``.
+    ``(N, C, H, W)`` controls and one such array per edit, in ``edits`` order. Every edited row is
+    passed to the pipeline as an edit of its control (``reference_rows``), so the pipeline's
+    ``perturbation_library`` / ``perturbation_guidance`` (``edit_kwargs``) apply as with ``perturbation=``.
     """
     import warnings
 
@@ -154,30 +171,36 @@ def generate_perturbation_series(pipe, counts, gene_names: Sequence[str], gene: 
 
     dense = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=np.float64)
     names = list(gene_names)
-    if gene not in names:
-        raise ValueError(f"gene={gene!r} is not in gene_names. Fix: perturb one of the {len(names)} given genes")
-    col = names.index(gene)
-    folds = [float(f) for f in folds]
+    edits = [(str(g), float(f)) for g, f in edits]
+    if not edits:
+        raise ValueError("edits: expected at least one (gene, fold) pair, e.g. [('NUCSIZE', 4.0)]")
+    for gene, fold in edits:
+        if gene not in names:
+            raise ValueError(f"gene={gene!r} is not in gene_names. Fix: perturb one of the {len(names)} given genes")
+        if not (np.isfinite(fold) and fold > 0):
+            raise ValueError(f"fold={fold!r} for gene {gene!r}: expected a finite number > 0")
     kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-    per_batch = max(1, batch_size // (1 + len(folds)))  # images per pass stay about batch_size
-    controls, edits = [], {f: [] for f in folds}
+    per_batch = max(1, batch_size // (1 + len(edits)))  # images per pass stay about batch_size
+    controls, edited_parts = [], [[] for _ in edits]
     for start in range(0, len(dense), per_batch):
         rows = dense[start : start + per_batch]
         variants = [rows]
-        for f in folds:
+        for gene, fold in edits:
             edited = rows.copy()
-            edited[:, col] *= f
+            edited[:, names.index(gene)] *= fold
             variants.append(edited)
         seeds = [seed + start + i for i in range(len(rows))] * len(variants)
+        reference = list(range(len(rows))) * len(variants)  # each edited copy refers to its control
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # panel notes repeat for every batch
             out = pipe(np.concatenate(variants), gene_names=names, num_inference_steps=num_inference_steps,
-                       generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt", **kwargs)
+                       generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt",
+                       reference_rows=reference, **kwargs, **edit_kwargs)
         parts = out.images.chunk(len(variants), dim=0)
         controls.append(parts[0])
-        for f, part in zip(folds, parts[1:]):
-            edits[f].append(part)
-    return _to_uint8(controls, out_px), {f: _to_uint8(v, out_px) for f, v in edits.items()}
+        for k, part in enumerate(parts[1:]):
+            edited_parts[k].append(part)
+    return _to_uint8(controls, out_px), [_to_uint8(v, out_px) for v in edited_parts]
 
 
 def _to_uint8(parts, out_px: int | None) -> np.ndarray:
@@ -315,7 +338,7 @@ def evaluate_generator(pipe, dataset_dir: str | Path, *, eval_sections: Sequence
         pass
     morph = (truth_gt or {}).get("morphology_genes", {})
     gene = gene or next(iter(morph), None)
-    if gene is not None:
+    if gene is not None and n_perturb > 0:  # n_perturb=0: typing and FID only (perturbation_response measures edits)
         exponent = morph.get(gene, {}).get("exponent")
         pidx = chosen[np.sort(rng.permutation(len(chosen))[:n_perturb])]
         col = genes.index(gene)
@@ -458,6 +481,7 @@ __all__ = [
     "at_resolution",
     "generate_images",
     "generate_perturbation_series",
+    "generate_edit_series",
     "generate_for_suite",
     "evaluate_generator",
     "save_rgb_png",

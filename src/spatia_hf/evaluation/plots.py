@@ -160,15 +160,17 @@ def plot_image_grid(images: np.ndarray, path: str | Path, ncols: int = 8, titles
 
 
 def plot_perturbation_strip(before: np.ndarray, after: Mapping[str, np.ndarray], path: str | Path,
-                            max_cells: int = 6, title: str = "") -> Path:
+                            max_cells: int = 6, title: str = "", row_labels: Sequence[str] | None = None) -> Path:
     """Rows = cells, columns = the unedited image then one per edit (e.g. {"NUCSIZE x4": images}),
-    all generated from the same noise so differences are the edit's effect."""
+    all generated from the same noise so differences are the edit's effect; ``row_labels`` name the
+    cells (e.g. the type of the conditioning expression)."""
     n = min(max_cells, len(before))
     cols = [np.asarray(before)[:n]] + [np.asarray(a)[:n] for a in after.values()]
     grid = np.stack(cols, axis=1).reshape(n * len(cols), *np.asarray(before).shape[1:])
     heads = ["original", *after.keys()]
     return plot_image_grid(grid, path, ncols=len(cols), titles=[heads[i % len(cols)] if i < len(cols) else ""
-                                                                 for i in range(len(grid))], title=title)
+                                                                 for i in range(len(grid))], title=title,
+                           row_labels=None if row_labels is None else list(row_labels)[:n])
 
 
 def plot_imputation_scatter(predicted: np.ndarray, measured: np.ndarray, gene_names: Sequence[str], path: str | Path,

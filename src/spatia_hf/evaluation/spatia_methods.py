@@ -421,11 +421,12 @@ def finetuned_outputs(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, seed: int = 0
 def null_condition(pipe) -> Iterator[None]:
     """Inside the block ``pipe`` ignores the expression and conditions every image on its learned
     null condition (the one classifier-free guidance was trained with): the unconditional generator."""
-    def encode(counts: torch.Tensor, do_classifier_free_guidance: bool) -> torch.Tensor:
+    def encode(counts: torch.Tensor, do_classifier_free_guidance: bool, library_size=None) -> torch.Tensor:
         n = counts.shape[0] * (2 if do_classifier_free_guidance else 1)
         return pipe.condition_encoder.null_condition(n).to(pipe._execution_device)
 
-    def encode_global(counts: torch.Tensor, do_classifier_free_guidance: bool, tokens: torch.Tensor):
+    def encode_global(counts: torch.Tensor, do_classifier_free_guidance: bool, tokens: torch.Tensor,
+                      library_size=None):
         return pipe.null_global_condition(tokens.shape[0])  # the UNet's global condition path, if any
 
     pipe.encode_expression = encode

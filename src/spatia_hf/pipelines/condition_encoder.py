@@ -80,14 +80,25 @@ def expression_config_from(cell_config: SpatiaCellConfig | dict) -> dict[str, An
     return {k: d[k] for k in EXPRESSION_CONFIG_KEYS if k in d}
 
 
-def log1p_normalize(counts: torch.Tensor, normalize_total: float | None) -> torch.Tensor:
+def log1p_normalize(counts: torch.Tensor, normalize_total: float | None,
+                    library_size: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, G]`` raw counts -> ``log1p(counts / size_factor)`` with ``size_factor = max(library, 1) /
     normalize_total`` (exactly :class:`~spatia_hf.models.processing_spatia.SpatiaProcessor`'s values, so a
-    pretrained expression branch sees what it was trained on); raw log1p when ``normalize_total`` is None."""
+    pretrained expression branch sees what it was trained on); raw log1p when ``normalize_total`` is None.
+
+    ``library_size`` (``[B]``, optional) replaces each row's own total: an edited cell normalised by
+    its unedited library keeps its size factor, so only the edited gene's value changes (see
+    :class:`~spatia_hf.pipelines.pipeline_spatia.SpatiaGenerationPipeline`'s ``perturbation``)."""
     x = counts.float()
     if normalize_total is not None:
-        library = x.sum(dim=-1, keepdim=True).clamp(min=1.0)
-        x = x * (normalize_total / library)
+        if library_size is None:
+            library = x.sum(dim=-1, keepdim=True)
+        else:
+            library = torch.as_tensor(library_size, dtype=x.dtype, device=x.device).reshape(-1, 1)
+            if library.shape[0] != x.shape[0]:
+                raise ValueError(f"library_size: {library.shape[0]} values for {x.shape[0]} cells. Fix: give one "
+                                 "library size (total counts) per row of counts")
+        x = x * (normalize_total / library.clamp(min=1.0))
     return torch.log1p(x)
 
 
@@ -269,10 +280,11 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         _check_statistics(gene_mean, gene_std, self.num_genes)
         self.register_to_config(gene_mean=gene_mean, gene_std=gene_std)
 
-    def standardized_profile(self, counts: torch.Tensor) -> torch.Tensor:
+    def standardized_profile(self, counts: torch.Tensor, library_size: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, G]`` raw counts -> log1p profile, z-scored per gene and clipped at
-        +-``MAX_PROFILE_Z`` when statistics are set (else the raw log1p profile, as before them)."""
-        values = log1p_normalize(counts, self.config.normalize_total)
+        +-``MAX_PROFILE_Z`` when statistics are set (else the raw log1p profile, as before them).
+        ``library_size``: see :func:`log1p_normalize`."""
+        values = log1p_normalize(counts, self.config.normalize_total, library_size)
         if not self.has_profile_statistics:
             return values
         mean = torch.tensor(self.config.gene_mean, dtype=values.dtype, device=values.device)
@@ -280,13 +292,14 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         return ((values - mean) / std).clamp(-MAX_PROFILE_Z, MAX_PROFILE_Z)
 
     # ------------------------------------------------------------------ forward
-    def gene_tokens_from_counts(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gene_tokens_from_counts(self, counts: torch.Tensor, library_size: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[B, G]`` raw counts -> ``gene_ids`` / ``gene_values`` (log1p-normalised) / mask, ``[B, L]``."""
         if counts.dim() != 2 or counts.shape[1] != self.num_genes:
             raise ValueError(f"counts: expected shape [batch, {self.num_genes}] (one column per panel gene), got "
                              f"{tuple(counts.shape)}. Fix: map the expression onto encoder.genes first "
                              "(SpatiaGenerationPipeline does this from gene_names)")
-        values = log1p_normalize(counts, self.config.normalize_total)
+        values = log1p_normalize(counts, self.config.normalize_total, library_size)
         b, g = values.shape
         ids = torch.arange(NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + g, device=values.device)
         if g <= self.config.max_gene_tokens:
@@ -306,7 +319,8 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         return int(self.null_tokens.shape[0])
 
     def forward(self, counts: torch.Tensor, drop_condition: torch.Tensor | None = None,
-                return_global: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_global: bool = False, library_size: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Condition tokens ``[B, num_tokens, cross_attention_dim]`` (and, with ``return_global``,
         the global condition ``[B, pooled_dim]``, computed inside forward so a DDP-wrapped encoder
         syncs its gradients).
@@ -315,21 +329,23 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
             counts: ``[B, n_genes]`` raw counts on :attr:`genes`.
             drop_condition: optional ``[B]`` bool; True rows get the null condition (CFG training).
             return_global: also return :meth:`global_condition` of the same rows.
+            library_size: optional ``[B]`` totals to normalise by instead of each row's own (an edited
+                cell keeps its unedited library, :func:`log1p_normalize`).
         """
-        gene_ids, values, mask = self.gene_tokens_from_counts(counts)
+        gene_ids, values, mask = self.gene_tokens_from_counts(counts, library_size)
         tokens, mask = self.expression_encoder(gene_ids, values.to(self.dtype), mask)
         queries = self.pool_queries.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         pooled, _ = self.pool_attention(queries, tokens, tokens, key_padding_mask=~mask, need_weights=False)
         pooled = pooled + queries
         if self.profile_mlp is not None:
-            profile = self.standardized_profile(counts).to(tokens.dtype)
+            profile = self.standardized_profile(counts, library_size).to(tokens.dtype)
             pooled = torch.cat([pooled, self.profile_mlp(profile)[:, None]], dim=1)
         out = self.proj(self.pool_norm(pooled))
         if drop_condition is not None:
             null = self.null_tokens.to(out.dtype).expand_as(out)
             out = torch.where(drop_condition.to(out.device).view(-1, 1, 1), null, out)
         if return_global:
-            return out, self.global_condition(counts, out, drop_condition)
+            return out, self.global_condition(counts, out, drop_condition, library_size)
         return out
 
     @property
@@ -342,7 +358,8 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
         return self.num_tokens * int(self.config.cross_attention_dim)
 
     def global_condition(self, counts: torch.Tensor | None, tokens: torch.Tensor,
-                         drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+                         drop_condition: torch.Tensor | None = None,
+                         library_size: torch.Tensor | None = None) -> torch.Tensor:
         """The global condition ``[B, pooled_dim]`` of cells with raw ``counts`` and condition ``tokens``.
 
         ``"tokens"``: :meth:`pooled` of ``tokens`` (already null where dropped; ``counts`` unused).
@@ -353,7 +370,7 @@ class SpatiaConditionEncoder(ModelMixin, ConfigMixin):
             return self.pooled(tokens)
         if counts is None:
             raise ValueError("counts=None: a 'profile' global condition is computed from the counts. Fix: pass them")
-        out = self.standardized_profile(counts).to(self.null_profile.dtype)
+        out = self.standardized_profile(counts, library_size).to(self.null_profile.dtype)
         if drop_condition is not None:
             null = self.null_profile.expand_as(out)
             out = torch.where(drop_condition.to(out.device).view(-1, 1), null, out)

@@ -39,7 +39,15 @@ channels red, magenta, cyan, yellow (additive, clipped). ``"np"`` gives ``[N, H,
 
 Perturbation (``perturbation={"NUCSIZE": 4.0}``) multiplies that gene's counts by the fold and
 generates the control and the perturbed images from the same initial noise (and the same sampler
-noise), so a morphology difference is attributable to the edit alone.
+noise), so a morphology difference is attributable to the edit alone. The edited cell is normalised
+by its *unedited* library size (``perturbation_library="unedited"``, the default): the size factor
+belongs to the cell (capture, cell size), the edit changes one gene's expression, so only that gene's
+normalised value moves. Recomputing the library from the edited counts (``"edited"``, the behaviour
+before) hides part of the edit of an abundant gene and lowers every other gene: ``NUCSIZE`` holds ~20%
+of a demo cell's counts, so x4 raised its normalised value only ~2.4x. Callers that batch edited
+copies themselves pass ``reference_rows`` (row ``i`` is an edit of row ``reference_rows[i]``).
+``perturbation_guidance`` (default 0) adds guidance along the edit, ``w_p x (eps(x, edited) -
+eps(x, unedited))`` at the edited sample, one more denoiser pass per edited image.
 
 Token merging (ToMe in the denoiser's self-attention, ``spatia_hf.pipelines.denoiser_merging``) is off by
 default (``token_merging_ratio=0.0``): it is recorded in the pipeline config, saved in
@@ -93,6 +101,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # their condition's type 0.62-0.73 of the time vs 0.53-0.56 at 2, at a larger morphology-feature FID.
 DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_TOKEN_MERGING_RATIO = 0.0
+# How an edited cell is normalised (see the module docstring): by its unedited library size.
+PERTURBATION_LIBRARIES = ("unedited", "edited")
+DEFAULT_PERTURBATION_LIBRARY = "unedited"
 
 
 @dataclass
@@ -459,6 +470,31 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         index.update({panel[int(cmap[j])]: int(cmap[j]) for j in known})
         return torch.from_numpy(counts), unknown, index
 
+    @staticmethod
+    def _reference_rows(reference_rows, perturbation, n_rows: int, perturbation_library: str,
+                        perturbation_guidance: float) -> torch.Tensor | None:
+        """``reference_rows`` checked and as a LongTensor (None when not given)."""
+        if perturbation_library not in PERTURBATION_LIBRARIES:
+            raise ValueError(f"perturbation_library={perturbation_library!r}: expected one of {PERTURBATION_LIBRARIES}")
+        if not (isinstance(perturbation_guidance, (int, float)) and math.isfinite(perturbation_guidance)
+                and perturbation_guidance >= 0):
+            raise ValueError(f"perturbation_guidance={perturbation_guidance!r}: expected a finite number >= 0 "
+                             "(0 = off)")
+        if reference_rows is None:
+            return None
+        if perturbation is not None:
+            raise ValueError("reference_rows and perturbation: give one. perturbation= pairs every cell with its "
+                             "edit itself; reference_rows is for edited copies batched by the caller")
+        ref = torch.as_tensor(np.asarray(reference_rows), dtype=torch.long).flatten()
+        if len(ref) != n_rows or (len(ref) and (int(ref.min()) < 0 or int(ref.max()) >= n_rows)):
+            raise ValueError(f"reference_rows: expected {n_rows} row indices in [0, {n_rows}) (one per expression "
+                             f"row), got {len(ref)} values in [{int(ref.min()) if len(ref) else '-'}, "
+                             f"{int(ref.max()) if len(ref) else '-'}]")
+        if bool((ref[ref] != ref).any()):
+            raise ValueError("reference_rows: a reference row must be unedited (reference_rows[r] == r for every "
+                             "referenced row r)")
+        return ref
+
     def check_inputs(
         self,
         perturbation: Mapping[str, float] | None,
@@ -497,16 +533,19 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                 raise ValueError(f"perturbation[{gene!r}]={fold!r}: the fold must be a finite number > 0 "
                                  "(e.g. 4.0 to raise the gene 4x, 0.25 to lower it 4x)")
 
-    def encode_expression(self, counts: torch.Tensor, do_classifier_free_guidance: bool) -> torch.Tensor:
-        """Condition tokens for ``counts``; with guidance, the null condition is prepended (``[2B, K, D]``)."""
+    def encode_expression(self, counts: torch.Tensor, do_classifier_free_guidance: bool,
+                          library_size: torch.Tensor | None = None) -> torch.Tensor:
+        """Condition tokens for ``counts`` (normalised by ``library_size`` when given, else each row's
+        total); with guidance, the null condition is prepended (``[2B, K, D]``)."""
         enc = self.condition_encoder
-        cond = enc(counts.to(device=enc.device, dtype=enc.dtype))
+        lib = None if library_size is None else library_size.to(device=enc.device, dtype=enc.dtype)
+        cond = enc(counts.to(device=enc.device, dtype=enc.dtype), library_size=lib)
         if do_classifier_free_guidance:
             cond = torch.cat([enc.null_condition(cond.shape[0]).to(cond.dtype), cond], dim=0)
         return cond
 
     def encode_global_condition(self, counts: torch.Tensor, do_classifier_free_guidance: bool,
-                                tokens: torch.Tensor) -> torch.Tensor | None:
+                                tokens: torch.Tensor, library_size: torch.Tensor | None = None) -> torch.Tensor | None:
         """The UNet's ``class_labels`` for ``counts`` (None when it takes none, e.g. a transformer); with
         guidance the null condition's global vector is prepended, matching :meth:`encode_expression`'s
         ``tokens``."""
@@ -515,7 +554,8 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         enc = self.condition_encoder
         if enc.config.global_vector == "tokens":
             return enc.pooled(tokens)  # the null tokens' rows already lead with guidance
-        glob = enc.global_condition(counts.to(device=enc.device, dtype=enc.dtype), tokens)
+        lib = None if library_size is None else library_size.to(device=enc.device, dtype=enc.dtype)
+        glob = enc.global_condition(counts.to(device=enc.device, dtype=enc.dtype), tokens, library_size=lib)
         if do_classifier_free_guidance:
             glob = torch.cat([enc.null_global_condition(glob.shape[0]).to(glob.dtype), glob], dim=0)
         return glob
@@ -588,6 +628,9 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         min_gene_coverage: float = 0.0,
+        perturbation_library: str = DEFAULT_PERTURBATION_LIBRARY,
+        reference_rows: Sequence[int] | None = None,
+        perturbation_guidance: float = 0.0,
     ) -> SpatiaPipelineOutput | tuple:
         """Generate cell images from expression.
 
@@ -614,14 +657,28 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                 a returned ``latents`` replaces the current one.
             min_gene_coverage: refuse the call when less than this fraction of ``gene_names`` is in the
                 model's panel (the error names the first unknown genes); 0 accepts any overlap.
+            perturbation_library: ``"unedited"`` (default): an edited cell is normalised by the library
+                size of its unedited counts, so only the edited gene's normalised value changes;
+                ``"edited"``: by its own (edited) total, as before this option existed.
+            reference_rows: for edits batched by the caller: row ``i`` of ``expression`` is an edited copy
+                of row ``reference_rows[i]`` (itself for an unedited row); used like ``perturbation``'s
+                pairs by ``perturbation_library`` and ``perturbation_guidance``. Not with ``perturbation``.
+            perturbation_guidance: ``w_p >= 0``; edited images also get ``w_p x (eps(x, edited) -
+                eps(x, unedited))`` at their own sample ``x`` (one more denoiser pass per edited image);
+                0 (default) is plain sampling.
         """
         counts, unknown, gene_index = self.prepare_expression(expression, gene_names, min_gene_coverage)
         self.check_inputs(perturbation, gene_index, num_inference_steps, guidance_scale, num_images_per_expression,
                           output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         dtype = self.denoiser.dtype
-        counts = counts.repeat_interleave(num_images_per_expression, dim=0)
+        ref = self._reference_rows(reference_rows, perturbation, counts.shape[0], perturbation_library,
+                                   perturbation_guidance)
+        k = num_images_per_expression
+        counts = counts.repeat_interleave(k, dim=0)
         n = counts.shape[0]
+        if ref is not None:  # row i*k + j is an edit of row ref[i]*k + j
+            ref = (ref.repeat_interleave(k) * k + torch.arange(k).repeat(len(ref)))
         perturbed = perturbation is not None
         if perturbed:
             pcounts = counts.clone()
@@ -632,12 +689,25 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                                   "unchanged", UserWarning, stacklevel=3)
                 pcounts[:, j] *= float(fold)
             counts = torch.cat([counts, pcounts], dim=0)
+            ref = torch.arange(n).repeat(2)  # every perturbed image is an edit of its control
 
         do_cfg = guidance_scale > 1.0
-        cond = self.encode_expression(counts, do_cfg).to(dtype)
-        class_labels = self.encode_global_condition(counts, do_cfg, cond)  # None: cross-attention only
+        library = counts.sum(dim=1)
+        if ref is not None and perturbation_library == "unedited":
+            library = library[ref]  # the edit changes one gene, not the cell's size factor
+        cond = self.encode_expression(counts, do_cfg, library).to(dtype)
+        class_labels = self.encode_global_condition(counts, do_cfg, cond, library)  # None: cross-attention only
         if class_labels is not None:
             class_labels = class_labels.to(device=device, dtype=dtype)
+        edited_rows = None
+        if ref is not None and perturbation_guidance > 0:
+            edited_rows = torch.nonzero(ref != torch.arange(len(ref))).flatten()
+            # the unedited condition of every edited row, evaluated at the edited sample
+            ref_cond = self.encode_expression(counts[ref[edited_rows]], False, library[ref[edited_rows]]).to(dtype)
+            ref_labels = self.encode_global_condition(counts[ref[edited_rows]], False, ref_cond,
+                                                      library[ref[edited_rows]])
+            if ref_labels is not None:
+                ref_labels = ref_labels.to(device=device, dtype=dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -658,6 +728,13 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                 if do_cfg:
                     uncond, cond_pred = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond_pred - uncond)
+                else:
+                    cond_pred = noise_pred
+                if edited_rows is not None and len(edited_rows):
+                    x_edit = model_in[-len(cond_pred):][edited_rows]
+                    unedited = self._denoise(x_edit, t, ref_cond, ref_labels)
+                    noise_pred = noise_pred.clone()
+                    noise_pred[edited_rows] += perturbation_guidance * (cond_pred[edited_rows] - unedited)
                 preds = noise_pred.chunk(len(schedulers), dim=0)
                 state = _generator_states(generator)
                 new = []

@@ -40,7 +40,7 @@ from ..models.modeling_heads import SpatiaForPretraining
 from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
 from ..data.collators import CellCollator, NicheCollator
 from ..data.datasets import (ArrowRows, CellNicheDataset, NicheCellsDataset, SpatiaDataset, arrow_columns,
-                             default_eval_sections, load_spatia_dataset, read_gene_panel, split_by_section,
+                             load_spatia_dataset, read_gene_panel, split_by_section,
                              truncate)
 from .setup import (
     SUMMARY_FILE,
