@@ -121,6 +121,45 @@ def test_pretraining_trains_the_tissue_model_and_the_new_objectives_fall(tiny_di
     assert len(changed) == len(tissue_before)  # every tissue weight was trained
 
 
+def test_overlapping_neighbourhoods_encode_each_distinct_cell_once(tiny_dir):
+    """A batch of nearby neighbourhoods shares most cells: the collator names the distinct cells, the
+    model encodes each once (a cell repeated in the contrastive batch would be its own negative) and the
+    niche objectives see exactly what they saw with every member encoded on its own."""
+    from spatia_hf.data.datasets import load_spatia_dataset
+    from spatia_hf.models.modeling_heads import first_occurrences
+    from spatia_hf.training.arguments import DataArguments, ModelArguments
+    from spatia_hf.training.pretrain import build_pretraining_data, load_pretraining_model
+    from spatia_hf.training.setup import build_processor
+
+    uids = torch.tensor([4, 2, 4, 7, 2, 9])
+    first, inverse = first_occurrences(uids)
+    assert first.tolist() == [1, 0, 3, 5] and torch.equal(uids[first][inverse], uids)
+
+    model_args, data_args = ModelArguments(preset="tiny"), DataArguments(dataset_dir=str(tiny_dir))
+    dataset = load_spatia_dataset(tiny_dir, ("cells", "niches"))
+    model = load_pretraining_model(model_args, data_args, dataset, seed=0).eval()
+    model.config.niche_config.num_neighbours = 8
+    processor = build_processor(model_args, model.config, dataset, 0)
+    train, _, collator = build_pretraining_data(data_args, dataset, processor, model, seed=0)
+    batch = collator(train.__getitems__(list(train.train_sampler(6, seed=0))[:6]))
+    real = batch["cell_attention_mask"].bool()
+    distinct = int(batch["cell_uids"].max()) + 1
+    assert (batch["cell_uids"][~real] == -1).all() and distinct < int(real.sum())  # neighbourhoods overlap
+    seen = []
+    hook = model.spatia.cell.register_forward_hook(lambda m, args, out: seen.append(out.cell_embeds.shape[0]))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        once = model(**batch)
+        torch.manual_seed(0)
+        each = model(**{k: v for k, v in batch.items() if k != "cell_uids"})
+    hook.remove()
+    assert seen == [distinct, int(real.sum())]
+    assert once.contrastive_logits.shape == (distinct, distinct)
+    for name in ("niche_loss", "niche_profile_loss", "tissue_loss"):
+        torch.testing.assert_close(getattr(once, name), getattr(each, name), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(once.cell_embeds, each.cell_embeds, rtol=1e-4, atol=1e-5)
+
+
 def test_leiden_domains_search_the_resolution_for_a_target_count():
     import anndata as ad
 

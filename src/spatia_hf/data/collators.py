@@ -75,6 +75,18 @@ def cell_keys(cols: Mapping[str, Any]) -> list[int]:
     return list(range(n))
 
 
+def distinct_cell_ids(cols: Mapping[str, Any]) -> np.ndarray:
+    """``0..U-1`` per row, equal for rows of the same ``(sample_id, cell_id)`` (exact, no hashing);
+    rows without a cell id are all distinct."""
+    n = len(next(iter(cols.values())))
+    if schema.CELL_ID not in cols:
+        return np.arange(n, dtype=np.int64)
+    samples = cols[schema.SAMPLE_ID] if schema.SAMPLE_ID in cols else [""] * n
+    seen: dict[tuple, int] = {}
+    return np.asarray([seen.setdefault((str(s), str(c)), len(seen)) for s, c in zip(samples, cols[schema.CELL_ID])],
+                      dtype=np.int64)
+
+
 def token_mask_from_noise(noise: np.ndarray, real: np.ndarray, ratio: float, min_keep: int = 1) -> np.ndarray:
     """Hide ``round(ratio * n_real)`` real tokens per row (at least one when a row has more than
     ``min_keep``, never below ``min_keep`` visible): the ones with the smallest noise."""
@@ -227,12 +239,16 @@ class NicheCollator:
     model consumes them; ``niche_cell_mask [B, N]`` hides cells for masked-cell prediction when
     ``niche_mask_ratio`` is set; ``labels [B, N]`` (-100 on padding) when the cell collator has labels;
     with ``with_centres``, ``niche_centres_um [B, 2]`` (the niches' centres in section µm) and
-    ``niche_groups [B]`` (an id per section), the tissue objective's inputs.
+    ``niche_groups [B]`` (an id per section), the tissue objective's inputs. With ``with_cell_uids``,
+    ``cell_uids [B, N]``: one id per distinct cell of the batch (-1 on padding). Overlapping
+    neighbourhoods share most of their cells; the pretraining model encodes each distinct cell once
+    and scores its cell-level objectives once (a cell repeated in an InfoNCE batch is its own negative).
     """
 
     cell_collator: CellCollator
     niche_mask_ratio: float | None = None
     with_centres: bool = False
+    with_cell_uids: bool = False
     epoch: int = 0
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -266,6 +282,10 @@ class NicheCollator:
             out["niche_groups"] = np.asarray([example_key(e["niche"][schema.SAMPLE_ID]) for e in examples],
                                              dtype=np.int64)
         where = np.flatnonzero(real.reshape(-1))
+        if self.with_cell_uids:
+            uids = np.full(b * n, -1, dtype=np.int64)
+            uids[where] = distinct_cell_ids(cols)
+            out["cell_uids"] = uids.reshape(b, n)
         for key, value in flat.items():
             if key in ("gene_value_mask", "image_patch_mask"):
                 out[key] = value  # per real cell, as the model's flattened cell pass expects

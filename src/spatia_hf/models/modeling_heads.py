@@ -235,16 +235,19 @@ class SpatiaForPretraining(SpatiaHeadModel):
         niche_cell_mask: torch.Tensor | None = None,
         niche_centres_um: torch.Tensor | None = None,
         niche_groups: torch.Tensor | None = None,
+        cell_uids: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
     ) -> SpatiaPretrainingOutput | tuple:
         """Masks are drawn from the global RNG unless given (a collator seeding them per example
         makes batches reproducible): ``gene_value_mask [B, L]`` and ``image_patch_mask [B, P]`` (for
-        niche batches one row per *real* cell, in row-major order), ``niche_cell_mask [B, N]``."""
+        niche batches one row per *real* cell, in row-major order), ``niche_cell_mask [B, N]``.
+        ``cell_uids [B, N]`` (niche batches) names the distinct cells: each is encoded once, and the
+        cell-level objectives (MGM, MIM, contrastive) and ``gene_predictions`` are per distinct cell."""
         cfg = self.config
         return_dict = cfg.return_dict if return_dict is None else return_dict
         niche = cell_positions is not None
-        index = None
+        index = inverse = None
         if niche:
             pixel_values, gene_ids, gene_values, gene_attention_mask, gene_counts, size_factors, index, shape = (
                 self._flatten_niche(cell_attention_mask, pixel_values, gene_ids, gene_values, gene_attention_mask,
@@ -252,6 +255,13 @@ class SpatiaForPretraining(SpatiaHeadModel):
             )
         if gene_ids is not None and gene_attention_mask is None:
             gene_attention_mask = gene_ids != 0
+        per_cell = (gene_ids, gene_values, gene_attention_mask)  # every real cell: the niche objectives' targets
+        if niche and cell_uids is not None:
+            first, inverse = first_occurrences(pick_cells(cell_uids, index, shape))
+            pixel_values, gene_ids, gene_values, gene_attention_mask, gene_counts, size_factors, gene_value_mask, \
+                image_patch_mask = (None if t is None else t[first] for t in (
+                    pixel_values, gene_ids, gene_values, gene_attention_mask, gene_counts, size_factors,
+                    gene_value_mask, image_patch_mask))
         value_mask = patch_mask = None
         if gene_ids is not None and cfg.mgm_weight > 0:
             value_mask = (random_token_mask(gene_attention_mask, cfg.mgm_mask_ratio) if gene_value_mask is None
@@ -286,7 +296,9 @@ class SpatiaForPretraining(SpatiaHeadModel):
                 losses["contrastive"] = info_nce(logits)
         cell_embeds = out.cell_embeds
         if niche:
-            nout, niche_loss = self._niche_objective(out, index, shape, cell_positions, cell_attention_mask,
+            gene_ids, gene_values, gene_attention_mask = per_cell
+            member_embeds = out.cell_embeds if inverse is None else out.cell_embeds[inverse]
+            nout, niche_loss = self._niche_objective(member_embeds, index, shape, cell_positions, cell_attention_mask,
                                                      gene_ids, gene_values, gene_attention_mask, niche_cell_mask)
             cell_embeds = nout.cell_embeds
             if niche_loss is not None:
@@ -353,9 +365,9 @@ class SpatiaForPretraining(SpatiaHeadModel):
         per_patch = ((pred - target) ** 2).mean(dim=-1)
         return masked_mean(per_patch, patch_mask)
 
-    def _niche_objective(self, out, index, shape, cell_positions, cell_attention_mask, gene_ids, gene_values,
-                         gene_attention_mask, niche_cell_mask=None):
-        emb = scatter_cells(out.cell_embeds, index, shape)
+    def _niche_objective(self, member_embeds, index, shape, cell_positions, cell_attention_mask, gene_ids,
+                         gene_values, gene_attention_mask, niche_cell_mask=None):
+        emb = scatter_cells(member_embeds, index, shape)
         real = real_cell_mask(cell_attention_mask, shape, emb.device)
         hide = None
         if self.config.niche_weight > 0:
@@ -400,6 +412,16 @@ class SpatiaForPretraining(SpatiaHeadModel):
         picked = rows[hide]
         pred = self._gene_query(self.tissue_decoder, tout.niche_embeds[hide])
         return masked_mse(pred, target[picked], valid[picked])
+
+
+def first_occurrences(uids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, inverse)`` for ids ``[n]``: the position of each distinct id's first row ``[U]`` (in
+    order of the sorted ids) and, per row, its distinct id's place in ``first``, so ``x[first][inverse]``
+    rebuilds a per-row tensor whose rows depend only on the id."""
+    _, inverse = torch.unique(uids, return_inverse=True)
+    rows = torch.arange(len(uids), device=uids.device)
+    first = torch.full((int(inverse.max()) + 1 if len(uids) else 0,), len(uids), dtype=torch.long, device=uids.device)
+    return first.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
 
 
 def neighbourhood_profiles(gene_ids: torch.Tensor, gene_values: torch.Tensor, gene_attention_mask: torch.Tensor,

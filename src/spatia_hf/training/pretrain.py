@@ -187,7 +187,8 @@ def _collators(data_args: DataArguments, processor, model, seed: int):
         num_patches=model.spatia.cell.num_patches,
     )
     niche_mask = cfg.niche_mask_ratio if ("niche_cell_mask" in accepts and cfg.niche_weight > 0) else None
-    return cell_collator, NicheCollator(cell_collator, niche_mask_ratio=niche_mask)
+    return cell_collator, NicheCollator(cell_collator, niche_mask_ratio=niche_mask,
+                                        with_cell_uids="cell_uids" in accepts)
 
 
 def _check_streaming_args(training_args: TrainingArguments) -> None:
@@ -210,7 +211,8 @@ def _cell_niche_data(data_args, cfg, cells_train, cells_eval, cell_collator, nic
     centre), batched as nearby neighbourhoods; the tissue objective's inputs when the model takes them."""
     niche_cfg = cfg.niche_config
     centres = "niche_centres_um" in accepts and "niche_groups" in accepts
-    collator = NicheCollator(cell_collator, niche_mask_ratio=niche_mask, with_centres=centres)
+    collator = NicheCollator(cell_collator, niche_mask_ratio=niche_mask, with_centres=centres,
+                             with_cell_uids="cell_uids" in accepts)
 
     def hoods(cells):
         return CellNicheDataset(truncate(cells, None, seed), niche_cfg.num_neighbours, niche_cfg.neighbour_radius_um,
