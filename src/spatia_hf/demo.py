@@ -55,12 +55,13 @@ class DemoSize:
 # Task 12 edits 100 held-out cells (4 folds each, one batched pass per cell with its control): with 16
 # cells its per-fold shifts rested on too few pairs; 100 cells cost 5.6x the 16-cell series (measured in
 # one process: 471 s vs 85 s on a heavily shared 2-core machine, ~2 minutes more on an idle one).
-# Pretraining stops at 240 steps or 4.5 minutes, whichever comes first: this round's objectives (cell-centred
-# neighbourhoods carry twice the cells per step, tissue objective, gradient checkpointing) make a step ~2x
-# dearer, and the whole demo must stay near 10 minutes on 2 cores (not re-measured yet; see issue 16's note).
-FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=4.5, pretrain_steps=240,
+# Pretraining: 150 steps (cap 4.5 minutes). Cell-centred neighbourhoods carry ~240 member cells per batch of 8,
+# ~90 of them distinct (encoded once): ~1.45 s a step on 2 idle cores vs ~1 s for the old grid tiles. The
+# generator: 400 steps (~0.4 s each). With the evaluation's seeds, intervals and 100-cell task 12 the whole demo
+# must stay near 10 minutes on 2 cores.
+FULL = DemoSize(sections=4, cells=1200, genes=120, preset="small", pretrain_minutes=4.5, pretrain_steps=150,
                 pretrain_batch_size=8,
-                finetune_minutes=4.0, finetune_epochs=1.0, generator_minutes=8.0, generator_steps=600,
+                finetune_minutes=4.0, finetune_epochs=1.0, generator_minutes=6.0, generator_steps=400,
                 generator_size="small", generator_image_size=32, generation_steps=12, max_generation=48,
                 max_perturbation=100, generation_variants=True, cnn_epochs=4)
 QUICK = DemoSize(sections=3, cells=400, genes=80, preset="tiny", pretrain_minutes=2.0, pretrain_steps=100,
