@@ -8,6 +8,8 @@ paths at a tiny size, which the test suite does).
    px, images/s of ``--gen-steps`` sampler steps, with token merging off and at ``--merge-ratio``.
 3. With 2+ GPUs (and not ``--no-ddp``): one 2-process DDP pretraining run (``torchrun
    examples/pretrain.py``, bf16, a few steps), its world size read back from the run summary.
+4. On CUDA (and not ``--no-fsdp``): FSDP2 through the Trainer with ``examples/accelerate_configs/fsdp.yaml``
+   (one process per GPU, bf16, 3 steps), the saved full state dict loaded back with ``from_pretrained``.
 
 Prints one ``RESULT {json}`` line per figure; ``--json`` also writes them all.
 """
@@ -83,7 +85,7 @@ def check_pretraining(args, data: Path, device: torch.device) -> dict:
     return report("pretraining", preset=args.preset, dtype="bf16" if use_bf16 else "fp32",
                   attn=model.config._attn_implementation, batch_niches=args.batch,
                   cells_per_step=cells / max(args.steps, 1), steps=args.steps, cells_per_s=cells / took,
-                  peak_gpu_memory_gb=peak, loss=float(loss), finite=bool(torch.isfinite(loss)))
+                  peak_gpu_memory_gb=peak, loss=float(loss.detach()), finite=bool(torch.isfinite(loss)))
 
 
 def check_generation(args, device: torch.device) -> list[dict]:
@@ -131,6 +133,30 @@ def check_ddp(args, data: Path, work: Path) -> dict:
                   global_step=summary["global_step"], seconds=time.perf_counter() - start)
 
 
+def check_fsdp(args, data: Path, work: Path, n_gpus: int) -> dict:
+    """FSDP2 through the Trainer with the shipped accelerate config (one process per GPU), then the saved
+    full state dict loaded back with ``from_pretrained``."""
+    out = work / "fsdp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "examples" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", str(n_gpus),
+           "--main_process_port", "29517", str(REPO / "examples" / "pretrain.py"), "--dataset_dir", str(data),
+           "--output_dir", str(out), "--preset", args.ddp_preset, "--max_steps", "3", "--per_device_train_batch_size",
+           "2", "--bf16", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm",
+           "true", "--eval_sections", ""]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0:
+        return report("fsdp", ok=False, error=(proc.stdout + proc.stderr)[-3000:])
+    summary = json.loads((out / "spatia_training.json").read_text())
+    from spatia_hf import SpatiaForPretraining
+
+    reloaded = SpatiaForPretraining.from_pretrained(out)
+    finite = all(bool(torch.isfinite(p).all()) for p in reloaded.parameters())
+    return report("fsdp", ok=summary["world_size"] == n_gpus and finite, world_size=summary["world_size"],
+                  global_step=summary["global_step"], reloaded_parameters=sum(p.numel() for p in reloaded.parameters()),
+                  logit_scale_shape=list(reloaded.logit_scale.shape), seconds=time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a tiny dry run of the same code)")
@@ -149,6 +175,7 @@ def main() -> None:
     p.add_argument("--merge-ratio", type=float, default=0.5)
     p.add_argument("--ddp-preset", default="small")
     p.add_argument("--no-ddp", action="store_true")
+    p.add_argument("--no-fsdp", action="store_true", help="skip the FSDP2 launch (examples/accelerate_configs/fsdp.yaml)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", help="also write all results here")
     args = p.parse_args()
@@ -170,6 +197,10 @@ def main() -> None:
         results.append(check_ddp(args, data, work))
     else:
         results.append(report("ddp", skipped=f"{torch.cuda.device_count() if device.type == 'cuda' else 0} GPU(s)"))
+    if not args.no_fsdp and device.type == "cuda":
+        results.append(check_fsdp(args, data, work, torch.cuda.device_count()))
+    else:
+        results.append(report("fsdp", skipped="no GPU" if device.type != "cuda" else "--no-fsdp"))
     print(f"gpu_check done in {time.perf_counter() - start:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

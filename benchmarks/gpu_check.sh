@@ -5,15 +5,18 @@
 #     bash benchmarks/gpu_check.sh --dry-run       # the same code paths on the CPU at a tiny size (no GPU needed)
 #
 # Prints bf16 pretraining cells/s and peak GPU memory at the base preset (SDPA), generator images/s at 128 px
-# with and without token merging, and a 2-process DDP step when 2+ GPUs are present (RESULT {json} lines;
-# all of them also in $OUT/gpu_check.json, or ./gpu_check.json without $OUT).
+# with and without token merging, a 2-process DDP step when 2+ GPUs are present, and an FSDP2 run through the
+# Trainer with examples/accelerate_configs/fsdp.yaml (one process per GPU) whose saved checkpoint is loaded back
+# (RESULT {json} lines; all of them also in $OUT/gpu_check.json, or ./gpu_check.json without $OUT).
 #
 # Installation keeps the machine's torch: `pip install -e .` runs with a constraint pinning the installed torch
 # version, so pip can neither replace a CUDA build nor pull a CPU wheel. Without torch it stops and says so.
+# On a machine without a package index, put the dependencies on PYTHONPATH and `src` too: when spatia_hf
+# imports, nothing is installed.
 # Extra arguments go to benchmarks/gpu_check.py (e.g. --steps 20 --batch 4 --no-ddp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 DRY=0
 ARGS=()
 for a in "$@"; do
@@ -39,4 +42,4 @@ if [[ "$DRY" == "1" ]]; then
     --cells-per-niche 8 --warmup 1 --steps 1 --gen-px 32 --gen-preset tiny --gen-batch 2 --gen-steps 2 \
     --gen-genes 20 --json "$JSON" ${ARGS[@]+"${ARGS[@]}"}
 fi
-exec timeout 300 "$PY" benchmarks/gpu_check.py --device cuda --json "$JSON" ${ARGS[@]+"${ARGS[@]}"}
+exec timeout 420 "$PY" benchmarks/gpu_check.py --device cuda --json "$JSON" ${ARGS[@]+"${ARGS[@]}"}

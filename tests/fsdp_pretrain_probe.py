@@ -37,9 +37,7 @@ def main() -> None:
     for module in model.modules():
         if isinstance(module, SpatiaBlock):  # one FSDP unit per transformer block, the rest in the root unit
             fully_shard(module, mesh=mesh)
-    # logit_scale is a 0-d parameter, which fully_shard refuses ("doesn't support scalar parameters"); it is
-    # left out of FSDP here (kept whole and not reduced across ranks), see the note of issue 20.
-    fully_shard(model, mesh=mesh, ignored_params={model.logit_scale})
+    fully_shard(model, mesh=mesh)  # every parameter, logit_scale too (shaped (1,): fully_shard refuses 0-d ones)
     params = list(model.parameters())
     local = sum(p.to_local().numel() if type(p).__name__ == "DTensor" else p.numel() for p in params)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)

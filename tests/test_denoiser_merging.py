@@ -183,7 +183,10 @@ def test_pixart_transformer_is_supported():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_runs_and_is_close_to_cpu(inputs):
+def test_cuda_runs_and_is_close_to_cpu(inputs, monkeypatch):
+    # TF32 convolutions/matmuls (cuDNN's default) change the keys enough to flip near-tied merge choices
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     unet = _tiny_unet()
     with apply_token_merging(unet, ratio=0.5):
         cpu = _run(unet, inputs)

@@ -29,4 +29,4 @@ def test_gpu_check_dry_run_reports_every_figure(tmp_path):
     assert pre["cells_per_s"] > 0 and pre["finite"] and pre["attn"] == "sdpa"
     gen = by_check["generation"]
     assert [g["token_merging_ratio"] for g in gen] == [0.0, 0.5] and all(g["images_per_s"] > 0 for g in gen)
-    assert by_check["ddp"][0]["skipped"]
+    assert by_check["ddp"][0]["skipped"] and by_check["fsdp"][0]["skipped"]

@@ -52,3 +52,26 @@ def test_old_module_paths_import_the_same_modules():
 
     for old, new in LEGACY_MODULE_PATHS.items():
         assert importlib.import_module(old) is importlib.import_module(new) is sys.modules[old]
+
+
+def test_pretraining_checkpoint_with_a_scalar_logit_scale_loads_reshaped(tmp_path):
+    """``logit_scale`` is (1,) now (FSDP2 refuses 0-d parameters); checkpoints of the 0-d era load by
+    from_pretrained and by load_state_dict (Trainer's resume) with the value kept."""
+    from safetensors.torch import save_file
+
+    from spatia_hf import SpatiaConfig, SpatiaForPretraining
+
+    model = SpatiaForPretraining(SpatiaConfig.from_preset("tiny"))
+    assert model.logit_scale.shape == (1,)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["logit_scale"] = torch.tensor(1.25)  # as spatia-hf <= 0.2 saved it
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = SpatiaForPretraining.from_pretrained(tmp_path)
+    assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == 1.25
+    torch.testing.assert_close(loaded.mgm_head.state_dict(), model.mgm_head.state_dict())
+
+    fresh = SpatiaForPretraining(SpatiaConfig.from_preset("tiny"))
+    fresh.load_state_dict(state)
+    assert fresh.logit_scale.shape == (1,) and fresh.logit_scale.item() == 1.25

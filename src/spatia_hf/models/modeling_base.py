@@ -20,6 +20,7 @@ from ..hub.mixins import SpatiaModelHubMixin  # the SPATIA card on save_pretrain
 from .modeling_layers import init_module_parameters
 
 # which checkpoint kinds (config model_type) each model kind may be loaded from
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
 _COMPATIBLE = {
     "spatia_cell": ("spatia_cell", "spatia"),
     "spatia_niche": ("spatia_niche", "spatia"),
@@ -64,10 +65,20 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
     _no_split_modules = ["SpatiaBlock", "SpatiaFusionLayer", "SpatiaTissueLayer"]
     # pretraining-only heads: a pretraining checkpoint loaded into SpatiaModel or a task head leaves
     # them out by design, so they are not reported as unexpected (the demo printed ~140 such lines)
+    # parameters once saved as 0-d scalars and now shaped (1,) (FSDP2 refuses scalars): from_pretrained reshapes
+    # them when a checkpoint holds the old shape
+    _legacy_scalar_parameters: tuple[str, ...] = ()
     _keys_to_ignore_on_load_unexpected = [
         r"^(mgm_head|mae_decoder|image_projection|expression_projection|logit_scale|niche_decoder|cell_decoder"
         r"|niche_profile_decoder|tissue_decoder|tissue_mask_embedding)(\.|$)"
     ]
+
+    def get_input_embeddings(self) -> None:
+        """None: SPATIA has no single token table for transformers to resize or tie (its tokens are genes and
+        image patches; grow the genes with :meth:`resize_gene_vocab`). It also keeps accelerate's FSDP2
+        preparation from making the gene table its own unit: the pretraining decoders read that table's weight
+        directly, outside its forward, so it must stay in the root unit."""
+        return None
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -82,6 +93,18 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
         of SPATIA model (e.g. a cell checkpoint loaded as a tissue model)."""
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
             _check_checkpoint_kind(cls, pretrained_model_name_or_path, kwargs)
+        if cls._legacy_scalar_parameters and kwargs.get("state_dict") is None and pretrained_model_name_or_path:
+            legacy = legacy_scalar_state_dict(pretrained_model_name_or_path, cls._legacy_scalar_parameters, kwargs)
+            if legacy is not None:  # transformers takes a state dict only without a path: give the config instead
+                if kwargs.get("config") is None:
+                    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+                    kwargs["config"] = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                kwargs["state_dict"] = legacy
+                pretrained_model_name_or_path = None
+        # SPATIA ships no Hub kernels; with the `kernels` package installed, transformers >= 5.2x would otherwise
+        # fetch 'kernels-community/activation' for the GELUs when a device_map puts the model on a GPU, which fails
+        # offline (seen on an H200 with HF_HUB_OFFLINE=1). Pass use_kernels=True to opt in.
+        kwargs.setdefault("use_kernels", False)
         kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a pytorch_model.bin is code run on load
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -173,8 +196,7 @@ def _config_differences(path, kwargs: dict) -> str:
     requested = kwargs.get("config")
     if requested is None or not hasattr(requested, "to_dict"):
         return ""
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-                  if k in kwargs}
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     try:
         saved, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
     except OSError:
@@ -192,8 +214,7 @@ def _check_checkpoint_kind(cls, path, kwargs: dict) -> None:
     expected = getattr(cls.config_class, "model_type", "")
     if expected not in _COMPATIBLE:
         return
-    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-                  if k in kwargs}
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
     except OSError:
@@ -217,4 +238,52 @@ def _check_checkpoint_kind(cls, path, kwargs: dict) -> None:
     )
 
 
-__all__ = ["SpatiaPreTrainedModel", "GeneTable"]
+def _safetensors_files(path, kwargs: dict) -> list[str]:
+    """The checkpoint's safetensors weight files (one, or the shards of an index); [] when none is found."""
+    import json
+
+    from transformers.utils import cached_file
+
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+
+    def find(name: str) -> str | None:
+        try:
+            return cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        except OSError:
+            return None
+
+    single = find("model.safetensors")
+    if single is not None:
+        return [single]
+    index = find("model.safetensors.index.json")
+    if index is None:
+        return []
+    with open(index, encoding="utf-8") as fh:
+        shards = sorted(set(json.load(fh)["weight_map"].values()))
+    found = [find(shard) for shard in shards]
+    return [f for f in found if f is not None]
+
+
+def legacy_scalar_state_dict(path, names: tuple[str, ...], kwargs: dict) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's state dict with the 0-d parameters ``names`` reshaped to ``(1,)``, or None when it
+    holds none (read from the safetensors headers only, so a current checkpoint costs nothing)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(path, kwargs)
+    scalar = False
+    for file in files:
+        with safe_open(file, framework="pt") as fh:
+            scalar |= any(name in fh.keys() and fh.get_slice(name).get_shape() == [] for name in names)
+    if not scalar:
+        return None
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    for name in names:
+        if name in state and state[name].dim() == 0:
+            state[name] = state[name].reshape(1)
+    return state
+
+
+__all__ = ["SpatiaPreTrainedModel", "GeneTable", "legacy_scalar_state_dict"]

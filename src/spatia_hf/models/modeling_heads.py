@@ -171,6 +171,7 @@ class SpatiaForPretraining(SpatiaHeadModel):
     """
 
     main_input_name = "gene_ids"
+    _legacy_scalar_parameters = ("logit_scale",)
 
     def __init__(self, config: SpatiaConfig):
         super().__init__(config)
@@ -180,7 +181,9 @@ class SpatiaForPretraining(SpatiaHeadModel):
         self.mae_decoder = SpatiaMaeDecoder(config)
         self.image_projection = nn.Linear(cell.hidden_size, config.contrastive_dim, bias=False)
         self.expression_projection = nn.Linear(cell.hidden_size, config.contrastive_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.empty(()))
+        # shape (1,), not a 0-d scalar: FSDP2's fully_shard refuses scalar parameters ("doesn't support scalar
+        # parameters"); checkpoints saved with the 0-d shape (spatia-hf <= 0.2) are reshaped on load
+        self.logit_scale = nn.Parameter(torch.empty(1))
         self.niche_decoder = SpatiaGeneQueryDecoder(config.niche_config.hidden_size, cell.hidden_size,
                                                     cell.vocab_size, cell.hidden_act)
         self.cell_decoder = SpatiaGeneQueryDecoder(cell.hidden_size, cell.hidden_size, cell.vocab_size, cell.hidden_act)
@@ -191,6 +194,13 @@ class SpatiaForPretraining(SpatiaHeadModel):
         # what the tissue model sees instead of a hidden niche's embedding (masked niche modelling)
         self.tissue_mask_embedding = nn.Parameter(torch.empty(1, config.niche_config.hidden_size))
         self.post_init()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Trainer's resume path (nn.Module.load_state_dict) with a checkpoint of the 0-d era
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _spatia_init(self, std: float) -> None:
         init.constant_(self.logit_scale, self.config.logit_scale_init_value)

@@ -67,6 +67,9 @@ _KNN_CHUNK_ELEMENTS = 1 << 16
 # Token rows per chunk when scoring candidates and when merging: bounds the scratch to a few
 # rows x channels instead of full [B, N, C] copies (chunked row-wise ops give identical values).
 _ROW_CHUNK = 2048
+# On an accelerator the same loops run chunks of up to this many elements: 2048-row chunks cost one kernel
+# launch per op per chunk, which made merging 8x slower than plain attention on an H200 (see issue 20's note).
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
 _MORTON_MAX = (1 << 16) - 1
 
 
@@ -291,7 +294,11 @@ def _knn_cell_list(
                 pad = k - dist.shape[1]
                 dist = torch.cat([dist, dist.new_full((dist.shape[0], pad), math.inf)], 1)
                 flat = torch.cat([flat, flat.new_zeros((flat.shape[0], pad))], 1)
-            best, arg = dist.topk(k, dim=1, largest=False, sorted=True)
+            # a stable sort, not topk: grid positions tie on distance everywhere, and topk breaks ties one way
+            # on the CPU and another on CUDA (other neighbours, other merges); the stable sort keeps the
+            # candidates' order (sorted cell ids), the same on every device
+            best, arg = torch.sort(dist, dim=1, stable=True)
+            best, arg = best[:, :k], arg[:, :k]
             idx = flat.gather(1, arg) - bb[sl, None] * nd
             out_dist[pending[sl]] = best
             out_idx[pending[sl]] = torch.where(torch.isfinite(best), idx, torch.zeros_like(idx))
@@ -461,8 +468,9 @@ class MergeInfo:
             out.index_add_(0, dest, flat)
         else:
             w = weights.reshape(b * n, 1)
-            for c0 in range(0, b * n, _ROW_CHUNK):
-                rows = slice(c0, c0 + _ROW_CHUNK)
+            step = _row_chunk(flat)
+            for c0 in range(0, b * n, step):
+                rows = slice(c0, c0 + step)
                 out.index_add_(0, dest[rows], flat[rows] * w[rows])
         return out.view(b, self.num_out, *x.shape[2:])
 
@@ -504,6 +512,14 @@ class MergeInfo:
         b = x.shape[0]
         flat = x.reshape(b * self.num_out, -1).index_select(0, self._flat_dest().to(x.device))
         return flat.view(b, self.num_tokens, *x.shape[2:])
+
+
+def _row_chunk(x: Tensor) -> int:
+    """Rows per chunk for row-wise loops over ``x [rows, C]``: ``_ROW_CHUNK`` on the CPU (bounded scratch),
+    about ``_ACCELERATOR_CHUNK_ELEMENTS / C`` elsewhere (few launches; values are the same either way)."""
+    if x.device.type == "cpu":
+        return _ROW_CHUNK
+    return max(_ROW_CHUNK, _ACCELERATOR_CHUNK_ELEMENTS // max(int(x.shape[-1]), 1))
 
 
 def _unit_rows(x: Tensor) -> Tensor:
@@ -575,8 +591,9 @@ def spatial_bipartite_matching(
         scores = torch.empty(b * ns, kk, device=metric.device, dtype=torch.float32)
         # Cosine on gathered rows, a chunk of sources at a time: never a normalised [B, N, C]
         # copy of the metric (each row is normalised exactly as a whole-tensor division would).
-        for c0 in range(0, b * ns, _ROW_CHUNK):
-            rows = slice(c0, c0 + _ROW_CHUNK)
+        step = _row_chunk(flat)
+        for c0 in range(0, b * ns, step):
+            rows = slice(c0, c0 + step)
             src_vec = _unit_rows(flat.index_select(0, src_flat[rows]))
             for j in range(kk):  # k is small: one [rows, C] product per neighbour rank
                 dst_vec = _unit_rows(flat.index_select(0, cand_flat[rows, j]))
