@@ -99,7 +99,7 @@ def training_dict(args: argparse.Namespace) -> dict[str, Any]:
         "push_to_hub": bool(args.push_to_hub),
         "hub_model_id": args.hub_model_id,
         "do_eval": not args.no_eval,
-        "gradient_checkpointing": not args.no_gradient_checkpointing,
+        _checkpointing_field(): not args.no_gradient_checkpointing,
     }
     d.update(apply_device(args.device))
     apply_threads(args.threads)
@@ -109,6 +109,17 @@ def training_dict(args: argparse.Namespace) -> dict[str, Any]:
         key, value = item.split("=", 1)
         d[key.strip()] = _parse_value(value.strip())
     return d
+
+
+def _checkpointing_field() -> str:
+    """TrainingArguments' name for activation checkpointing: ``activation_checkpointing`` since transformers 5.2x
+    (``gradient_checkpointing`` is its deprecated alias there and warned on every run), else the old name."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def _parse_value(text: str) -> Any:

@@ -98,6 +98,14 @@ class SpatiaCellConfig(PretrainedConfig):
             neighbourhood more than the cell (type macro-F1 0.29 from the mean vs 0.74 with 0.125, at
             initialisation on the synthetic tissue). Every preset sets 0.125; the field's default 0 keeps
             checkpoints saved before it existed giving the same embeddings.
+        expression_sketch: add a linear sketch of the cell's expression to the cell embedding: the sum of the
+            visible genes' identity embeddings weighted by their values (CellPLM's cell token), normalised,
+            as a third input of the pooling projection beside the pooled image and gene tokens. The mean of
+            the gene tokens says which genes a cell expresses but keeps how much of each only through
+            attention, and a linear probe from the embedding recovered genes below 30 principal
+            components (issue 16); the sketch keeps them linearly from the first step. Hidden (masked)
+            values never enter it. Every preset sets True; the field's default False keeps checkpoints
+            saved before it existed giving the same embeddings.
         vision_backbone: optional name or local path of any transformers vision model (loaded with
             ``AutoModel``) used instead of the built-in ViT. Its config is copied into
             ``vision_backbone_config`` so a saved checkpoint rebuilds it without the original path.
@@ -127,6 +135,7 @@ class SpatiaCellConfig(PretrainedConfig):
     patch_size: int = 8
     num_channels: int = 2
     image_pool_sigma: float = 0.0
+    expression_sketch: bool = False
     vision_backbone: str | None = None
     vision_backbone_config: dict | None = None
     max_genes: int = 256
@@ -481,7 +490,8 @@ _PRESETS: dict[str, dict[str, dict]] = {
     # tests: seconds on a CPU
     "tiny": {
         "cell_config": _scale(32, 2, {"num_expression_layers": 1, "num_image_layers": 1, "num_fusion_layers": 1},
-                              image_size=32, patch_size=8, max_genes=64, image_pool_sigma=IMAGE_POOL_SIGMA),
+                              image_size=32, patch_size=8, max_genes=64, image_pool_sigma=IMAGE_POOL_SIGMA,
+                              expression_sketch=True),
         "niche_config": _scale(32, 2, {"num_hidden_layers": 1}, cell_embed_dim=32, niche_image_size=32,
                                niche_patch_size=8, num_position_frequencies=8),
         "tissue_config": _scale(32, 2, {"num_hidden_layers": 2}, niche_embed_dim=32, num_position_frequencies=8,
@@ -492,7 +502,8 @@ _PRESETS: dict[str, dict[str, dict]] = {
     # the CPU demo: minutes
     "small": {
         "cell_config": _scale(128, 4, {"num_expression_layers": 2, "num_image_layers": 3, "num_fusion_layers": 2},
-                              image_size=64, patch_size=8, max_genes=256, image_pool_sigma=IMAGE_POOL_SIGMA),
+                              image_size=64, patch_size=8, max_genes=256, image_pool_sigma=IMAGE_POOL_SIGMA,
+                              expression_sketch=True),
         "niche_config": _scale(128, 4, {"num_hidden_layers": 2}, cell_embed_dim=128, niche_image_size=128,
                                niche_patch_size=16),
         "tissue_config": _scale(128, 4, {"num_hidden_layers": 4}, niche_embed_dim=128, merge_total_ratio=0.9,
@@ -503,7 +514,8 @@ _PRESETS: dict[str, dict[str, dict]] = {
     # paper scale (GPUs)
     "base": {
         "cell_config": _scale(512, 8, {"num_expression_layers": 6, "num_image_layers": 8, "num_fusion_layers": 4},
-                              image_size=224, patch_size=16, max_genes=1024, image_pool_sigma=IMAGE_POOL_SIGMA),
+                              image_size=224, patch_size=16, max_genes=1024, image_pool_sigma=IMAGE_POOL_SIGMA,
+                              expression_sketch=True),
         "niche_config": _scale(512, 8, {"num_hidden_layers": 6}, cell_embed_dim=512, niche_image_size=256,
                                niche_patch_size=16),
         "tissue_config": _scale(512, 8, {"num_hidden_layers": 8}, niche_embed_dim=512, merge_total_ratio=0.95,
@@ -513,7 +525,8 @@ _PRESETS: dict[str, dict[str, dict]] = {
     },
     "large": {
         "cell_config": _scale(768, 12, {"num_expression_layers": 12, "num_image_layers": 12, "num_fusion_layers": 4},
-                              image_size=256, patch_size=16, max_genes=1024, image_pool_sigma=IMAGE_POOL_SIGMA),
+                              image_size=256, patch_size=16, max_genes=1024, image_pool_sigma=IMAGE_POOL_SIGMA,
+                              expression_sketch=True),
         "niche_config": _scale(768, 12, {"num_hidden_layers": 8}, cell_embed_dim=768, niche_image_size=256,
                                niche_patch_size=16),
         "tissue_config": _scale(768, 12, {"num_hidden_layers": 12}, niche_embed_dim=768, merge_total_ratio=0.95,

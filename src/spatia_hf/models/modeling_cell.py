@@ -92,6 +92,19 @@ class SpatiaExpressionEncoder(nn.Module):
                     "vocabulary with model.resize_gene_vocab(new_genes)"
                 )
 
+    def sketch(self, gene_ids: torch.Tensor, gene_values: torch.Tensor, gene_attention_mask: torch.Tensor | None = None,
+               gene_value_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, D]``: the identity embeddings of the real, visible genes weighted by their values and summed
+        (a linear map of the expression vector; hidden values and padding contribute nothing)."""
+        weights = gene_values.to(self.gene_embeddings.weight.dtype)
+        keep = gene_ids != PAD_TOKEN_ID
+        if gene_attention_mask is not None:
+            keep = keep & gene_attention_mask.bool()
+        if gene_value_mask is not None:
+            keep = keep & ~gene_value_mask.bool()
+        weights = torch.where(keep, weights, torch.zeros_like(weights))
+        return torch.einsum("bl,bld->bd", weights, self.gene_embeddings(gene_ids))
+
     def embed(self, gene_ids: torch.Tensor, gene_values: torch.Tensor,
               gene_value_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input tokens before self-attention: identity + value, normalised."""
@@ -252,7 +265,9 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
         self.fusion_layers = nn.ModuleList([SpatiaFusionLayer(config, cross) for _ in range(config.num_fusion_layers)])
         self.image_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gene_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.pool_proj = nn.Linear(2 * d, d)
+        # the linear expression sketch (config.expression_sketch): a third input of the pooling projection
+        self.sketch_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.expression_sketch else None
+        self.pool_proj = nn.Linear((3 if config.expression_sketch else 2) * d, d)
         # unit-scale embeddings: pool_proj's output at init has std ~0.02 * sqrt(2d) (0.16-0.3), so a
         # new linear head on it moved its logits ~100x slower than on standardised features
         self.embed_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
@@ -332,9 +347,12 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
             # left InfoNCE at chance; a plain mean mostly describes the neighbours in the crop
             image_embeds = self.pool_image_tokens(image_states[:, 1:], keep_index)
 
-        gene_states = expression_embeds = gene_mask = token_mask_out = None
+        gene_states = expression_embeds = gene_mask = token_mask_out = sketch = None
         if gene_ids is not None:
             tokens, token_mask = self.expression_encoder(gene_ids, gene_values, gene_attention_mask, gene_value_mask)
+            if self.sketch_norm is not None:  # after the encoder, which checks the ids and values
+                sketch = self.sketch_norm(self.expression_encoder.sketch(gene_ids, gene_values, gene_attention_mask,
+                                                                         gene_value_mask))
             expression_embeds = _masked_mean(tokens, token_mask)
             b = tokens.shape[0]
             gene_states = torch.cat([self.expression_cls.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
@@ -350,7 +368,10 @@ class SpatiaCellModel(SpatiaPreTrainedModel):
         img_pool = (self.image_norm(self.pool_image_tokens(image_states[:, 1:], keep_index))
                     if image_states is not None else zeros)
         gene_pool = self.gene_norm(_masked_mean(gene_states[:, 1:], token_mask_out)) if gene_states is not None else zeros
-        cell_embeds = self.embed_norm(self.pool_proj(torch.cat([img_pool, gene_pool], dim=-1)))
+        pooled = [img_pool, gene_pool]
+        if self.sketch_norm is not None:
+            pooled.append(sketch if sketch is not None else zeros)
+        cell_embeds = self.embed_norm(self.pool_proj(torch.cat(pooled, dim=-1)))
 
         out = SpatiaCellOutput(
             cell_embeds=cell_embeds,
