@@ -105,6 +105,9 @@ def child_embed(payload: dict) -> dict:
     import torch
 
     torch.set_num_threads(int(payload["threads"]))
+    from spatia_hf.utils.allocator import bound_heap_growth
+
+    bound_heap_growth()  # as `spatia embed` (every `spatia` command) does: measure what a user's run holds
     from spatia_hf import SpatiaConfig, SpatiaModel, SpatiaProcessor
     from spatia_hf.inference import embed_dataset
 

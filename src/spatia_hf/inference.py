@@ -29,6 +29,8 @@ from .models.processing_spatia import SpatiaProcessor
 from spatia_hf.utils.progress import respects_progress
 
 MODALITIES = ("fused", "image", "expression")
+# cell batches between two returns of freed heap to the OS (utils.allocator.release_free_heap; ~1 ms each)
+_TRIM_EVERY_BATCHES = 32
 
 
 @dataclass
@@ -89,13 +91,18 @@ def encode_cells(processor: SpatiaProcessor, rows: dict, modality: str, seed: in
 def embed_cells_config(model: SpatiaModel, processor: SpatiaProcessor, cells, *, modality: str = "fused",
                        batch_size: int = 64, seed: int = 0, progress: bool = True) -> np.ndarray:
     """Cell embeddings ``[n_cells, D]`` of a ``cells`` ``datasets.Dataset`` for one modality."""
+    from .utils.allocator import release_free_heap
+
     out = []
     columns = [schema.CELL_ID, schema.IMAGE, schema.GENE_INDICES, schema.GENE_COUNTS]
     view = cells.select_columns(columns).with_format("numpy")
-    for start in tqdm(range(0, len(cells), batch_size), desc=f"cell embeddings ({modality})", disable=not progress):
+    for i, start in enumerate(tqdm(range(0, len(cells), batch_size), desc=f"cell embeddings ({modality})",
+                                   disable=not progress)):
         rows = view[start : start + batch_size]
         inputs = encode_cells(processor, rows, modality, seed)
         out.append(model.embed_cells(**inputs, batch_size=batch_size, return_tensors="np"))
+        if i % _TRIM_EVERY_BATCHES == _TRIM_EVERY_BATCHES - 1:
+            release_free_heap()  # freed crops would otherwise stay mapped: memory grew with the section
     width = model.config.cell_config.hidden_size
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
 

@@ -64,3 +64,24 @@ def bound_heap_growth(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
     else:
         logger.debug("mallopt refused threshold %d", threshold_bytes)
     return ok
+
+
+def release_free_heap() -> bool:
+    """Give freed heap pages back to the operating system now (glibc ``malloc_trim(0)``).
+
+    Why: freed blocks in the middle of an arena stay mapped until the arena is trimmed, so a loop of
+    same-sized batches that leaves small long-lived arrays between them (embedding a section, batch by
+    batch) kept ~12 KB of freed heap per cell: 0.24 GB at 20,000 cells with :func:`bound_heap_growth`
+    applied, all of it returned by one trim. dask.distributed trims worker memory the same way. Returns
+    True when trimmed (glibc, not opted out with ``SPATIA_KEEP_MALLOC=1``); a no-op elsewhere.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get(ENV_OPT_OUT, "") == "1":
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
