@@ -118,12 +118,16 @@ def check_generation(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def example_pretrain(args, data: Path, out: Path) -> list[str]:
+    """``examples/pretrain.py`` and its arguments for the launch checks: 3 bf16 steps of ``--ddp-preset``."""
+    return [str(REPO / "examples" / "pretrain.py"), "--dataset_dir", str(data), "--output_dir", str(out), "--preset",
+            args.ddp_preset, "--max_steps", "3", "--per_device_train_batch_size", "2", "--bf16", "--save_strategy",
+            "no", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "true", "--eval_sections", ""]
+
+
 def check_ddp(args, data: Path, work: Path) -> dict:
     out = work / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "examples" / "pretrain.py"),
-           "--dataset_dir", str(data), "--output_dir", str(out), "--preset", args.ddp_preset, "--max_steps", "3",
-           "--per_device_train_batch_size", "2", "--bf16", "--save_strategy", "no", "--report_to", "none",
-           "--logging_steps", "1", "--disable_tqdm", "true", "--eval_sections", ""]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *example_pretrain(args, data, out)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:
@@ -139,10 +143,7 @@ def check_fsdp(args, data: Path, work: Path, n_gpus: int) -> dict:
     out = work / "fsdp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "examples" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", str(n_gpus),
-           "--main_process_port", "29517", str(REPO / "examples" / "pretrain.py"), "--dataset_dir", str(data),
-           "--output_dir", str(out), "--preset", args.ddp_preset, "--max_steps", "3", "--per_device_train_batch_size",
-           "2", "--bf16", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm",
-           "true", "--eval_sections", ""]
+           "--main_process_port", "29517", *example_pretrain(args, data, out)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:

@@ -63,11 +63,11 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _no_split_modules = ["SpatiaBlock", "SpatiaFusionLayer", "SpatiaTissueLayer"]
+    # parameters once saved as 0-d scalars and now shaped (1,) (FSDP2 refuses scalars): from_pretrained and
+    # load_state_dict reshape them when a checkpoint holds the old shape
+    _legacy_scalar_parameters: tuple[str, ...] = ()
     # pretraining-only heads: a pretraining checkpoint loaded into SpatiaModel or a task head leaves
     # them out by design, so they are not reported as unexpected (the demo printed ~140 such lines)
-    # parameters once saved as 0-d scalars and now shaped (1,) (FSDP2 refuses scalars): from_pretrained reshapes
-    # them when a checkpoint holds the old shape
-    _legacy_scalar_parameters: tuple[str, ...] = ()
     _keys_to_ignore_on_load_unexpected = [
         r"^(mgm_head|mae_decoder|image_projection|expression_projection|logit_scale|niche_decoder|cell_decoder"
         r"|niche_profile_decoder|tissue_decoder|tissue_mask_embedding)(\.|$)"
@@ -80,6 +80,11 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
         directly, outside its forward, so it must stay in the root unit."""
         return None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # nn.Module.load_state_dict (Trainer's resume path) with a checkpoint of the 0-d era
+        reshape_legacy_scalars(state_dict, self._legacy_scalar_parameters, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Transformers' defaults for Linear/Conv/Embedding/LayerNorm, then SPATIA's own parameters."""
@@ -91,14 +96,14 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """``PreTrainedModel.from_pretrained`` with a clear error when the checkpoint is another kind
         of SPATIA model (e.g. a cell checkpoint loaded as a tissue model)."""
-        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
-            _check_checkpoint_kind(cls, pretrained_model_name_or_path, kwargs)
-        if cls._legacy_scalar_parameters and kwargs.get("state_dict") is None and pretrained_model_name_or_path:
-            legacy = legacy_scalar_state_dict(pretrained_model_name_or_path, cls._legacy_scalar_parameters, kwargs)
+        path = pretrained_model_name_or_path  # kept for the messages: a legacy load passes None on
+        if kwargs.get("config") is None and path is not None:
+            _check_checkpoint_kind(cls, path, kwargs)
+        if cls._legacy_scalar_parameters and kwargs.get("state_dict") is None and path:
+            legacy = legacy_scalar_state_dict(path, cls._legacy_scalar_parameters, kwargs)
             if legacy is not None:  # transformers takes a state dict only without a path: give the config instead
                 if kwargs.get("config") is None:
-                    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-                    kwargs["config"] = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                    kwargs["config"] = cls.config_class.from_pretrained(path, **_hub_kwargs(kwargs))
                 kwargs["state_dict"] = legacy
                 pretrained_model_name_or_path = None
         # SPATIA ships no Hub kernels; with the `kernels` package installed, transformers >= 5.2x would otherwise
@@ -110,15 +115,15 @@ class SpatiaPreTrainedModel(SpatiaModelHubMixin, PreTrainedModel):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except SafetensorError as err:  # a truncated or overwritten weight file: say which checkpoint
             raise ValueError(
-                f"checkpoint {os.fspath(pretrained_model_name_or_path)!r}: its safetensors weights cannot be read "
+                f"checkpoint {os.fspath(path)!r}: its safetensors weights cannot be read "
                 f"({err}); the file is corrupt or truncated. Fix: re-download or re-save the checkpoint"
             ) from err
         except RuntimeError as err:
             if "mismatched" not in str(err):
                 raise
-            diff = _config_differences(pretrained_model_name_or_path, kwargs)
+            diff = _config_differences(path, kwargs)
             raise ValueError(
-                f"checkpoint {os.fspath(pretrained_model_name_or_path)!r} does not fit {cls.__name__}: weight shapes "
+                f"checkpoint {os.fspath(path)!r} does not fit {cls.__name__}: weight shapes "
                 f"differ. Config fields that differ (checkpoint -> requested): {diff or 'see the load report'}. "
                 "Fix: load without overriding the config, or pass ignore_mismatched_sizes=True to re-initialise "
                 "the mismatched weights (e.g. after growing the vocabulary use model.resize_gene_vocab instead)"
@@ -192,11 +197,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The download arguments of a from_pretrained call (for reading other files of the same checkpoint)."""
+    return {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+
+
 def _config_differences(path, kwargs: dict) -> str:
     requested = kwargs.get("config")
     if requested is None or not hasattr(requested, "to_dict"):
         return ""
-    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    hub_kwargs = _hub_kwargs(kwargs)
     try:
         saved, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
     except OSError:
@@ -214,7 +224,7 @@ def _check_checkpoint_kind(cls, path, kwargs: dict) -> None:
     expected = getattr(cls.config_class, "model_type", "")
     if expected not in _COMPATIBLE:
         return
-    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    hub_kwargs = _hub_kwargs(kwargs)
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
     except OSError:
@@ -244,7 +254,7 @@ def _safetensors_files(path, kwargs: dict) -> list[str]:
 
     from transformers.utils import cached_file
 
-    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    hub_kwargs = _hub_kwargs(kwargs)
 
     def find(name: str) -> str | None:
         try:
@@ -280,9 +290,15 @@ def legacy_scalar_state_dict(path, names: tuple[str, ...], kwargs: dict) -> dict
     state = {}
     for file in files:
         state.update(load_file(file))
+    return reshape_legacy_scalars(state, names)
+
+
+def reshape_legacy_scalars(state: dict, names: tuple[str, ...], prefix: str = "") -> dict:
+    """``state`` with every 0-d ``prefix + name`` of ``names`` reshaped to ``(1,)`` in place (and returned)."""
     for name in names:
-        if name in state and state[name].dim() == 0:
-            state[name] = state[name].reshape(1)
+        key = prefix + name
+        if key in state and state[key].dim() == 0:
+            state[key] = state[key].reshape(1)
     return state
 
 

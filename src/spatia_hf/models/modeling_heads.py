@@ -195,13 +195,6 @@ class SpatiaForPretraining(SpatiaHeadModel):
         self.tissue_mask_embedding = nn.Parameter(torch.empty(1, config.niche_config.hidden_size))
         self.post_init()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Trainer's resume path (nn.Module.load_state_dict) with a checkpoint of the 0-d era
-        key = prefix + "logit_scale"
-        if key in state_dict and state_dict[key].dim() == 0:
-            state_dict[key] = state_dict[key].reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def _spatia_init(self, std: float) -> None:
         init.constant_(self.logit_scale, self.config.logit_scale_init_value)
         init.trunc_normal_(self.tissue_mask_embedding, std=std)
