@@ -8,7 +8,7 @@ disjoint halves of the section (split at the median x):
 
 - ``type_macroF1``: logistic-regression probe of the cell type (trained on one half, scored on the other);
 - ``domain_ARI_kmeans``: k-means (k = number of domains) on the embedding; ``spatia_domain_ARI``: the domains
-  `spatia embed` wrote (Leiden on ``X_spatia_niche``);
+  `spatia embed` wrote (Leiden on ``X_spatia_niche``, refined to the domain centres);
 - ``gene_recovery``: mean Pearson over genes (detected in >= 10 % of cells) of a ridge probe to log expression;
 - task-8 targets: ridge Pearson for the neighbour-induced programme (``NBR_log``: mean log expression of
   NBR1-3) and each ``neighbor_frac_*`` column of the synthetic truth.
@@ -67,7 +67,8 @@ def probe(h5ad: Path, type_key: str, domain_key: str) -> dict[str, float]:
     pca = PCA(30, random_state=0).fit(logx[train]).transform(logx)
     nn = NearestNeighbors(n_neighbors=30).fit(xy).kneighbors(xy, return_distance=False)
     reps = {"PCA30": pca, "PCA30_smoothed30nn": pca[nn].mean(1)}
-    reps.update({k: np.asarray(a.obsm[k], dtype=np.float64) for k in ("X_spatia", "X_spatia_niche") if k in a.obsm})
+    reps.update({k: np.asarray(a.obsm[k], dtype=np.float64)
+                 for k in ("X_spatia", "X_spatia_niche", "X_spatia_niche_token") if k in a.obsm})
     values = {c: a.obs[c].to_numpy(float) for c in a.obs.columns if c.startswith("neighbor_frac_")}
     nbr = [list(a.var_names).index(g) for g in ("NBR1", "NBR2", "NBR3") if g in a.var_names]
     if nbr:

@@ -129,6 +129,7 @@ def test_spatia_outputs_match_the_suite_contract_for_every_slot(tiny, inputs, ck
     out = M.spatia_methods(ckpt, inputs, tiny["data"], finetuned=[ft])
     n, sec = inputs.cells.n_cells, inputs.section_split
     d = ckpt.backbone.config.cell_config.hidden_size
+    states = ckpt.backbone.config.niche_config.num_cell_states
     assert out.extra["cell_annotation"][M.FUSED].shape == (n, d)
     assert out.extra["image_annotation"][M.IMAGE_BRANCH].shape == (n, d)
     assert out.extra["domain_clustering"][M.NICHE_AWARE].shape == (n, d)
@@ -139,11 +140,17 @@ def test_spatia_outputs_match_the_suite_contract_for_every_slot(tiny, inputs, ck
         for name, p in out.extra[key].items():  # zero-shot heads: one row per held-out cell
             assert p.shape == (len(sec.test), len(genes)) and np.isfinite(p).all(), name
         for name, x in out.extra[f"{key}_features"].items():  # embeddings the suite's ridge is fitted on
-            assert x.shape == (len(sec.test), d) and np.isfinite(x).all(), name
+            width = d + states if name == M.RIDGE_CELL_COMPOSITION else d  # the cell next to its composition
+            assert x.shape == (len(sec.test), width) and np.isfinite(x).all(), name
     assert set(out.extra["gene_imputation"]) == {M.MASKED_HEAD}
     assert set(out.extra["gene_imputation_features"]) == {M.RIDGE_FUSED}
     assert set(out.extra["niche_imputation"]) == {M.NICHE_HEAD}
-    assert set(out.extra["niche_imputation_features"]) == {M.RIDGE_NICHE, M.RIDGE_CELL_ONLY}
+    assert set(out.extra["niche_imputation_features"]) == {M.RIDGE_NICHE, M.RIDGE_CELL_ONLY, M.RIDGE_CELL_COMPOSITION}
+    composition = out.extra["niche_imputation_features"][M.RIDGE_CELL_COMPOSITION][:, d:]
+    np.testing.assert_allclose(composition.sum(1), 1.0, rtol=1e-5)
+    niche = out.extra["domain_clustering"]
+    assert niche[M.NICHE_EMBEDDING].shape == (n, states)  # the composition, as spatia embed writes it
+    assert niche[M.NICHE_TOKEN].shape == (n, ckpt.backbone.config.niche_config.hidden_size)
     assert out.extra["image_to_expression"][M.RIDGE_IMAGE].shape == (len(sec.test), len(inputs.target_genes))
     e, m = out.extra["retrieval"][M.CONTRASTIVE]
     assert e.shape == m.shape == (len(inputs.retrieval_idx), ckpt.model.config.contrastive_dim)
@@ -460,6 +467,6 @@ def test_spatia_evaluate_end_to_end_after_a_few_training_steps(tmp_path, capsys)
     assert {"SPATIA generator", "SPATIA generator (token merging 0.5)"} <= set(by[11].scores)
     assert not any(" px" in name for name in by[11].scores)  # a generator at the crops' size has no resized row
     assert by[11].method_kinds["unconditional generator (same denoiser, null condition)"] == "baseline"
-    assert "pearson_held_out_sections" in by[7].details
+    assert by[7].split["held_out_sections"] == ["synth_s03"]  # tasks 7-8 score the held-out section's cells only
     assert (tmp_path / "report" / "report.md").is_file()
     assert results_to_eval_results(tmp_path / "report", "tiny")  # what the model card reads

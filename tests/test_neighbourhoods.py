@@ -85,7 +85,7 @@ def test_niche_embeddings_of_two_cells_1um_apart_across_an_old_tile_edge_are_clo
     config = SpatiaConfig.from_preset("tiny", gene_vocab=[f"G{i}" for i in range(10)])
     torch.manual_seed(0)
     model = SpatiaModel(config).eval()
-    niches, _ = embed_cell_niches(model, emb, xy, np.array(["s"] * len(xy)), num_neighbours=30, progress=False)
+    niches = embed_cell_niches(model, emb, xy, np.array(["s"] * len(xy)), num_neighbours=30, progress=False).tokens
     dist = np.linalg.norm(niches[0] - niches, axis=-1)
     far = np.linalg.norm(xy - xy[0], axis=-1) > 60.0  # beyond one neighbourhood (30 cells ~ 27 µm radius here)
     assert dist[1] < 0.25 * np.median(dist[far])

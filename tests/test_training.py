@@ -438,6 +438,7 @@ def test_pretraining_logs_every_objective_and_saves_a_loadable_model(tiny_dir, t
     assert summary["world_size"] == 1 and summary["global_step"] == 3
     model = AutoModelForPreTraining.from_pretrained(out)
     assert type(model).__name__ == "SpatiaForPretraining"
+    assert model.spatia.niche.has_fitted_cell_states  # fitted on training cells after training, saved with it
     assert SpatiaProcessor.from_pretrained(out).gene_vocab == load_spatia_dataset(tiny_dir, ("cells",)).genes
 
 
@@ -497,6 +498,10 @@ def test_annotation_finetuning_stores_labels_and_reports_macro_f1(tiny_dir, tmp_
     classes = sorted(set(load_spatia_dataset(tiny_dir, ("cells",))["cells"]["cell_type"]))
     assert [config.id2label[i] for i in range(len(classes))] == classes
     assert config.label2id == {c: i for i, c in enumerate(classes)}
+    from spatia_hf import SpatiaForCellClassification
+
+    # fine-tuning moved the cell embeddings: the states were refitted before saving
+    assert SpatiaForCellClassification.from_pretrained(tmp_path / "run").spatia.niche.has_fitted_cell_states
 
 
 @pytest.mark.parametrize("task", ["imputation", "image_to_expression"])
@@ -549,6 +554,9 @@ def test_pretraining_script_runs_two_process_ddp(tiny_dir, tmp_path):
     summary = json.loads((out / "spatia_training.json").read_text())
     assert summary["world_size"] == 2
     assert summary["global_step"] == 3 and set(summary["objectives_first_last"]) >= {"loss_mgm", "loss_niche"}
+    from safetensors.torch import load_file
+
+    assert load_file(out / "model.safetensors")["spatia.niche.cell_states.fitted"].item() == 1.0  # every rank fitted
 
 
 def test_pretraining_batches_carry_seeded_masks_the_model_uses(tiny, tiny_dir):

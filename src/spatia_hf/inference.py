@@ -1,9 +1,10 @@
 """Embeddings of a whole built dataset at every scale: cells, context-aware cells, niches, sections.
 
 Niches here are of two kinds (see :mod:`spatia_hf.data.neighbourhoods`): every cell gets a
-cell-centred neighbourhood (its ``num_neighbours`` nearest cells), whose pooled niche embedding is
-``cell_niches`` (``obsm["X_spatia_niche"]``) and whose centre token is the cell's context-aware
-embedding ``cells_in_niche``; the grid tiles of the ``niches`` config give ``niches`` and the
+cell-centred neighbourhood (its ``num_neighbours`` nearest cells), whose composition over the
+model's cell states (or, without them, pooled niche token) is ``cell_niches``
+(``obsm["X_spatia_niche"]``) and whose centre token is the cell's context-aware embedding
+``cells_in_niche``; the grid tiles of the ``niches`` config give ``niches`` and the
 section's tissue tokens (``tissues``).
 
 One function, :func:`embed_dataset`, serves ``spatia embed`` (AnnData users), the evaluation
@@ -14,19 +15,23 @@ generator seeded by the cell's id (not by its position in a batch), and padding 
 
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from spatia_hf.data import schema
+from .models.cell_states import SpatiaCellStates
 from .models.modeling_spatia import SpatiaModel
 from .models.processing_spatia import SpatiaProcessor
 from spatia_hf.utils.progress import respects_progress
+
+logger = logging.getLogger(__name__)
 
 MODALITIES = ("fused", "image", "expression")
 # cell batches between two returns of freed heap to the OS (utils.allocator.release_free_heap; ~1 ms each)
@@ -39,8 +44,12 @@ class DatasetEmbeddings:
 
     ``cells[m]`` holds the cell model's embedding with modality ``m`` (``fused``: image + expression,
     ``image``: image branch only, ``expression``: expression branch only); ``cell_niches`` the
-    niche embedding of each cell's own neighbourhood and ``cells_in_niche`` the niche model's
-    context-aware embedding of each cell (its centre token), both aligned with ``cell_ids``;
+    niche embedding of each cell's own neighbourhood: its composition over the model's cell states
+    when the model has them (``num_cell_states``; ``cell_states`` holds them and
+    ``cell_state_source`` says whether they came with the checkpoint or were fitted on the embedded
+    cells), else the pooled niche token, which is in ``cell_niche_tokens`` either way;
+    ``cells_in_niche`` the niche model's context-aware embedding of each cell (its centre token);
+    all aligned with ``cell_ids``;
     ``niches`` one row per grid niche; ``tissues`` one row per section.
     """
 
@@ -49,6 +58,9 @@ class DatasetEmbeddings:
     cells: dict[str, np.ndarray] = field(default_factory=dict)
     cells_in_niche: np.ndarray | None = None
     cell_niches: np.ndarray | None = None
+    cell_niche_tokens: np.ndarray | None = None
+    cell_states: SpatiaCellStates | None = None
+    cell_state_source: str | None = None
     niche_ids: np.ndarray | None = None
     niche_sample_ids: np.ndarray | None = None
     niche_positions_um: np.ndarray | None = None
@@ -122,19 +134,26 @@ def expression_profiles_config(model: SpatiaModel, processor: SpatiaProcessor, c
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
 
 
+class CellNiches(NamedTuple):
+    """What :func:`embed_cell_niches` returns, one row per cell."""
+
+    tokens: np.ndarray  # the pooled niche token of the cell's neighbourhood [n, niche hidden]
+    centres: np.ndarray  # the niche model's context-aware embedding of the cell itself [n, niche hidden]
+    compositions: np.ndarray | None  # the neighbourhood's composition over cell states [n, states], or None
+
+
 @torch.no_grad()
 def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np.ndarray,
                       cell_sample_ids: np.ndarray, *, cell_profiles: np.ndarray | None = None,
                       num_neighbours: int | None = None, radius_um: float | None = None, batch_size: int = 64,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                      cell_states: SpatiaCellStates | None = None, progress: bool = True) -> CellNiches:
     """The niche embedding of every cell's own neighbourhood and its context-aware embedding.
 
     Each cell's ``num_neighbours`` nearest cells of its section (within ``radius_um`` when given;
     defaults: the model's ``niche_config``), positions relative to it, go through the niche model in
     batches of ``batch_size`` neighbourhoods; the neighbourhood search runs per section in chunks.
-
-    Returns:
-        ``(niche embeddings [n_cells, niche hidden], context-aware cell embeddings [n_cells, niche hidden])``.
+    With ``cell_states`` (fitted; default: the niche model's own when fitted) the same
+    neighbourhoods' compositions over them come out too.
     """
     from spatia_hf.data.neighbourhoods import cell_neighbourhoods
 
@@ -142,9 +161,12 @@ def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np
     k = int(num_neighbours or cfg.num_neighbours)
     radius = radius_um if radius_um is not None else cfg.neighbour_radius_um
     use_profiles = cfg.use_expression_profiles and cell_profiles is not None
+    if cell_states is None and model.niche.has_fitted_cell_states:
+        cell_states = model.niche.cell_states
     n, width = len(cell_embeddings), cfg.hidden_size
     niche_out = np.zeros((n, width), np.float32)
     centre_out = np.zeros((n, width), np.float32)
+    comp_out = None if cell_states is None else np.zeros((n, cell_states.num_states), np.float32)
     sections = np.asarray(cell_sample_ids).astype(str)
     device = model.device
     bar = tqdm(total=n, desc="cell niches", disable=not progress)
@@ -158,15 +180,19 @@ def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np
             emb = torch.from_numpy(np.where(real[..., None], cell_embeddings[members], 0.0).astype(np.float32))
             prof = (torch.from_numpy(np.where(real[..., None], cell_profiles[members], 0.0).astype(np.float32))
                     if use_profiles else None)
-            out = model.niche(emb.to(device), torch.from_numpy(hoods.offsets_um[start : start + batch_size]).to(device),
-                              torch.from_numpy(real).to(device), cell_profiles=None if prof is None else prof.to(device),
-                              return_dict=True)
+            real_t = torch.from_numpy(real).to(device)
+            offsets = torch.from_numpy(hoods.offsets_um[start : start + batch_size])
+            out = model.niche(emb.to(device), offsets.to(device), real_t,
+                              cell_profiles=None if prof is None else prof.to(device), return_dict=True)
             centres = rows[start : start + len(idx)]
             niche_out[centres] = out.niche_embeds.float().cpu().numpy()
             centre_out[centres] = out.cell_embeds[:, 0].float().cpu().numpy()
+            if comp_out is not None:
+                at = cell_states.centres.device
+                comp_out[centres] = cell_states.composition(emb.to(at), offsets.to(at), real_t.to(at)).cpu().numpy()
             bar.update(len(idx))
     bar.close()
-    return niche_out, centre_out
+    return CellNiches(niche_out, centre_out, comp_out)
 
 
 def cell_row_index(cell_ids: np.ndarray, cell_sample_ids: np.ndarray | None) -> dict:
@@ -281,9 +307,11 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
         profiles = (expression_profiles_config(model, processor, cells, seed=seed)
                     if model.config.niche_config.use_expression_profiles else None)
         xy = np.stack([np.asarray(cells[schema.X_UM], np.float64), np.asarray(cells[schema.Y_UM], np.float64)], 1)
-        result.cell_niches, result.cells_in_niche = embed_cell_niches(
-            model, result.cells["fused"], xy, result.cell_sample_ids, cell_profiles=profiles,
-            batch_size=batch_size, progress=progress)
+        result.cell_states, result.cell_state_source = cell_states_for(model, result.cells["fused"], seed)
+        hoods = embed_cell_niches(model, result.cells["fused"], xy, result.cell_sample_ids, cell_profiles=profiles,
+                                  batch_size=batch_size, cell_states=result.cell_states, progress=progress)
+        result.cell_niche_tokens, result.cells_in_niche = hoods.tokens, hoods.centres
+        result.cell_niches = hoods.compositions if hoods.compositions is not None else hoods.tokens
     if niche_aware and tissue:
         niches = _restrict(data.configs["niches"], sample_ids)
         result.niches, _ = embed_niches_config(
@@ -296,6 +324,26 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
         result.tissue_sample_ids, result.tissues = embed_sections(
             model, result.niches, result.niche_positions_um, result.niche_sample_ids)
     return result
+
+
+def cell_states_for(model: SpatiaModel, cell_embeddings: np.ndarray, seed: int = 0
+                    ) -> tuple[SpatiaCellStates | None, str | None]:
+    """The cell states to describe neighbourhoods with, and where they come from: the model's own
+    (``"checkpoint"``), or, for a model whose states were never fitted (a checkpoint trained outside
+    ``spatia pretrain``), states fitted on these cell embeddings (``"embedded cells"``; the model is
+    left unchanged). ``(None, None)`` for a model without cell states."""
+    niche = model.niche
+    if niche.cell_states is None:
+        return None, None
+    if niche.cell_states.is_fitted:
+        return niche.cell_states, "checkpoint"
+    logger.warning("the model's cell states were never fitted: fitting them on the %d embedded cells (fit them once "
+                   "with model.niche.fit_cell_states(...) and save, so other datasets use the same states)",
+                   len(cell_embeddings))
+    cfg = model.config.niche_config
+    states = SpatiaCellStates(cfg.num_cell_states, cfg.cell_embed_dim, cfg.cell_state_temperature,
+                              cfg.cell_state_neighbours)
+    return states.fit(cell_embeddings, seed=seed), "embedded cells"
 
 
 def _restrict(ds, sample_ids: Sequence[str] | None):

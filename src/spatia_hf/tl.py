@@ -1,10 +1,11 @@
 """Tools in scanpy's style: AnnData in, results written into named slots.
 
 ``spatia_hf.tl.embed(adata, image, model)`` adds SPATIA cell embeddings (``obsm["X_spatia"]``),
-the niche embedding of each cell's own neighbourhood (``obsm["X_spatia_niche"]``) and spatial
-domains (``obs["spatia_domain"]``) to an AnnData that has raw counts and ``obsm["spatial"]``, leaving
-everything else as it was. ``spatia_hf.tl.domains`` clusters any embedding into spatial domains
-(Leiden on scanpy's neighbour graph, at a resolution or a searched target number of domains).
+the niche embedding of each cell's own neighbourhood (``obsm["X_spatia_niche"]``: its composition
+over the model's cell states) and spatial domains (``obs["spatia_domain"]``) to an AnnData that has
+raw counts and ``obsm["spatial"]``, leaving everything else as it was. ``spatia_hf.tl.domains``
+clusters any embedding into spatial domains (Leiden on scanpy's neighbour graph, at a resolution or
+a searched target number of domains, refined to the domains' centres).
 ``annotate`` writes cell types from a fine-tuned annotation head into ``obs``, ``impute`` predicted
 expression from a fine-tuned imputation head into a layer, and ``to_spatialdata`` turns the result into a
 SpatialData object for that ecosystem. Like scanpy: ``copy=False`` writes in place and returns None.
@@ -95,6 +96,11 @@ def embed(
 ):
     """Embed every cell of ``adata`` with SPATIA and write the results into it.
 
+    Writes ``obsm[key_added]`` (cell embeddings), ``obsm[niche_key_added]`` (the niche embedding of
+    each cell's neighbourhood: its composition over the model's cell states, rows summing to 1, or
+    the pooled niche token for a model without cell states; with cell states the pooled token goes
+    to ``obsm[niche_key_added + "_token"]``) and ``obs[domain_key_added]`` (:func:`domains`).
+
     Args:
         adata: AnnData with raw counts in ``X`` (or ``layer``) and centroids in ``obsm[spatial_key]``.
         image: the section's morphology image: a path (``.tif``/``.ome.tif``) or a ``(C, H, W)`` array.
@@ -107,8 +113,8 @@ def embed(
         n_domains: target number of spatial domains: Leiden's resolution is searched to give it
             (k-means uses it directly). Give this or ``resolution``; neither = Leiden at resolution 1.
         resolution: Leiden resolution (higher = more domains); see :func:`domains`.
-        cluster_method: ``"leiden"`` (default, on a 50-neighbour graph of ``obsm[niche_key_added]``) or
-            ``"kmeans"`` (needs ``n_domains``).
+        cluster_method: ``"leiden"`` (default, on a 50-neighbour graph of ``obsm[niche_key_added]``, its
+            domains refined to their centres) or ``"kmeans"`` (needs ``n_domains``).
         crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
         copy: return a modified copy instead of writing into ``adata``.
         min_gene_coverage: refuse the AnnData when less than this fraction of its genes is in the model
@@ -137,12 +143,17 @@ def embed(
     order = _positions(emb.cell_ids, adata.obs_names)
     adata.obsm[key_added] = emb.cells["fused"][order]
     adata.obsm[niche_key_added] = emb.cell_niches[order]
+    if emb.cell_state_source is not None:  # the niche embedding is the composition; keep the pooled token too
+        adata.obsm[f"{niche_key_added}_token"] = emb.cell_niche_tokens[order]
     found = domains(adata, use_rep=niche_key_added, n_domains=n_domains, resolution=resolution,
                     method=cluster_method, key_added=domain_key_added, seed=seed)
     niche_cfg = spatia_model.config.niche_config
     adata.uns["spatia"] = {
         "params": {"key_added": key_added, "niche_key_added": niche_key_added, "domain_key_added": domain_key_added,
                    "niche": "cell-centred", "num_neighbours": niche_cfg.num_neighbours,
+                   "niche_embedding": ("pooled niche token" if emb.cell_state_source is None else
+                                       f"composition over {niche_cfg.num_cell_states} cell states "
+                                       f"({emb.cell_state_source})"),
                    "neighbour_radius_um": niche_cfg.neighbour_radius_um, **found, "seed": seed,
                    "model": str(getattr(
                        spatia_model.config, "_name_or_path", "")) or "in-memory"},
@@ -396,7 +407,7 @@ def _check_domain_args(n_domains, resolution, method) -> None:
 
 def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = None, resolution: float | None = None,
             method: str = "leiden", n_neighbors: int = 50, key_added: str = "spatia_domain", seed: int = 0,
-            max_search_steps: int = 20) -> dict:
+            max_search_steps: int = 20, refine: bool = True) -> dict:
     """Spatial domains from a niche embedding, written to ``obs[key_added]`` (categorical).
 
     Leiden (igraph flavour, 2 iterations, undirected) on scanpy's ``n_neighbors`` graph of
@@ -405,10 +416,15 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
     ``n_domains`` the resolution is bisected (log scale, at most ``max_search_steps`` runs on the one
     graph) to the count closest to it (the lowest such resolution on ties). ``method="kmeans"``
     runs k-means with ``n_domains`` clusters instead. The graph goes to ``obsp``/``uns`` under
-    ``f"{key_added}_neighbors"``.
+    ``f"{key_added}_neighbors"``. With ``refine`` (default), Leiden's domains are then refined by
+    Lloyd iterations in ``obsm[use_rep]`` started from their centres
+    (:func:`spatia_hf.utils.clustering.refine_to_centroids`): the graph decides which domains there
+    are, distances to their centres where their boundaries lie (Leiden alone may cut anywhere along
+    the band of intermediate cells between two domains).
 
     Returns:
-        ``{"cluster_method", "resolution", "n_domains", "n_domains_requested"}`` (also the params recorded).
+        ``{"cluster_method", "resolution", "n_domains", "n_domains_requested", "refined"}`` (also the
+        params recorded).
     """
     import scanpy as sc
 
@@ -420,7 +436,8 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
         k = int(min(n_domains, adata.n_obs))
         labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
         _write_labels(adata, key_added, labels)
-        return {"cluster_method": "kmeans", "resolution": None, "n_domains": int(k), "n_domains_requested": n_domains}
+        return {"cluster_method": "kmeans", "resolution": None, "n_domains": int(k), "n_domains_requested": n_domains,
+                "refined": False}
     graph_key = f"{key_added}_neighbors"
     sc.pp.neighbors(adata, n_neighbors=int(min(n_neighbors, max(2, adata.n_obs - 1))), use_rep=use_rep,
                     key_added=graph_key, random_state=seed)
@@ -435,9 +452,13 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
         labels = run(res)
     else:
         res, labels = _search_resolution(run, int(n_domains), max_search_steps)
+    if refine:
+        from spatia_hf.utils.clustering import refine_to_centroids
+
+        labels = refine_to_centroids(x, labels)
     _write_labels(adata, key_added, labels)
     return {"cluster_method": "leiden", "resolution": float(res), "n_domains": int(np.unique(labels).size),
-            "n_domains_requested": n_domains}
+            "n_domains_requested": n_domains, "refined": bool(refine)}
 
 
 def _search_resolution(run, target: int, steps: int) -> tuple[float, np.ndarray]:

@@ -14,9 +14,10 @@ EXAMPLE = """example (a model you pretrained; `make demo` writes one to runs/dem
 is the synthetic panel, so it refuses real genes):
   spatia embed --model runs/mine/pretrained --adata section.h5ad --image morphology.ome.tif \\
       --pixel-size 0.2125 --spatial-units um --out section_spatia.h5ad
-writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (each cell's neighbourhood), obs["spatia_domain"]
-(Leiden; --n-domains searches the resolution) and uns["spatia"] (parameters, gene-panel coverage);
-everything else in the input is kept."""
+writes obsm["X_spatia"] (cell), obsm["X_spatia_niche"] (each cell's neighbourhood: its composition over the
+model's cell states), obsm["X_spatia_niche_token"] (the niche transformer's pooled token), obs["spatia_domain"]
+(Leiden, refined to the domain centres; --n-domains searches the resolution) and uns["spatia"] (parameters,
+gene-panel coverage); everything else in the input is kept."""
 
 
 def register(subparsers) -> None:

@@ -61,6 +61,7 @@ IMAGE_BRANCH = "SPATIA (image branch)"
 FINETUNED_HEAD = "SPATIA (fine-tuned head)"
 NICHE_AWARE = "SPATIA (niche-aware)"
 NICHE_EMBEDDING = "SPATIA (niche embedding)"
+NICHE_TOKEN = "SPATIA (pooled niche token)"
 NICHE_HIDDEN = "SPATIA (niche context, cell hidden)"
 CELL_ONLY = "SPATIA cell-only"
 TISSUE = "SPATIA (tissue embedding)"
@@ -69,6 +70,7 @@ MASKED_HEAD = "SPATIA (masked-gene head, zero-shot)"
 RIDGE_FUSED = "SPATIA (ridge on fused embedding)"
 NICHE_HEAD = "SPATIA (niche masked-cell head, zero-shot)"
 RIDGE_NICHE = "SPATIA (ridge on niche-aware embedding)"
+RIDGE_CELL_COMPOSITION = "SPATIA (ridge on cell embedding + niche composition)"
 RIDGE_CELL_ONLY = "SPATIA cell-only (ridge on fused embedding)"
 RIDGE_IMAGE = "SPATIA (ridge on image-branch embedding)"
 CONTRASTIVE = "SPATIA (contrastive projections)"
@@ -295,6 +297,18 @@ def niche_context(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, niches, cell_embe
                 k_ids = ids[None].expand(len(hidden), -1)
                 preds[rows[hidden]] = ckpt.model.niche_decoder(h, k_ids, table).float().cpu().numpy()
     return ctx, preds
+
+
+def niche_compositions(ckpt, emb, cell_embeddings: np.ndarray, xy_um: np.ndarray, sample_ids: np.ndarray, *,
+                       batch_size: int = 64) -> np.ndarray | None:
+    """Each cell's neighbourhood composition over the cell states ``embed_dataset`` used (``emb``; as
+    ``spatia embed`` writes it), from the given cell embeddings; None for a model without states."""
+    from spatia_hf.inference import embed_cell_niches
+
+    if emb.cell_states is None:
+        return None
+    return embed_cell_niches(ckpt.backbone, cell_embeddings, xy_um, sample_ids, cell_states=emb.cell_states,
+                             batch_size=batch_size, progress=False).compositions
 
 
 def hidden_cell_context(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, niches, cell_embeddings: np.ndarray, *,
@@ -553,15 +567,24 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     out.add("image_annotation", IMAGE_BRANCH, image)
     out.note(2, f"{IMAGE_BRANCH}: the cell model run on the crop alone (no expression input)")
     out.add("domain_clustering", NICHE_EMBEDDING, emb.cell_niches[order])
+    if emb.cell_state_source is not None:
+        out.add("domain_clustering", NICHE_TOKEN, emb.cell_niche_tokens[order])
     out.add("domain_clustering", NICHE_AWARE, in_niche)
     if 5 in wanted:
         niches = _held_out_niches(load_spatia_dataset(dataset_dir, ("niches",))["niches"], sec.held_out_sections)
         out.add("domain_clustering", NICHE_HIDDEN, hidden_cell_context(ckpt, inputs, niches, fused, seed=seed,
                                                                         progress=progress))
     out.add("domain_clustering", CELL_ONLY, fused, kind="baseline")
-    out.note(5, f"{NICHE_EMBEDDING}: the pooled niche embedding of each cell's own neighbourhood (its "
-                f"{ckpt.backbone.config.niche_config.num_neighbours} nearest cells; obsm['X_spatia_niche'] of `spatia "
-                f"embed`); {NICHE_AWARE}: the niche model's context-aware embedding of the centre cell; "
+    niche_cfg = ckpt.backbone.config.niche_config
+    described = (f"the pooled niche token of each cell's own neighbourhood (its {niche_cfg.num_neighbours} nearest "
+                 "cells" if emb.cell_state_source is None else
+                 f"the composition of each cell's {min(niche_cfg.cell_state_neighbours, niche_cfg.num_neighbours)} "
+                 f"nearest cells over {niche_cfg.num_cell_states} cell states (fitted on: {emb.cell_state_source}")
+    out.note(5, f"{NICHE_EMBEDDING}: {described}; obsm['X_spatia_niche'] of `spatia embed`)"
+                + (f"; {NICHE_TOKEN}: the niche transformer's pooled token of the cell's "
+                   f"{niche_cfg.num_neighbours}-cell neighbourhood"
+                   if emb.cell_state_source is not None else "")
+                + f"; {NICHE_AWARE}: the niche model's context-aware embedding of the centre cell; "
                 f"{NICHE_HIDDEN}: the niche model's output at the cell's position with the cell itself hidden "
                 "(the masked-cell objective of pretraining; a quarter of the cells hidden per pass, four passes), "
                 f"so it describes the neighbourhood only; {CELL_ONLY}: the same cells' fused embeddings without "
@@ -600,6 +623,13 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
                               progress=progress)
         ctx, _ = niche_context(ckpt, inputs, niches, x, progress=progress)
         out.add("niche_imputation_features", RIDGE_NICHE, ctx[held])
+        composition = niche_compositions(ckpt, emb, x[held], c.xy_um[held], c.sample_ids[held],
+                                         batch_size=batch_size)
+        if composition is not None:
+            out.add("niche_imputation_features", RIDGE_CELL_COMPOSITION, np.hstack([x[held], composition]))
+            out.note(8, f"{RIDGE_CELL_COMPOSITION}: the cell's own embedding (these genes hidden) next to its "
+                        f"neighbourhood's composition over the model's cell states (obsm['X_spatia_niche'] of "
+                        f"`spatia embed`, here from the same hidden-gene embeddings)")
         out.add("niche_imputation_features", RIDGE_CELL_ONLY, x[held], kind="baseline")
         ids = _vocab_ids(ckpt, inputs, genes)
         if pre and ids is not None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from .cell_states import SpatiaCellStates
 from .configuration_spatia import SpatiaNicheConfig
 from .modeling_base import SpatiaPreTrainedModel
 from .modeling_layers import SpatiaBlock, SpatiaPositionEncoder, additive_mask, check_token_set, sincos_2d
@@ -108,7 +109,23 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
         self.embeddings = SpatiaNicheEmbeddings(config)
         self.layers = nn.ModuleList([SpatiaBlock(config) for _ in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cell_states = (SpatiaCellStates(config.num_cell_states, config.cell_embed_dim,
+                                             config.cell_state_temperature, config.cell_state_neighbours)
+                            if config.num_cell_states else None)
         self.post_init()
+
+    @property
+    def has_fitted_cell_states(self) -> bool:
+        return self.cell_states is not None and self.cell_states.is_fitted
+
+    def fit_cell_states(self, cell_embeddings, *, seed: int = 0, max_cells: int = 50_000) -> "SpatiaNicheModel":
+        """Fit the cell states (k-means centres) on cell embeddings ``[n, cell_embed_dim]`` of the
+        cell model this niche model is paired with; ``niche_composition`` is returned from then on."""
+        if self.cell_states is None:
+            raise ValueError("this niche model has num_cell_states=0. Fix: build it with num_cell_states > 0 (every "
+                             "preset sets 32)")
+        self.cell_states.fit(cell_embeddings, seed=seed, max_cells=max_cells)
+        return self
 
     def check_inputs(self, cell_embeddings, cell_positions, cell_attention_mask, pixel_values) -> None:
         cfg = self.config
@@ -163,6 +180,8 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
             cell_embeds=x[:, 1 : 1 + n],
             cell_attention_mask=cells_real,
             image_tokens=x[:, 1 + n :] if n_img else None,
+            niche_composition=(self.cell_states.composition(cell_embeddings, cell_positions, cells_real)
+                               if self.has_fitted_cell_states else None),
         )
         return out if return_dict else out.to_tuple()
 

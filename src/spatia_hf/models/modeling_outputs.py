@@ -42,12 +42,15 @@ class SpatiaNicheOutput(ModelOutput):
         cell_embeds: ``[B, N, D]`` context-aware per-cell embeddings (permute with the cells).
         cell_attention_mask: ``[B, N]`` bool, True on real cells.
         image_tokens: ``[B, P, D]`` niche-image tokens when an image was given.
+        niche_composition: ``[B, num_cell_states]`` the real members' mean soft assignment to the
+            fitted cell states (None without them); float32, rows sum to 1.
     """
 
     niche_embeds: torch.Tensor | None = None
     cell_embeds: torch.Tensor | None = None
     cell_attention_mask: torch.Tensor | None = None
     image_tokens: torch.Tensor | None = None
+    niche_composition: torch.Tensor | None = None
 
 
 @dataclass

@@ -70,6 +70,7 @@ from .setup import (
     section_record,
     seed_everything,
 )
+from .cell_states import fit_cell_states_after_training
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
 from ..utils.allocator import bound_heap_growth
 from spatia_hf.utils.progress import respects_progress
@@ -378,6 +379,7 @@ def run_finetuning(
     )
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else training_args.resume_from_checkpoint
     output = trainer.train(resume_from_checkpoint=resolve_resume(resume, training_args.output_dir))
+    fit_cell_states_after_training(trainer, processor, dataset, data_args.eval_section_list(), seed)
     trainer.save_model()
     eval_metrics: dict[str, Any] = trainer.evaluate() if evaluation is not None and training_args.do_eval else {}
     result = TrainingResult(

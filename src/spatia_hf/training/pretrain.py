@@ -56,6 +56,7 @@ from .setup import (
 )
 from .streaming import (StreamingExamples, StreamStateCallback, held_out_sections, niche_example, open_cell_stream,
                         pretraining_stream, restore_stream_state, section_ids)
+from .cell_states import fit_cell_states_after_training
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
 from ..utils.allocator import bound_heap_growth
 from spatia_hf.utils.progress import respects_progress
@@ -303,6 +304,8 @@ def run_pretraining(
                     data_args.schedule, "streamed" if streaming else len(train),
                     len(evaluation) if evaluation is not None else 0)
     output = trainer.train(resume_from_checkpoint=resume)
+    fit_cell_states_after_training(trainer, processor, dataset, data_args.eval_section_list(), seed,
+                                   streaming=streaming)
     trainer.save_model()
     eval_metrics: dict[str, Any] = {}
     if evaluation is not None and training_args.do_eval:
