@@ -9,7 +9,9 @@ the order the cells are listed in, and per-cell outputs permute with the cells. 
 image adds patch tokens. The niche embedding pools the member tokens' outputs (``pooling="mean"``,
 so even an untrained model returns a smoothing of its members) or is the cls token's output; the
 member tokens come out as context-aware cell embeddings. Masked cells (niche masked-cell prediction) keep their position but
-lose their embedding.
+lose their embedding. With fitted cell states (``num_cell_states``, :mod:`.cell_states`) the
+niche's composition over them comes out too in eval mode (``niche_composition``; training skips
+it): the niche embedding that ``spatia embed`` writes and clusters into spatial domains.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
             cell_attention_mask=cells_real,
             image_tokens=x[:, 1 + n :] if n_img else None,
             niche_composition=(self.cell_states.composition(cell_embeddings, cell_positions, cells_real)
-                               if self.has_fitted_cell_states else None),
+                               if not self.training and self.has_fitted_cell_states else None),
         )
         return out if return_dict else out.to_tuple()
 

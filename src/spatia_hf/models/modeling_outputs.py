@@ -43,7 +43,7 @@ class SpatiaNicheOutput(ModelOutput):
         cell_attention_mask: ``[B, N]`` bool, True on real cells.
         image_tokens: ``[B, P, D]`` niche-image tokens when an image was given.
         niche_composition: ``[B, num_cell_states]`` the real members' mean soft assignment to the
-            fitted cell states (None without them); float32, rows sum to 1.
+            fitted cell states (eval mode; None without them or in training); float32, rows sum to 1.
     """
 
     niche_embeds: torch.Tensor | None = None
