@@ -188,8 +188,11 @@ def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np
             niche_out[centres] = out.niche_embeds.float().cpu().numpy()
             centre_out[centres] = out.cell_embeds[:, 0].float().cpu().numpy()
             if comp_out is not None:
-                at = cell_states.centres.device
-                comp_out[centres] = cell_states.composition(emb.to(at), offsets.to(at), real_t.to(at)).cpu().numpy()
+                comp = out.niche_composition if cell_states is model.niche.cell_states else None  # eval forward's
+                if comp is None:
+                    at = cell_states.centres.device
+                    comp = cell_states.composition(emb.to(at), offsets.to(at), real_t.to(at))
+                comp_out[centres] = comp.cpu().numpy()
             bar.update(len(idx))
     bar.close()
     return CellNiches(niche_out, centre_out, comp_out)
@@ -324,6 +327,15 @@ def embed_dataset(model: SpatiaModel, processor: SpatiaProcessor, dataset_dir: s
         result.tissue_sample_ids, result.tissues = embed_sections(
             model, result.niches, result.niche_positions_um, result.niche_sample_ids)
     return result
+
+
+def describe_niche_embedding(niche_config, cell_state_source: str | None) -> str:
+    """What ``cell_niches`` (``obsm["X_spatia_niche"]``) holds, in words, for reports and ``uns``."""
+    if cell_state_source is None:
+        return f"pooled niche token of the {niche_config.num_neighbours} nearest cells"
+    counted = min(niche_config.cell_state_neighbours, niche_config.num_neighbours)
+    return (f"composition of the {counted} nearest cells over {niche_config.num_cell_states} cell states "
+            f"(fitted on: {cell_state_source})")
 
 
 def cell_states_for(model: SpatiaModel, cell_embeddings: np.ndarray, seed: int = 0

@@ -125,7 +125,7 @@ def embed(
         None, or the annotated copy when ``copy=True``. Also sets ``uns["spatia"]`` (parameters and the
         gene-panel coverage against the model's vocabulary).
     """
-    from spatia_hf.inference import embed_dataset
+    from spatia_hf.inference import describe_niche_embedding, embed_dataset
 
     _check_domain_args(n_domains, resolution, cluster_method)
     if adata.n_obs < 2:  # fail before any work, not in the domain clustering at the end
@@ -148,13 +148,10 @@ def embed(
     found = domains(adata, use_rep=niche_key_added, n_domains=n_domains, resolution=resolution,
                     method=cluster_method, key_added=domain_key_added, seed=seed)
     niche_cfg = spatia_model.config.niche_config
-    counted = min(niche_cfg.cell_state_neighbours, niche_cfg.num_neighbours)  # cells a composition counts
     adata.uns["spatia"] = {
         "params": {"key_added": key_added, "niche_key_added": niche_key_added, "domain_key_added": domain_key_added,
                    "niche": "cell-centred", "num_neighbours": niche_cfg.num_neighbours,
-                   "niche_embedding": ("pooled niche token" if emb.cell_state_source is None else
-                                       f"composition of the {counted} nearest cells over "
-                                       f"{niche_cfg.num_cell_states} cell states ({emb.cell_state_source})"),
+                   "niche_embedding": describe_niche_embedding(niche_cfg, emb.cell_state_source),
                    "neighbour_radius_um": niche_cfg.neighbour_radius_um, **found, "seed": seed,
                    "model": str(getattr(
                        spatia_model.config, "_name_or_path", "")) or "in-memory"},

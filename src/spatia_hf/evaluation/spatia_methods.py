@@ -532,7 +532,7 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
     ``ckpt`` is the pretrained model (a ``SpatiaForPretraining`` checkpoint brings the zero-shot
     heads of tasks 7, 8 and 10; any other SPATIA checkpoint gives the embedding-based methods only).
     """
-    from spatia_hf.inference import embed_dataset
+    from spatia_hf.inference import describe_niche_embedding, embed_dataset
     from ..data.datasets import load_spatia_dataset
 
     wanted = set(tasks or range(1, 13))
@@ -576,14 +576,11 @@ def spatia_methods(ckpt: SpatiaCheckpoint, inputs: SuiteInputs, dataset_dir: str
                                                                         progress=progress))
     out.add("domain_clustering", CELL_ONLY, fused, kind="baseline")
     niche_cfg = ckpt.backbone.config.niche_config
-    described = (f"the pooled niche token of each cell's own neighbourhood (its {niche_cfg.num_neighbours} nearest "
-                 "cells" if emb.cell_state_source is None else
-                 f"the composition of each cell's {min(niche_cfg.cell_state_neighbours, niche_cfg.num_neighbours)} "
-                 f"nearest cells over {niche_cfg.num_cell_states} cell states (fitted on: {emb.cell_state_source}")
-    out.note(5, f"{NICHE_EMBEDDING}: {described}; obsm['X_spatia_niche'] of `spatia embed`)"
-                + (f"; {NICHE_TOKEN}: the niche transformer's pooled token of the cell's "
-                   f"{niche_cfg.num_neighbours}-cell neighbourhood"
-                   if emb.cell_state_source is not None else "")
+    token_note = (f"; {NICHE_TOKEN}: the niche transformer's pooled token of the cell's {niche_cfg.num_neighbours}"
+                  "-cell neighbourhood" if emb.cell_state_source is not None else "")
+    out.note(5, f"{NICHE_EMBEDDING}: each cell's own neighbourhood as the "
+                f"{describe_niche_embedding(niche_cfg, emb.cell_state_source)} (obsm['X_spatia_niche'] of `spatia "
+                f"embed`){token_note}"
                 + f"; {NICHE_AWARE}: the niche model's context-aware embedding of the centre cell; "
                 f"{NICHE_HIDDEN}: the niche model's output at the cell's position with the cell itself hidden "
                 "(the masked-cell objective of pretraining; a quarter of the cells hidden per pass, four passes), "

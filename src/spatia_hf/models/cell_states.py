@@ -62,8 +62,9 @@ class SpatiaCellStates(nn.Module):
                              f"least {self.num_states} cells, or build the model with fewer num_cell_states")
         if len(x) > max_cells:
             x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_cells, replace=False))]
-        km = KMeans(n_clusters=self.num_states, n_init=3, random_state=seed).fit(x.astype(np.float64))
-        nearest = km.transform(x.astype(np.float64)).min(1) ** 2
+        x = x.astype(np.float64)
+        km = KMeans(n_clusters=self.num_states, n_init=3, random_state=seed).fit(x)
+        nearest = km.transform(x).min(1) ** 2
         self.centres.copy_(torch.from_numpy(km.cluster_centers_).to(self.centres))
         self.scale.fill_(max(float(np.median(nearest)), 1e-12))
         self.fitted.fill_(1.0)

@@ -40,21 +40,23 @@ def fit_cell_states(model, processor, cells, *, seed: int = 0, batch_size: int =
     return len(emb)
 
 
-def training_cells(dataset: SpatiaDataset, eval_sections, seed: int, max_cells: int, streaming: bool = False):
+def training_cells(dataset: SpatiaDataset, eval_sections, seed: int, max_cells: int, streaming: bool = False,
+                   columns=FIT_COLUMNS):
     """Up to ``max_cells`` cells of the training sections (a seeded sample; the first of the shuffled
-    stream with ``streaming``) as a ``datasets.Dataset`` with the columns the cell model reads."""
+    stream with ``streaming``) as a ``datasets.Dataset`` with ``columns`` (default: what the cell model reads)."""
+    columns = list(columns)
     if not streaming:
         cells, _ = split_by_section(dataset["cells"], eval_sections)
-        return truncate(cells, max_cells, seed)
+        return truncate(cells, max_cells, seed).select_columns(columns)
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
     from .streaming import held_out_sections, pretraining_stream
 
     held = held_out_sections(dataset.dataset_dir, eval_sections)
-    stream = pretraining_stream(dataset.dataset_dir, schedule="cell", exclude_sections=held, cell_columns=FIT_COLUMNS,
+    stream = pretraining_stream(dataset.dataset_dir, schedule="cell", exclude_sections=held, cell_columns=columns,
                                 seed=seed, buffer_size=max_cells)
-    return Dataset(InMemoryTable(pa.concat_tables(stream.take(max_cells))))
+    return Dataset(InMemoryTable(pa.concat_tables(stream.take(max_cells)))).select_columns(columns)
 
 
 def fit_cell_states_after_training(trainer, processor, dataset: SpatiaDataset, eval_sections, seed: int, *,

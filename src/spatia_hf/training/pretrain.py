@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
@@ -39,7 +38,7 @@ from ..models.modeling_heads import SpatiaForPretraining
 
 from .arguments import DataArguments, ModelArguments, SpatiaTrainingArguments
 from ..data.collators import CellCollator, NicheCollator
-from ..data.datasets import (ArrowRows, CellNicheDataset, NicheCellsDataset, SpatiaDataset, arrow_columns,
+from ..data.datasets import (ArrowRows, CellNicheDataset, NicheCellsDataset, SpatiaDataset,
                              load_spatia_dataset, read_gene_panel, split_by_section,
                              truncate)
 from .setup import (
@@ -56,7 +55,7 @@ from .setup import (
 )
 from .streaming import (StreamingExamples, StreamStateCallback, held_out_sections, niche_example, open_cell_stream,
                         pretraining_stream, restore_stream_state, section_ids)
-from .cell_states import fit_cell_states_after_training
+from .cell_states import fit_cell_states_after_training, training_cells
 from .trainer import EpochSeedCallback, SpatiaTrainer, TimeBudgetCallback
 from ..utils.allocator import bound_heap_growth
 from spatia_hf.utils.progress import respects_progress
@@ -102,15 +101,7 @@ def init_value_biases(model: SpatiaForPretraining, processor, dataset: SpatiaDat
     :meth:`SpatiaForPretraining.init_gene_value_biases`). With ``streaming``, the cells are the
     first ``max_cells`` of the shuffled training stream."""
     expression = [schema.GENE_INDICES, schema.GENE_COUNTS]
-    if streaming:
-        held = held_out_sections(dataset.dataset_dir, eval_sections)
-        stream = pretraining_stream(dataset.dataset_dir, schedule="cell", exclude_sections=held,
-                                    cell_columns=expression, seed=seed, buffer_size=max_cells)
-        columns = arrow_columns(pa.concat_tables(stream.take(max_cells)))
-    else:
-        cells, _ = split_by_section(dataset["cells"], eval_sections)
-        cells = truncate(cells, max_cells, seed).select_columns(expression)
-        columns = cells.with_format("numpy")[:]
+    columns = training_cells(dataset, eval_sections, seed, max_cells, streaming, expression).with_format("numpy")[:]
     ids, values, log_rates = processor.gene_value_statistics(columns[schema.GENE_INDICES],
                                                              columns[schema.GENE_COUNTS], seed=seed)
     model.init_gene_value_biases(ids, values, log_rates)

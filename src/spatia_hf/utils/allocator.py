@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -37,6 +38,27 @@ ENV_OPT_OUT = "SPATIA_KEEP_MALLOC"  # set to 1 to leave the allocator as it is
 _applied: int | None = None
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (it has ``mallopt`` and ``malloc_trim``), else None; looked up
+    once per process for both entry points."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return libc
+
+
+def _opted_out() -> bool:
+    return os.environ.get(ENV_OPT_OUT, "") == "1"
+
+
 def bound_heap_growth(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap and trim thresholds at ``threshold_bytes`` for this process.
 
@@ -46,18 +68,12 @@ def bound_heap_growth(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
     global _applied
     if _applied is not None:
         return _applied == threshold_bytes
-    if not sys.platform.startswith("linux") or os.environ.get(ENV_OPT_OUT, "") == "1":
+    libc = _glibc()
+    if libc is None or _opted_out():
         return False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # the user chose; respect it
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
+    mallopt = libc.mallopt
     ok = mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1 and mallopt(M_TRIM_THRESHOLD, int(threshold_bytes)) == 1
     if ok:
         _applied = int(threshold_bytes)
@@ -75,13 +91,8 @@ def release_free_heap() -> bool:
     applied, all of it returned by one trim. dask.distributed trims worker memory the same way. Returns
     True when trimmed (glibc, not opted out with ``SPATIA_KEEP_MALLOC=1``); a no-op elsewhere.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(ENV_OPT_OUT, "") == "1":
+    libc = _glibc()
+    if libc is None or _opted_out():
         return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    trim(0)
+    libc.malloc_trim(0)
     return True
