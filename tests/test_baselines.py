@@ -98,6 +98,17 @@ def test_spatial_smoothing_recovers_domains_better_than_cells_alone(synth):
     assert set(r.details["ari_per_section"]["smoothed"]) == {split.held_out_sections[0]}
 
 
+def test_task5_compares_compositions_by_hellinger_distance_and_other_features_as_they_are():
+    """Task 5 clusters like ``tl.domains``: the square root of a composition, other embeddings raw."""
+    from test_cell_states import rare_state_neighbourhoods
+
+    comp, truth = rare_state_neighbourhoods(0, 600)
+    feats = {"composition": comp, "token": np.log(comp + 0.05)}
+    r = T.run_domain_clustering(feats, truth.astype(str), np.array(["s"] * len(truth)))
+    assert r.details["algorithm"] == ["leiden+centroids", "leiden+centroids+hellinger"]
+    assert r.scores["composition"]["ari"] > 0.2
+
+
 def test_spatial_knn_beats_mean_imputation_on_neighbour_driven_genes(synth):
     split = cell_split(len(synth["types"]), 0.3, seed=0, stratify=synth["sample_ids"])
     cols = [synth["genes"].index(g) for g in synth["gt"]["neighbor_genes"]]

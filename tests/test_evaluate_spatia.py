@@ -5,6 +5,7 @@ ones); the end-to-end test pretrains, fine-tunes and trains a generator for a fe
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -372,6 +373,11 @@ def test_perturbation_response_has_folds_a_control_gene_and_cis(tiny, tiny_pipel
     assert report["cost"]["images"] == 8 * 5
     assert set(report["conditional_mean_reference"]["area_ratio"]) == {"NUCSIZE x0.5", "NUCSIZE x2", "NUCSIZE x4",
                                                                         f"{report['control_gene']} x4"}
+    ref = report["conditional_mean_reference"]["area_ratio"]["NUCSIZE x4"]
+    assert x4["reference_ratio"] == ref and "reference_ratio" not in control
+    assert x4["fraction_of_reference_log_fold"] == pytest.approx(math.log(x4["area_ratio"]) / math.log(ref))
+    lo_f, hi_f = x4["fraction_of_reference_log_fold_ci95"]
+    assert lo_f <= x4["fraction_of_reference_log_fold"] <= hi_f
     path = write_response(report, tmp_path / "response.json", command="cmd")
     saved = json.loads(path.read_text())
     assert saved["command"] == "cmd" and saved["goals_met"] == response_goals(report)

@@ -502,6 +502,72 @@ def test_noise_offset_shifts_each_image_channel_and_zero_changes_nothing():
         GeneratorTrainingArguments(dataset_dir="d", out_dir="o", max_steps=1, noise_offset=-0.1).check()
 
 
+def test_min_snr_weighting_switches_off_with_zero_from_the_command_line():
+    """``--snr_gamma 0`` (HfArgumentParser cannot pass None) trains with the unweighted loss."""
+    from transformers import HfArgumentParser
+
+    from spatia_hf.pipelines.denoisers import training_scheduler
+    from spatia_hf.training.generator import GeneratorTrainingArguments, diffusion_loss
+
+    (args,) = HfArgumentParser(GeneratorTrainingArguments).parse_args_into_dataclasses(
+        ["--dataset_dir", "d", "--out_dir", "o", "--max_steps", "1", "--snr_gamma", "0"])
+    args.check()
+    pipe = _pipe()
+    clean = torch.zeros(4, 2, 16, 16)
+    counts = torch.from_numpy(_counts(4))
+
+    def loss(gamma):
+        return diffusion_loss(pipe.unet, pipe.condition_encoder, training_scheduler(), clean, counts,
+                              torch.Generator().manual_seed(5), snr_gamma=gamma)
+
+    assert torch.equal(loss(args.snr_gamma), loss(None)) and not torch.equal(loss(0.0), loss(5.0))
+    with pytest.raises(ValueError, match="snr_gamma"):
+        GeneratorTrainingArguments(dataset_dir="d", out_dir="o", max_steps=1, snr_gamma=-1.0).check()
+
+
+def test_snr_floor_raises_only_the_high_noise_weights():
+    """``snr_floor=1``: v-weight clamp(snr, 1, gamma) / (snr + 1), i.e. min-SNR-gamma where snr >= 1 and the
+    unweighted v loss's ~1 at high noise, where min-SNR gives ~snr (near 0)."""
+    from spatia_hf.pipelines.denoisers import training_scheduler
+    from spatia_hf.training.generator import GeneratorTrainingArguments, diffusion_loss
+
+    sched = training_scheduler()
+    pipe = _pipe()
+
+    def weights_at(floor):  # the per-sample weights, read by replacing the per-sample loss with ones
+        import spatia_hf.training.generator as G
+
+        real = G.F.mse_loss
+        G.F.mse_loss = lambda a, b, reduction: torch.ones_like(a)
+        try:
+            gen = torch.Generator().manual_seed(3)
+            out = diffusion_loss(pipe.unet, pipe.condition_encoder, sched, torch.zeros(64, 2, 16, 16),
+                                 torch.from_numpy(_counts(64)), gen, snr_gamma=5.0, snr_floor=floor)
+        finally:
+            G.F.mse_loss = real
+        return out.item()
+
+    from diffusers.training_utils import compute_snr
+
+    gen = torch.Generator().manual_seed(3)  # the loss draws its noise, then its timesteps
+    torch.randn((64, 2, 16, 16), generator=gen)
+    t = torch.randint(0, 1000, (64,), generator=gen)
+    snr = compute_snr(sched, t)
+    expected = {f: (torch.clamp(snr, min=f, max=5.0) / (snr + 1)).mean().item() for f in (0.0, 1.0)}
+    assert weights_at(0.0) == pytest.approx(expected[0.0], rel=1e-5)
+    assert weights_at(1.0) == pytest.approx(expected[1.0], rel=1e-5) and expected[1.0] > expected[0.0]
+    defaults = {p: GeneratorTrainingArguments(dataset_dir="d", out_dir="o", max_steps=1, prediction_type=p)
+                for p in ("v_prediction", "epsilon")}
+    for args in defaults.values():
+        args.check()
+    assert defaults["v_prediction"].snr_floor == 1.0 and defaults["epsilon"].snr_floor == 0.0
+    with pytest.raises(ValueError, match="snr_floor"):
+        GeneratorTrainingArguments(dataset_dir="d", out_dir="o", max_steps=1, snr_floor=1.0,
+                                   prediction_type="epsilon").check()
+    with pytest.raises(ValueError, match="snr_floor"):
+        GeneratorTrainingArguments(dataset_dir="d", out_dir="o", max_steps=1, snr_floor=6.0).check()
+
+
 def test_train_generator_end_to_end_and_exact_resume(tmp_path):
     from spatia_hf.data.synthetic import build_tiny_dataset
     from spatia_hf.training.generator import train_generator

@@ -21,8 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import math
-
 import numpy as np
 
 from spatia_hf.data import schema
@@ -113,8 +111,9 @@ def embed(
         n_domains: target number of spatial domains: Leiden's resolution is searched to give it
             (k-means uses it directly). Give this or ``resolution``; neither = Leiden at resolution 1.
         resolution: Leiden resolution (higher = more domains); see :func:`domains`.
-        cluster_method: ``"leiden"`` (default, on a 50-neighbour graph of ``obsm[niche_key_added]``, its
-            domains refined to their centres) or ``"kmeans"`` (needs ``n_domains``).
+        cluster_method: ``"leiden"`` (default, on a 50-neighbour graph of ``obsm[niche_key_added]``, a
+            composition compared by the Hellinger distance, its domains refined to their centres) or
+            ``"kmeans"`` (needs ``n_domains``).
         crop_um / niche_um: crop and niche sizes in µm (default: the builder's defaults).
         copy: return a modified copy instead of writing into ``adata``.
         min_gene_coverage: refuse the AnnData when less than this fraction of its genes is in the model
@@ -405,7 +404,7 @@ def _check_domain_args(n_domains, resolution, method) -> None:
 
 def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = None, resolution: float | None = None,
             method: str = "leiden", n_neighbors: int = 50, key_added: str = "spatia_domain", seed: int = 0,
-            max_search_steps: int = 20, refine: bool = True) -> dict:
+            max_search_steps: int = 20, refine: bool = True, hellinger: bool | None = None) -> dict:
     """Spatial domains from a niche embedding, written to ``obs[key_added]`` (categorical).
 
     Leiden (igraph flavour, 2 iterations, undirected) on scanpy's ``n_neighbors`` graph of
@@ -420,14 +419,25 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
     are, distances to their centres where their boundaries lie (Leiden alone may cut anywhere along
     the band of intermediate cells between two domains).
 
+    When ``obsm[use_rep]`` is a composition (rows of proportions, what ``tl.embed`` writes for a
+    checkpoint with cell states), cells are compared by the Hellinger distance: the graph and the
+    refinement use the square roots of the proportions, kept in ``obsm[f"{use_rep}_hellinger"]``
+    (``hellinger=False`` clusters the raw proportions; :func:`spatia_hf.utils.clustering.domain_features`).
+
     Returns:
-        ``{"cluster_method", "resolution", "n_domains", "n_domains_requested", "refined"}`` (also the
-        params recorded).
+        ``{"cluster_method", "resolution", "n_domains", "n_domains_requested", "refined", "metric"}``
+        (also the params recorded).
     """
     import scanpy as sc
 
+    from spatia_hf.utils.clustering import domain_features, search_resolution
+
     _check_domain_args(n_domains, resolution, method)
-    x = np.asarray(adata.obsm[use_rep])
+    x, sqrt_applied = domain_features(adata.obsm[use_rep], hellinger)
+    metric = "hellinger" if sqrt_applied else "euclidean"
+    if sqrt_applied:
+        use_rep = f"{use_rep}_hellinger"
+        adata.obsm[use_rep] = x.astype(np.float32)
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
@@ -435,7 +445,7 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
         labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
         _write_labels(adata, key_added, labels)
         return {"cluster_method": "kmeans", "resolution": None, "n_domains": int(k), "n_domains_requested": n_domains,
-                "refined": False}
+                "refined": False, "metric": metric}
     graph_key = f"{key_added}_neighbors"
     sc.pp.neighbors(adata, n_neighbors=int(min(n_neighbors, max(2, adata.n_obs - 1))), use_rep=use_rep,
                     key_added=graph_key, random_state=seed)
@@ -449,31 +459,14 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
         res = 1.0 if resolution is None else float(resolution)
         labels = run(res)
     else:
-        res, labels = _search_resolution(run, int(n_domains), max_search_steps)
+        res, labels = search_resolution(run, int(n_domains), max_search_steps)
     if refine:
         from spatia_hf.utils.clustering import refine_to_centroids
 
         labels = refine_to_centroids(x, labels)
     _write_labels(adata, key_added, labels)
     return {"cluster_method": "leiden", "resolution": float(res), "n_domains": int(np.unique(labels).size),
-            "n_domains_requested": n_domains, "refined": bool(refine)}
-
-
-def _search_resolution(run, target: int, steps: int) -> tuple[float, np.ndarray]:
-    """Bisect log(resolution) in [1e-3, 10] for ``target`` Leiden clusters; the closest count wins."""
-    lo, hi = math.log(1e-3), math.log(10.0)
-    best_res, best = 1.0, run(1.0)
-    for _ in range(steps):
-        if np.unique(best).size == target:
-            break
-        mid = 0.5 * (lo + hi)
-        labels = run(math.exp(mid))
-        k = np.unique(labels).size
-        if abs(k - target) < abs(np.unique(best).size - target) or (
-                abs(k - target) == abs(np.unique(best).size - target) and math.exp(mid) < best_res):
-            best_res, best = math.exp(mid), labels
-        lo, hi = (mid, hi) if k < target else (lo, mid)
-    return best_res, best
+            "n_domains_requested": n_domains, "refined": bool(refine), "metric": metric}
 
 
 def _write_labels(adata, key: str, labels: np.ndarray) -> None:

@@ -20,7 +20,8 @@ the edit's effect alone. Per edit the report gives:
   reasons no generator conditioned on counts can escape: count noise attenuates the learned slope,
   and library-size normalisation hides part of an edit of a gene that is a large share of the
   library (``NUCSIZE`` is ~20% of the counts on the demo tissue: x4 raises its normalised value
-  only ~2.4x).
+  only ~2.4x). Each morphology edit also reports its log-fold as a fraction of the reference's
+  (``fraction_of_reference_log_fold``, with CI): the part of the reachable response the generator learned.
 
 :func:`measure_perturbation_response` returns a JSON-able dict; :func:`write_response` writes it
 (atomically) with the command that made it.
@@ -259,11 +260,26 @@ def measure_perturbation_response(pipe, dataset_dir: str | Path, *, gene: str | 
                                                      counts[chosen], edits, genes,
                                                      pipe.condition_encoder.config.normalize_total,
                                                      perturbation_library=perturbation_library)}
+        _compare_with_reference(results, report["conditional_mean_reference"]["area_ratio"])
         library = counts[chosen].sum(axis=1)
         share = counts[chosen, genes.index(gene)] / np.maximum(library, 1.0)
         report["library_share_of_gene"] = {"median": float(np.median(share)),
                                            "normalised_fold_at_x4_median": float(np.median(4.0 / (1.0 + 3.0 * share)))}
     return report
+
+
+def _compare_with_reference(results: list[dict[str, Any]], reference: dict[str, float]) -> None:
+    """Each morphology edit's log-fold as a fraction of the conditional-mean reference's (with the CI):
+    how close the generator came to what a generator conditioned on these counts can show at best
+    (the truth is out of its reach by count noise; issue 18 note, session 8)."""
+    for e in results:
+        ref = reference.get(f"{e['gene']} x{e['fold']:g}")
+        if e["role"] != "morphology" or ref is None or abs(np.log(ref)) < 1e-9:
+            continue
+        ends = sorted(np.log(e["area_ratio_ci95"]) / np.log(ref))
+        e["reference_ratio"] = float(ref)
+        e["fraction_of_reference_log_fold"] = float(np.log(e["area_ratio"]) / np.log(ref))
+        e["fraction_of_reference_log_fold_ci95"] = [float(ends[0]), float(ends[1])]
 
 
 def response_strip(pipe, dataset_dir: str | Path, path: str | Path, *, gene: str | None = None,

@@ -316,9 +316,11 @@ def leiden_available() -> bool:
 
 def _leiden(x: np.ndarray, n_clusters: int, seeds: Sequence[int], n_neighbors: int) -> list[np.ndarray]:
     """scanpy's Leiden (igraph flavour) on one kNN graph of ``x``, once per seed, each with the
-    resolution bisected (log scale) towards ``n_clusters`` groups (Leiden's count follows the resolution)."""
+    resolution searched as ``tl.domains`` does (:func:`spatia_hf.utils.clustering.search_resolution`)."""
     import anndata
     import scanpy as sc
+
+    from spatia_hf.utils.clustering import search_resolution
 
     adata = anndata.AnnData(obsm={"X_eval": np.asarray(x, np.float32)})
     sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, len(x) - 1), use_rep="X_eval", random_state=0)
@@ -328,37 +330,29 @@ def _leiden(x: np.ndarray, n_clusters: int, seeds: Sequence[int], n_neighbors: i
                      random_state=seed, key_added="_eval_leiden")
         return adata.obs["_eval_leiden"].cat.codes.to_numpy()
 
-    out = []
-    for seed in seeds:
-        lo, hi = math.log(1e-3), math.log(20.0)
-        best = run(1.0, seed)
-        for _ in range(20):
-            if best.max() + 1 == n_clusters:
-                break
-            mid = 0.5 * (lo + hi)
-            labels = run(math.exp(mid), seed)
-            k = labels.max() + 1
-            if abs(k - n_clusters) < abs(best.max() + 1 - n_clusters):
-                best = labels
-            lo, hi = (mid, hi) if k < n_clusters else (lo, mid)
-        out.append(best)
-    return out
+    return [search_resolution(lambda res, seed=seed: run(res, seed), n_clusters)[1] for seed in seeds]
 
 
 def cluster_seeds(x: np.ndarray, n_clusters: int, method: str = "auto", seeds: Sequence[int] = (0,),
-                  n_neighbors: int = 15, refine: bool = False) -> tuple[list[np.ndarray], str]:
+                  n_neighbors: int = 15, refine: bool = False, hellinger: bool | None = False
+                  ) -> tuple[list[np.ndarray], str]:
     """Cluster rows of ``x`` into about ``n_clusters`` groups once per seed; returns the labels per
-    seed and the algorithm ("leiden", "leiden+centroids" or "kmeans"). ``method``: "auto" (Leiden
-    when available), "leiden" (scanpy, igraph flavour) or "kmeans" (sklearn, 10 restarts).
-    ``refine``: Leiden's groups refined to their centres, as ``spatia_hf.tl.domains`` does."""
+    seed and the algorithm ("leiden", "leiden+centroids" or "kmeans", "+hellinger" when the square
+    root of a composition was clustered). ``method``: "auto" (Leiden when available), "leiden"
+    (scanpy, igraph flavour) or "kmeans" (sklearn, 10 restarts). ``refine``: Leiden's groups refined
+    to their centres, as ``spatia_hf.tl.domains`` does; ``hellinger``: as ``tl.domains`` (None: the
+    square root of ``x`` when its rows are proportions; :func:`spatia_hf.utils.clustering.domain_features`)."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
+
+    from spatia_hf.utils.clustering import domain_features
 
     if method not in ("auto", "leiden", "kmeans"):
         raise ValueError(f"method={method!r}: expected 'auto', 'leiden' or 'kmeans'")
     if n_clusters < 2 or n_clusters > len(x):
         raise ValueError(f"n_clusters={n_clusters} for {len(x)} cells: expected 2 <= n_clusters <= n_cells")
-    x = np.asarray(x, np.float64)
+    x, sqrt_applied = domain_features(np.asarray(x, np.float64), hellinger)
+    metric = "+hellinger" if sqrt_applied else ""
     if x.shape[1] > 50:
         x = PCA(n_components=min(50, len(x) - 1), random_state=0).fit_transform(x)
     use_leiden = method == "leiden" or (method == "auto" and leiden_available())
@@ -368,11 +362,11 @@ def cluster_seeds(x: np.ndarray, n_clusters: int, method: str = "auto", seeds: S
                               "method='kmeans'")
         labels = _leiden(x, n_clusters, seeds, n_neighbors)
         if not refine:
-            return labels, "leiden"
+            return labels, "leiden" + metric
         from spatia_hf.utils.clustering import refine_to_centroids
 
-        return [refine_to_centroids(x, lab) for lab in labels], "leiden+centroids"
-    return [KMeans(n_clusters=n_clusters, n_init=10, random_state=s).fit_predict(x) for s in seeds], "kmeans"
+        return [refine_to_centroids(x, lab) for lab in labels], "leiden+centroids" + metric
+    return [KMeans(n_clusters=n_clusters, n_init=10, random_state=s).fit_predict(x) for s in seeds], "kmeans" + metric
 
 
 def cluster(x: np.ndarray, n_clusters: int, method: str = "auto", seed: int = 0, n_neighbors: int = 15
@@ -477,9 +471,10 @@ def run_domain_clustering(features: Mapping[str, np.ndarray], domains: Sequence,
     """Task 5: cluster niche-aware cell embeddings into spatial domains (jointly over the scored
     sections); ARI and NMI against the true domains, plus ARI per section in ``details``. Every
     method gets the clustering of ``spatia_hf.tl.domains``: Leiden on a 50-neighbour graph, its
-    domains refined to their centres."""
+    domains refined to their centres, compositions (rows of proportions) compared by the Hellinger
+    distance."""
     return _clustering(5, features, domains, eval_idx, n_clusters, method, seed, kinds, groups=sample_ids,
-                       n_neighbors=50, refine=True)
+                       n_neighbors=50, refine=True, hellinger=None)
 
 
 # ----------------------------------------------------------------------------- task 6: sections

@@ -73,7 +73,18 @@ class GeneratorTrainingArguments(LoopArguments):
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
     condition_dropout: float = field(default=0.1, metadata={"help": "fraction of cells trained unconditionally (CFG)"})
-    snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma loss weighting (None: off)"})
+    snr_gamma: float | None = field(default=5.0, metadata={
+        "help": "min-SNR-gamma loss weighting (0 or None: off, every timestep weighted alike in the prediction's "
+                "own space). With v-prediction, min-SNR-gamma weighs the clean-image error by min(snr, gamma): "
+                "near 0 at the high noise levels where a cell's size and shape, and so its response to the "
+                "condition, are decided"})
+    snr_floor: float | None = field(default=None, metadata={
+        "help": "v-prediction: lower bound of the clean-image weight of min-SNR-gamma, i.e. weight "
+                "clamp(snr, snr_floor, snr_gamma) / (snr + 1) on the v error. Default (None): 1 for v-prediction "
+                "(the high-noise timesteps, snr < 1, keep the weight they have without min-SNR, where min-SNR gives "
+                "them ~snr; the rest is weighed as min-SNR-gamma does), 0 for epsilon. On the demo tissue (DiT, "
+                "1428 steps of 2 x 32 cells) it took NUCSIZE x4 from 1.42x to 1.65x and feature FID from 76 to 47 "
+                "at the same type accuracy (session-8 note); 0: plain min-SNR-gamma"})
     noise_offset: float = field(default=0.1, metadata={
         "help": "per-image, per-channel offset noise (diffusers' --noise_offset; 0 switches it off): lets the model "
                 "learn the mean brightness of dark, mostly-background crops"})
@@ -104,8 +115,16 @@ class GeneratorTrainingArguments(LoopArguments):
             raise ValueError(f"condition_dropout={self.condition_dropout}: expected a fraction in [0, 1)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: expected >= 1")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise ValueError(f"snr_gamma={self.snr_gamma}: expected > 0 or None")
+        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
+            raise ValueError(f"snr_gamma={self.snr_gamma}: expected > 0, or 0 / None to switch the weighting off")
+        if self.snr_floor is None:
+            self.snr_floor = 1.0 if self.prediction_type == "v_prediction" else 0.0
+        if not (math.isfinite(self.snr_floor) and 0 <= self.snr_floor <= (self.snr_gamma or math.inf)):
+            raise ValueError(f"snr_floor={self.snr_floor}: expected 0 <= snr_floor <= snr_gamma ({self.snr_gamma})")
+        if self.snr_floor > 0 and self.prediction_type != "v_prediction":
+            raise ValueError(f"snr_floor={self.snr_floor} with prediction_type={self.prediction_type!r}: a floor on the "
+                             "clean-image weight makes epsilon's weight floor / snr, unbounded at high noise. Fix: "
+                             "--prediction_type v_prediction or --snr_floor 0")
         if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
             raise ValueError(f"noise_offset={self.noise_offset}: expected >= 0 (0 switches it off; diffusers uses ~0.1)")
         if not 0.0 < self.ema_decay < 1.0:
@@ -128,7 +147,7 @@ class GeneratorTrainingResult:
 # ---------------------------------------------------------------------------------------- loss
 def diffusion_loss(denoiser, condition_encoder, noise_scheduler, clean: torch.Tensor, counts: torch.Tensor,
                    generator: torch.Generator, condition_dropout: float = 0.0,
-                   snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
+                   snr_gamma: float | None = None, noise_offset: float = 0.0, snr_floor: float = 0.0) -> torch.Tensor:
     """The denoising loss of one batch: noise (or v) prediction MSE, min-SNR weighted if asked.
 
     ``noise_offset`` adds ``noise_offset x N(0, 1)`` per image and channel to the noise (diffusers'
@@ -162,10 +181,10 @@ def diffusion_loss(denoiser, condition_encoder, noise_scheduler, clean: torch.Te
     else:
         target = noise_scheduler.get_velocity(clean, noise, timesteps)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is None:
+    if not snr_gamma:  # None or 0: unweighted
         return per_sample.mean()
     snr = compute_snr(noise_scheduler, timesteps).to(per_sample.device).float()
-    clipped = torch.clamp(snr, max=snr_gamma)
+    clipped = torch.clamp(snr, min=snr_floor, max=snr_gamma)
     weight = clipped / snr if noise_scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
     return (per_sample * weight).mean()
 
@@ -351,7 +370,7 @@ def run_training(args: GeneratorTrainingArguments) -> GeneratorTrainingResult:
             clean = encode_to_latents(vae, clean, gen)
         with accelerator.accumulate(unet), accelerator.autocast():
             loss = diffusion_loss(unet, encoder, noise_scheduler, clean, counts, gen, args.condition_dropout,
-                                  args.snr_gamma, args.noise_offset)
+                                  args.snr_gamma, args.noise_offset, args.snr_floor)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
