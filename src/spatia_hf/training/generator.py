@@ -83,8 +83,8 @@ class GeneratorTrainingArguments(LoopArguments):
                 "clamp(snr, snr_floor, snr_gamma) / (snr + 1) on the v error. Default (None): 1 for v-prediction "
                 "(the high-noise timesteps, snr < 1, keep the weight they have without min-SNR, where min-SNR gives "
                 "them ~snr; the rest is weighed as min-SNR-gamma does), 0 for epsilon. On the demo tissue (DiT, "
-                "1428 steps of 2 x 32 cells) it took NUCSIZE x4 from 1.42x to 1.65x and feature FID from 76 to 47 "
-                "at the same type accuracy (session-8 note); 0: plain min-SNR-gamma"})
+                "1428 steps of 2 x 32 cells, 2 training seeds) it took NUCSIZE x4 from 1.42x to 1.68x (truth 2x) at "
+                "the same type accuracy (session-8 note); 0: plain min-SNR-gamma"})
     noise_offset: float = field(default=0.1, metadata={
         "help": "per-image, per-channel offset noise (diffusers' --noise_offset; 0 switches it off): lets the model "
                 "learn the mean brightness of dark, mostly-background crops"})
