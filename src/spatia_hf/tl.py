@@ -430,7 +430,7 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
     """
     import scanpy as sc
 
-    from spatia_hf.utils.clustering import domain_features, search_resolution
+    from spatia_hf.utils.clustering import domain_features, refine_to_centroids, search_resolution
 
     _check_domain_args(n_domains, resolution, method)
     x, sqrt_applied = domain_features(adata.obsm[use_rep], hellinger)
@@ -461,8 +461,6 @@ def domains(adata, *, use_rep: str = "X_spatia_niche", n_domains: int | None = N
     else:
         res, labels = search_resolution(run, int(n_domains), max_search_steps)
     if refine:
-        from spatia_hf.utils.clustering import refine_to_centroids
-
         labels = refine_to_centroids(x, labels)
     _write_labels(adata, key_added, labels)
     return {"cluster_method": "leiden", "resolution": float(res), "n_domains": int(np.unique(labels).size),
