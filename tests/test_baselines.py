@@ -109,6 +109,26 @@ def test_task5_compares_compositions_by_hellinger_distance_and_other_features_as
     assert r.scores["composition"]["ari"] > 0.2
 
 
+def test_task5_scores_one_training_run_per_seed_so_the_interval_covers_training(synth):
+    """A method given as several training runs (a peer whose training is not reproducible): seed j clusters run
+    j mod runs, so per-seed values differ when the runs do, and the same runs in one array give one value."""
+    split = section_split(synth["sample_ids"])
+    pcs = B.pca_features(B.log1p_normalize(synth["counts"]), split.train, 20)
+    good = B.spatial_smoothing(pcs, synth["xy"], synth["sample_ids"], 30.0)
+    noise = np.random.default_rng(0).normal(size=good.shape)
+    feats = {"good": good, "runs": [good, noise, good]}
+    r = T.run_domain_clustering(feats, synth["domains"], synth["sample_ids"], split.test, method="kmeans",
+                                seed=[0, 1, 2])
+    good_ari, runs_ari = r.per_seed["good"]["ari"], r.per_seed["runs"]["ari"]
+    assert runs_ari["1"] < 0.2 < runs_ari["0"] and runs_ari["0"] == pytest.approx(good_ari["0"])
+    assert r.scores["runs"]["ari"] < r.scores["good"]["ari"]
+    lo, hi = r.intervals["runs"]["ari"]
+    assert lo < runs_ari["0"] and hi - lo > r.intervals["good"]["ari"][1] - r.intervals["good"]["ari"][0]
+    with pytest.raises(ValueError, match=r"features\['runs'\]: 4 training runs for 3 seeds"):
+        T.run_domain_clustering({"runs": [good] * 4}, synth["domains"], synth["sample_ids"], split.test,
+                                method="kmeans", seed=[0, 1, 2])
+
+
 def test_spatial_knn_beats_mean_imputation_on_neighbour_driven_genes(synth):
     split = cell_split(len(synth["types"]), 0.3, seed=0, stratify=synth["sample_ids"])
     cols = [synth["genes"].index(g) for g in synth["gt"]["neighbor_genes"]]
@@ -259,6 +279,25 @@ def test_perturbation_task_and_method_kinds():
     assert r.method_kinds == {"SPATIA (unmerged)": "spatia", "spatial null": "baseline"}
     assert r.scores["SPATIA (unmerged)"]["direction_agreement"] == 1.0
     assert r.scores["SPATIA (unmerged)"]["size_ratio"] == pytest.approx(0.3 / 0.35)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_perturbation_scores_every_edited_pair_and_leaves_methods_without_pairs_out():
+    """Per-pair direction: 3 cells x 2 folds, one pair wrong, one without a nucleus (NaN), so 4 of 5 right;
+    the bootstrap resamples cells for both the medians and the pairs; a method without pairs gets NaN."""
+    pairs = np.array([[0.4, -0.2], [0.3, 0.1], [np.nan, -0.5]])
+    medians = np.nanmedian(pairs, axis=0)
+    r = T.run_perturbation({"gen": medians, "regression": [0.3, -0.3]}, [0.35, -0.35], ["G x2", "G x0.5"],
+                           resample={"gen": (3, lambda rows: np.nanmedian(pairs[rows], axis=0))},
+                           pair_shifts={"gen": pairs})
+    assert r.scores["gen"]["pair_direction_agreement"] == pytest.approx(0.8)
+    assert r.scores["gen"]["direction_agreement"] == 1.0
+    assert np.isnan(r.scores["regression"]["pair_direction_agreement"])
+    lo, hi = r.intervals["gen"]["pair_direction_agreement"]
+    assert 0.0 <= lo < 0.8 < hi <= 1.0
+    assert T.pair_direction_agreement(pairs, [0.35, 0.0]) == pytest.approx(2 / 2)  # a fold without effect: left out
+    with pytest.raises(ValueError, match=r"pair_shifts\['gen'\]"):
+        T.run_perturbation({"gen": medians}, [0.35, -0.35], pair_shifts={"gen": pairs[:, :1]})
 
 
 def test_task_functions_name_the_bad_method():

@@ -56,8 +56,37 @@ def test_composition_is_a_mean_assignment_over_real_cells_and_ignores_order():
     torch.testing.assert_close(model.niche(changed, positions, mask).niche_composition, comp)
     perm = torch.randperm(12)
     torch.testing.assert_close(model.niche(cells[:, perm], positions[:, perm], mask[:, perm]).niche_composition, comp)
-    expected = model.niche.cell_states.probabilities(cells[1, :8]).mean(0)
+    # the presets weight members by a Gaussian of their distance, sigma 0.35 of the farthest counted member's
+    d2 = positions[1, :8].pow(2).sum(-1)
+    w = torch.exp(-0.5 * d2 / (0.35**2 * d2.max()))
+    expected = (model.niche.cell_states.probabilities(cells[1, :8]) * w[:, None]).sum(0) / w.sum()
     torch.testing.assert_close(comp[1], expected)
+
+
+def test_gaussian_weights_follow_the_local_density_and_none_gives_the_plain_mean():
+    rng = np.random.default_rng(3)
+    fit = rng.standard_normal((80, 16)).astype(np.float32)
+    kernel = SpatiaCellStates(6, 16, neighbours=10, bandwidth=0.35).fit(fit)
+    plain = SpatiaCellStates(6, 16, neighbours=10).fit(fit)
+    cells = torch.from_numpy(rng.standard_normal((3, 10, 16)).astype(np.float32))
+    positions = torch.randn(3, 10, 2) * 15
+    positions[:, 0] = 0.0  # the centre cell
+    comp = kernel.composition(cells, positions)
+    # the bandwidth is a fraction of the neighbourhood's own reach: a denser tissue (all distances / 4) gives
+    # the same composition, so no µm constant is involved
+    torch.testing.assert_close(kernel.composition(cells, positions / 4), comp)
+    # the centre weighs most; moving the farthest cell's state does not move the composition much
+    p = kernel.probabilities(cells)
+    far = positions.pow(2).sum(-1).argmax(1)
+    swapped = cells.clone()
+    swapped[torch.arange(3), far] = cells[:, 0]
+    shift_far = (kernel.composition(swapped, positions) - comp).abs().sum(-1)
+    near = positions.pow(2).sum(-1).masked_fill(torch.arange(10) == 0, float("inf")).argmin(1)
+    swapped = cells.clone()
+    swapped[torch.arange(3), near] = cells[torch.arange(3), far]
+    shift_near = (kernel.composition(swapped, positions) - comp).abs().sum(-1)
+    assert (shift_far < 0.05).all() and (shift_near > 2 * shift_far).all()
+    torch.testing.assert_close(plain.composition(cells, positions), p.mean(1))
 
 
 def test_composition_counts_the_cells_nearest_the_centre_only():
@@ -129,6 +158,28 @@ def test_compositions_find_layers_that_only_the_mix_of_cells_shows(seed):
     info = domains(a, n_domains=3)
     assert info["refined"] and info["n_domains"] == 3
     assert adjusted_rand_score(truth, a.obs["spatia_domain"].astype(str)) > 0.8
+
+
+def test_embedded_compositions_count_more_cells_than_the_niche_model_reads():
+    """The presets count 40 cells in a composition, the niche model reads 30: embedding finds the larger
+    neighbourhood for the composition (checked against a direct k-d tree computation) and the niche tokens
+    are those of the 30-cell neighbourhood."""
+    from scipy.spatial import cKDTree
+
+    xy, emb, _ = layered_tissue(1, n_cells=300)
+    model = tiny_model()
+    model.niche.fit_cell_states(emb, seed=0)
+    states = model.niche.cell_states
+    assert states.neighbours == 40 and model.config.niche_config.num_neighbours == 30
+    sections = np.array(["s"] * len(xy))
+    hoods = embed_cell_niches(model, emb, xy, sections, progress=False)
+    d, nn = cKDTree(xy).query(xy, k=40)
+    w = np.exp(-0.5 * d**2 / (0.35**2 * d[:, -1:] ** 2))
+    p = states.probabilities(torch.from_numpy(emb)).numpy()
+    expected = (p[nn] * w[..., None]).sum(1) / w.sum(1, keepdims=True)
+    np.testing.assert_allclose(hoods.compositions, expected, atol=1e-5)
+    thirty = embed_cell_niches(model, emb, xy, sections, cell_states=SpatiaCellStates(8, 32).fit(emb), progress=False)
+    np.testing.assert_allclose(hoods.tokens, thirty.tokens, atol=1e-6)
 
 
 def test_a_model_without_fitted_states_gets_states_fitted_on_the_embedded_cells_and_stays_unchanged():

@@ -132,6 +132,8 @@ def test_tiny_run_scores_all_12_tasks_with_an_extra_method(tmp_path, tiny_datase
     by = {r.task: r for r in results}
     assert by[1].scores["SPATIA"]["macro_f1"] == pytest.approx(1.0)
     assert by[12].scores["SPATIA"]["direction_agreement"] == 0.0  # unchanged images: no shift
+    assert by[12].scores["SPATIA"]["pair_direction_agreement"] == 0.0  # no pair moved
+    assert np.isnan(by[12].scores["observational regression (real cells)"]["pair_direction_agreement"])
     assert by[11].method_kinds["real held-out crops"] == "reference"
     for r in results:  # every method scored every headline metric
         assert all(r.primary_metric in s for s in r.scores.values())

@@ -152,8 +152,9 @@ def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np
     Each cell's ``num_neighbours`` nearest cells of its section (within ``radius_um`` when given;
     defaults: the model's ``niche_config``), positions relative to it, go through the niche model in
     batches of ``batch_size`` neighbourhoods; the neighbourhood search runs per section in chunks.
-    With ``cell_states`` (fitted; default: the niche model's own when fitted) the same
-    neighbourhoods' compositions over them come out too.
+    With ``cell_states`` (fitted; default: the niche model's own when fitted) each cell's composition
+    over them comes out too, over its ``cell_states.neighbours`` nearest cells (a larger
+    neighbourhood than the niche model's when they count more; the same radius applies).
     """
     from spatia_hf.data.neighbourhoods import cell_neighbourhoods
 
@@ -167,31 +168,32 @@ def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np
     niche_out = np.zeros((n, width), np.float32)
     centre_out = np.zeros((n, width), np.float32)
     comp_out = None if cell_states is None else np.zeros((n, cell_states.num_states), np.float32)
+    # the composition may count more cells than the niche model reads: one search serves both (nearest first)
+    k_hood = k if cell_states is None else max(k, int(cell_states.neighbours or k))
     sections = np.asarray(cell_sample_ids).astype(str)
     device = model.device
     bar = tqdm(total=n, desc="cell niches", disable=not progress)
     for sid in np.unique(sections):
         rows = np.flatnonzero(sections == sid)
-        hoods = cell_neighbourhoods(np.asarray(xy_um, np.float64)[rows], k, radius)
+        hoods = cell_neighbourhoods(np.asarray(xy_um, np.float64)[rows], k_hood, radius)
         for start in range(0, len(rows), batch_size):
             idx = hoods.index[start : start + batch_size]
             real = idx >= 0
             members = rows[np.where(real, idx, 0)]
-            emb = torch.from_numpy(np.where(real[..., None], cell_embeddings[members], 0.0).astype(np.float32))
-            prof = (torch.from_numpy(np.where(real[..., None], cell_profiles[members], 0.0).astype(np.float32))
+            emb = np.where(real[..., None], cell_embeddings[members], 0.0).astype(np.float32)
+            offsets = hoods.offsets_um[start : start + batch_size]
+            prof = (torch.from_numpy(np.where(real[:, :k, None], cell_profiles[members[:, :k]], 0.0).astype(np.float32))
                     if use_profiles else None)
-            real_t = torch.from_numpy(real).to(device)
-            offsets = torch.from_numpy(hoods.offsets_um[start : start + batch_size])
-            out = model.niche(emb.to(device), offsets.to(device), real_t,
+            out = model.niche(torch.from_numpy(emb[:, :k]).to(device), torch.from_numpy(offsets[:, :k]).to(device),
+                              torch.from_numpy(real[:, :k]).to(device),
                               cell_profiles=None if prof is None else prof.to(device), return_dict=True)
             centres = rows[start : start + len(idx)]
             niche_out[centres] = out.niche_embeds.float().cpu().numpy()
             centre_out[centres] = out.cell_embeds[:, 0].float().cpu().numpy()
             if comp_out is not None:
-                comp = out.niche_composition if cell_states is model.niche.cell_states else None  # eval forward's
-                if comp is None:
-                    at = cell_states.centres.device
-                    comp = cell_states.composition(emb.to(at), offsets.to(at), real_t.to(at))
+                at = cell_states.centres.device
+                comp = cell_states.composition(torch.from_numpy(emb).to(at), torch.from_numpy(offsets).to(at),
+                                               torch.from_numpy(real).to(at))
                 comp_out[centres] = comp.cpu().numpy()
             bar.update(len(idx))
     bar.close()
@@ -333,8 +335,10 @@ def describe_niche_embedding(niche_config, cell_state_source: str | None) -> str
     """What ``cell_niches`` (``obsm["X_spatia_niche"]``) holds, in words, for reports and ``uns``."""
     if cell_state_source is None:
         return f"pooled niche token of the {niche_config.num_neighbours} nearest cells"
-    counted = min(niche_config.cell_state_neighbours, niche_config.num_neighbours)
-    return (f"composition of the {counted} nearest cells over {niche_config.num_cell_states} cell states "
+    counted = niche_config.cell_state_neighbours
+    weights = ("" if niche_config.cell_state_bandwidth is None else
+               f", Gaussian-weighted by distance (sigma {niche_config.cell_state_bandwidth:g} of the farthest's)")
+    return (f"composition of the {counted} nearest cells{weights} over {niche_config.num_cell_states} cell states "
             f"(fitted on: {cell_state_source})")
 
 
@@ -354,7 +358,7 @@ def cell_states_for(model: SpatiaModel, cell_embeddings: np.ndarray, seed: int =
                    len(cell_embeddings))
     cfg = model.config.niche_config
     states = SpatiaCellStates(cfg.num_cell_states, cfg.cell_embed_dim, cfg.cell_state_temperature,
-                              cfg.cell_state_neighbours)
+                              cfg.cell_state_neighbours, cfg.cell_state_bandwidth)
     return states.fit(cell_embeddings, seed=seed), "embedded cells"
 
 

@@ -67,6 +67,9 @@ def register(subparsers) -> None:
                         help="comma-separated published methods to train from scratch and score as baselines: "
                              "novae (task 5), scvi (tasks 1, 4, 7, 8); needs pip install 'spatia-hf[peers]'")
     parser.add_argument("--novae-epochs", type=int, default=20, help="epoch cap of the Novae peer (default 20, >= 3)")
+    parser.add_argument("--novae-runs", type=int, default=3,
+                        help="Novae training runs per configuration, one per clustering seed (default 3: its "
+                             "training is not reproducible run to run)")
     parser.add_argument("--scvi-epochs", type=int, default=None,
                         help="epoch cap of the scVI peer (default: scvi-tools' own rule)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                       cnn_epochs=args.cnn_epochs, progress=not args.no_progress, max_generation=args.max_generation,
                       max_perturbation=args.max_perturbation,
                       peers=[p.strip() for p in args.peers.split(",") if p.strip()], novae_epochs=args.novae_epochs,
-                      scvi_epochs=args.scvi_epochs)
+                      scvi_epochs=args.scvi_epochs, novae_runs=args.novae_runs)
     print()
     print(result.format_table())
     for text in result.warnings:

@@ -164,7 +164,8 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
              held_out: Sequence[str] | None = None, batch_size: int = 64, num_inference_steps: int = 20,
              guidance_scale: float | None = None, generation_variants: bool = True, cnn_epochs: int = 8,
              num_threads: int | None = 1, progress: bool = True, peers: Sequence[str] = (),
-             novae_epochs: int = 20, scvi_epochs: int | None = None, **prepare_kwargs: Any) -> EvaluationResult:
+             novae_epochs: int = 20, scvi_epochs: int | None = None, novae_runs: int = 3,
+             **prepare_kwargs: Any) -> EvaluationResult:
     """Score a SPATIA checkpoint on the 12 tasks next to the baselines and write the report.
 
     Args:
@@ -189,6 +190,8 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
             :mod:`~spatia_hf.evaluation.peers`); one that is not installed is skipped with a note.
         novae_epochs / scvi_epochs: the peers' epoch caps (Novae's default 20, at least 3; scVI's own
             default rule when None).
+        novae_runs: Novae training runs per configuration (seeds ``seed, seed + 1, ...``; task 5's
+            clustering seed j scores run j): its training is not reproducible run to run.
         prepare_kwargs: passed to :func:`~spatia_hf.evaluation.suite.prepare_suite` (``max_generation``, ...).
     """
     import torch
@@ -251,7 +254,8 @@ def evaluate(model: str | Path, dataset_dir: str | Path, out_dir: str | Path, pi
     if unknown_peers:
         raise ValueError(f"peers={list(peers)}: {unknown_peers} unknown. Fix: choose from {list(PEERS)}")
     t = time.perf_counter()
-    peer_out = run_peers(inputs, peers, seed=seed, novae_epochs=novae_epochs, scvi_epochs=scvi_epochs)
+    peer_out = run_peers(inputs, peers, seed=seed, novae_epochs=novae_epochs, scvi_epochs=scvi_epochs,
+                         novae_runs=novae_runs)
     for key, methods in peer_out.extra.items():
         for name, value in methods.items():
             spatia.add(key, name, value, kind=peer_out.kinds.get(key, {}).get(name))

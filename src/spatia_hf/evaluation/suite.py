@@ -496,6 +496,7 @@ def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
     resample = {regression: (len(y), lambda rows: B.observational_shift(x[rows], y[rows], np.log(inputs.folds),
                                                                          types[rows]))}
     kinds = _kinds(kinds, "perturbation", {"no change": "reference"})
+    pair_shifts = {}
     for name, out in dict((extra or {}).get("perturbation", {})).items():
         before = nucleus_area(_as_uint8(out["before"], name), c.pixel_size_um[inputs.perturbation_idx])
         afters = []
@@ -507,6 +508,7 @@ def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
         if name in measured:
             raise ValueError(f"extra['perturbation'] reuses baseline method name {name!r}")
         measured[name] = np.array([log_fold_shift(before, a) for a in afters])
+        pair_shifts[name] = _pair_log_ratios(before, afters)
         resample[name] = (len(before), lambda rows, before=before, afters=afters: np.array(
             [_shift_or_nan(before[rows], a[rows]) for a in afters]))
         if fig_dir is not None and "task12_strip" not in figures:
@@ -516,10 +518,20 @@ def _task12(inputs, sh, extra, fig_dir, figures, kinds=None):
             figures["task12_strip"] = plots.plot_perturbation_strip(
                 _as_uint8(out["before"], name), edited, fig_dir / "task12_strip.png",
                 title=f"{name}: {gene} edits, same noise")
-    r = T.run_perturbation(measured, truth, names, kinds=kinds, resample=resample, seed=inputs.seed)
+    r = T.run_perturbation(measured, truth, names, kinds=kinds, resample=resample, seed=inputs.seed,
+                           pair_shifts=pair_shifts)
     r.notes.append(f"truth: {gene} drives nucleus area with exponent {gt['morphology_genes'][gene]['exponent']}; "
                    "nucleus area measured from crops by evaluation.generation.nucleus_area")
     return r
+
+
+def _pair_log_ratios(before: np.ndarray, afters: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n_cells, n_folds]`` log nucleus-area ratios after/before of each edited cell; NaN where either
+    crop has no measurable nucleus (area 0)."""
+    b = np.asarray(before, np.float64)[:, None]
+    a = np.stack([np.asarray(x, np.float64) for x in afters], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((a > 0) & (b > 0), np.log(a / b), np.nan)
 
 
 def _shift_or_nan(before: np.ndarray, after: np.ndarray) -> float:

@@ -67,7 +67,7 @@ TASKS: dict[int, TaskSpec] = {s.number: s for s in (
                                                                  "image_to_expr_recall@10", "recall@1"), "recall@10"),
     TaskSpec(11, "generation", "Expression-conditioned cell image generation", ("fid", "kid", "type_accuracy"), "fid"),
     TaskSpec(12, "perturbation", "Perturbation response of generated morphology",
-             ("direction_agreement", "size_ratio", "slope"), "direction_agreement"),
+             ("direction_agreement", "size_ratio", "slope", "pair_direction_agreement"), "direction_agreement"),
 )}
 TASK_KEYS = {s.key: s.number for s in TASKS.values()}
 
@@ -187,6 +187,17 @@ def _seeds(seed: int | Sequence[int]) -> list[int]:
     if not seeds:
         raise ValueError("seed=[]: pass at least one seed")
     return seeds
+
+
+def _training_runs(name: str, x: Any, n_seeds: int) -> list:
+    """A method's features as a list of training runs: one array, or a list/tuple of arrays (one per
+    training run of a method whose training is not reproducible, e.g. a peer trained from scratch),
+    at most one run per seed."""
+    runs = list(x) if isinstance(x, (list, tuple)) else [x]
+    if not runs or len(runs) > n_seeds:
+        raise ValueError(f"features[{name!r}]: {len(runs)} training runs for {n_seeds} seeds. Fix: pass one array, "
+                         f"or between 1 and {n_seeds} runs (seed j clusters run j mod runs)")
+    return runs
 
 
 def _check_methods(arrays: Mapping[str, Any], what: str, n_rows: int | None = None, ndim: int = 2) -> None:
@@ -380,15 +391,22 @@ def _clustering(number: int, features: Mapping[str, np.ndarray], truth: Sequence
                 n_clusters: int | None, method: str, seed: int | Sequence[int], kinds,
                 groups: Sequence | None = None, **clusterer) -> TaskResult:
     truth = np.asarray(truth).astype(str)
-    _check_methods(features, "features", len(truth))
     seeds = _seeds(seed)
+    runs = {name: _training_runs(name, x, len(seeds)) for name, x in features.items()}
+    _check_methods({f"{name}" + (f" run {i}" if len(r) > 1 else ""): x for name, r in runs.items()
+                    for i, x in enumerate(r)}, "features", len(truth))
     idx = np.arange(len(truth)) if eval_idx is None else np.asarray(eval_idx)
     _, (t,) = _codes(truth[idx])
     k = int(n_clusters or np.unique(t).size)
     acc, labels_by_method, per_group, used = SeededScores(), {}, {}, set()
     draws = {s: resamples(len(idx), s, draws_per_seed(len(seeds))) for s in seeds}
-    for name, x in features.items():
-        all_labels, algo = cluster_seeds(np.asarray(x)[idx], k, method, seeds, **clusterer)
+    for name, xs in runs.items():
+        if len(xs) == 1:  # one graph, one Leiden per seed
+            all_labels, algo = cluster_seeds(np.asarray(xs[0])[idx], k, method, seeds, **clusterer)
+        else:  # seed j clusters training run j: the seeds' spread includes the method's training spread
+            clustered = [cluster_seeds(np.asarray(xs[j % len(xs)])[idx], k, method, [s], **clusterer)
+                         for j, s in enumerate(seeds)]
+            all_labels, algo = [labels for (labels,), _ in clustered], clustered[0][1]
         used.add(algo)
         for s, labels in zip(seeds, all_labels):
             acc.add(name, s, lambda rows, lab=labels: clustering_scores_batched(lab, t, rows), draws[s], batched=True)
@@ -472,7 +490,8 @@ def run_domain_clustering(features: Mapping[str, np.ndarray], domains: Sequence,
     sections); ARI and NMI against the true domains, plus ARI per section in ``details``. Every
     method gets the clustering of ``spatia_hf.tl.domains``: Leiden on a 50-neighbour graph, its
     domains refined to their centres, compositions (rows of proportions) compared by the Hellinger
-    distance."""
+    distance. A method given as a list of arrays (several training runs) has seed j cluster run
+    j mod runs, so its interval covers its training spread."""
     return _clustering(5, features, domains, eval_idx, n_clusters, method, seed, kinds, groups=sample_ids,
                        n_neighbors=50, refine=True, hellinger=None)
 
@@ -719,38 +738,65 @@ def run_generation(real_features: np.ndarray, real_labels: Sequence, generated: 
 
 
 # ----------------------------------------------------------------------------- task 12: perturbation
+def pair_direction_agreement(pair_shifts: np.ndarray, true_shift: Sequence[float]) -> float:
+    """Fraction of measurable (cell, perturbation) pairs ``pair_shifts [n_cells, n_perturbations]`` (log
+    ratios after/before; NaN where a crop had no measurable nucleus) moving the way the true shift does;
+    perturbations without a true effect are left out. NaN when no pair counts."""
+    sign = np.sign(np.asarray(true_shift, np.float64))[None, :]
+    pairs = np.asarray(pair_shifts, np.float64)
+    counted = np.isfinite(pairs) & (sign != 0)
+    return float((np.sign(pairs) == sign)[counted].mean()) if counted.any() else math.nan
+
+
 def run_perturbation(measured: Mapping[str, Sequence[float]], true_shift: Sequence[float],
                      perturbations: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None,
-                     resample: Mapping[str, tuple[int, Any]] | None = None, seed: int = 0) -> TaskResult:
+                     resample: Mapping[str, tuple[int, Any]] | None = None, seed: int = 0,
+                     pair_shifts: Mapping[str, np.ndarray] | None = None) -> TaskResult:
     """Task 12: measured log-fold morphology shifts (one per perturbation, e.g. NUCSIZE x4 -> log
     nucleus-area ratio of generated after/before from the same noise) vs the true shifts; direction
-    agreement, median size ratio and slope.
+    agreement (over the perturbations' median shifts), median size ratio and slope, and for methods
+    that edit cells, ``pair_direction_agreement`` over every (cell, perturbation) pair.
 
     ``resample`` maps a method to ``(n_items, shifts_of(rows))``: its shifts recomputed from the item
     rows ``rows`` (the perturbed cells, or the real cells of a regression), for a bootstrap interval;
-    methods without it get their point value as the interval's two ends."""
+    methods without it get their point value as the interval's two ends. ``pair_shifts`` maps a
+    method to its per-pair log ratios ``[n_items, n_perturbations]`` (rows = the same items); a
+    method without pairs (a regression, a reference) gets NaN there."""
     true = np.asarray(true_shift, np.float64)
     _check_methods({k: np.asarray(v, np.float64) for k, v in measured.items()}, "measured", len(true), ndim=1)
+    pair_shifts = {k: np.asarray(v, np.float64) for k, v in (pair_shifts or {}).items()}
+    for name, pairs in pair_shifts.items():
+        if name not in measured or pairs.ndim != 2 or pairs.shape[1] != len(true):
+            raise ValueError(f"pair_shifts[{name!r}]: expected a method of `measured` with shape [n_cells, "
+                             f"{len(true)}], got {pairs.shape}")
     names = list(perturbations) if perturbations is not None else [str(i) for i in range(len(true))]
     acc, shifts = SeededScores(), {}
     keys = ("direction_agreement", "size_ratio", "slope")
 
-    def score(values) -> dict[str, float]:
+    def score(values, pairs=None) -> dict[str, float]:
+        paired = {"pair_direction_agreement": math.nan if pairs is None else pair_direction_agreement(pairs, true)}
         if not np.isfinite(values).all():  # a draw with no measurable cell: left out of the interval
-            return {k: math.nan for k in keys}
+            return {**{k: math.nan for k in keys}, **paired}
         out = compute_metric_arrays("morphology_shift", predictions=np.asarray(values, np.float64), references=true)
-        return {k: out[k] for k in keys}
+        return {**{k: out[k] for k in keys}, **paired}
 
     for name, m in measured.items():
         shifts[name] = np.asarray(m, np.float64).tolist()
+        pairs = pair_shifts.get(name)
         if resample and name in resample:
             n_items, shifts_of = resample[name]
+            if pairs is not None and len(pairs) != n_items:
+                raise ValueError(f"pair_shifts[{name!r}] has {len(pairs)} rows for {n_items} resampled items")
             draws = resamples(n_items, seed)
-            acc.add(name, seed, lambda rows, shifts_of=shifts_of, m=m: score(
-                m if len(rows) == n_items and np.array_equal(rows, np.arange(n_items)) else shifts_of(rows)), draws)
+            acc.add(name, seed, lambda rows, shifts_of=shifts_of, m=m, pairs=pairs: score(
+                m if len(rows) == n_items and np.array_equal(rows, np.arange(n_items)) else shifts_of(rows),
+                None if pairs is None else pairs[rows]), draws)
         else:
-            acc.add_point(name, seed, score(m))
+            acc.add_point(name, seed, score(m, pairs))
     notes = ["shifts are natural-log folds; size_ratio 1 = right size, 0 = no effect"]
+    if pair_shifts:
+        notes.append("pair_direction_agreement: share of (edited cell, fold) pairs whose nucleus area moved the way "
+                     "the truth does (before and after from the same noise); methods without pairs: none")
     if resample:
         notes.append(f"interval: {LEVEL:.0%} bootstrap over each method's cells (perturbed cells; the real cells of "
                      "the regression); references without cells have none")

@@ -24,12 +24,17 @@ class SpatiaCellStates(nn.Module):
         temperature: softness of the assignment, as a fraction of the median squared distance of a
             cell to its nearest centre at fitting time (``scale``).
         neighbours: a composition counts the niche's this many cells nearest its centre (None: all).
+        bandwidth: None: the counted cells weigh the same; a float: Gaussian weights with sigma this
+            fraction of the distance to the farthest counted cell (per niche, so the kernel follows the
+            local density).
     """
 
-    def __init__(self, num_states: int, embed_dim: int, temperature: float = 0.3, neighbours: int | None = None):
+    def __init__(self, num_states: int, embed_dim: int, temperature: float = 0.3, neighbours: int | None = None,
+                 bandwidth: float | None = None):
         super().__init__()
         self.temperature = float(temperature)
         self.neighbours = neighbours
+        self.bandwidth = None if bandwidth is None else float(bandwidth)
         self.register_buffer("centres", torch.zeros(num_states, embed_dim))
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("fitted", torch.zeros(1))
@@ -84,15 +89,21 @@ class SpatiaCellStates(nn.Module):
                     cell_mask: torch.Tensor | None = None) -> torch.Tensor:
         """A niche's composition ``[B, num_states]``: the mean assignment of its real cells
         (``cell_embeddings [B, N, embed_dim]``, ``cell_mask [B, N]`` True on real cells) among the
-        ``neighbours`` nearest its centre (``cell_positions [B, N, 2]``, relative to the centre)."""
+        ``neighbours`` nearest its centre (``cell_positions [B, N, 2]``, relative to the centre),
+        weighted by a Gaussian of their distance to the centre when ``bandwidth`` is set."""
         p = self.probabilities(cell_embeddings)
         real = torch.ones(p.shape[:2], dtype=torch.bool, device=p.device) if cell_mask is None else cell_mask.bool()
+        dist2 = cell_positions.float().pow(2).sum(-1)
         if self.neighbours is not None and self.neighbours < p.shape[1]:
-            dist = cell_positions.float().pow(2).sum(-1).masked_fill(~real, float("inf"))
-            rank = dist.argsort(dim=1, stable=True).argsort(dim=1)  # ties keep the cells' order
+            rank = dist2.masked_fill(~real, float("inf")).argsort(dim=1, stable=True).argsort(dim=1)  # ties: order
             real = real & (rank < self.neighbours)
-        w = real.to(p.dtype)[..., None]
-        return (p * w).sum(1) / w.sum(1).clamp(min=1.0)
+        w = real.to(p.dtype)
+        if self.bandwidth is not None:
+            reach2 = dist2.masked_fill(~real, 0.0).amax(dim=1, keepdim=True)  # farthest counted cell, squared
+            sigma2 = (self.bandwidth**2 * reach2).clamp(min=1e-12)
+            w = w * torch.exp(-0.5 * dist2 / sigma2)
+        w = w[..., None]
+        return (p * w).sum(1) / w.sum(1).clamp(min=1e-12)  # an empty niche: 0
 
 
 __all__ = ["SpatiaCellStates"]

@@ -112,7 +112,8 @@ class SpatiaNicheModel(SpatiaPreTrainedModel):
         self.layers = nn.ModuleList([SpatiaBlock(config) for _ in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.cell_states = (SpatiaCellStates(config.num_cell_states, config.cell_embed_dim,
-                                             config.cell_state_temperature, config.cell_state_neighbours)
+                                             config.cell_state_temperature, config.cell_state_neighbours,
+                                             config.cell_state_bandwidth)
                             if config.num_cell_states else None)
         self.post_init()
 
