@@ -8,6 +8,8 @@ preset's geometry), then a fresh child process loads a ``small`` SPATIA model an
 - ``peak``: the child's peak RSS during embedding (``VmHWM`` after ``/proc/self/clear_refs``), and the
   peak of its anonymous memory (``RssAnon``, sampled every 20 ms; file pages of the memory-mapped
   Arrow shards are reclaimable and excluded);
+- with ``--out-dir``, ``embed_dataset(out_dir=...)`` writes the per-cell outputs into ``.npy`` files as
+  they are made (memory-mapped) instead of holding them in memory;
 - ``peak / baseline`` and the slope of the peak in MB per 1k cells between the sizes run, and the
   peak extrapolated linearly to 100k cells (the goal: < 4 GB on CPU at the small preset).
 
@@ -17,6 +19,7 @@ child process; reported: peak RSS increase of the forward over the process basel
 layer, time, and the growth factor of memory per 4x tokens (quadratic would be 16x).
 
     python benchmarks/bench_embed_memory.py embed --cells 10000 30000 --work /tmp/bench_embed
+    python benchmarks/bench_embed_memory.py embed --cells 10000 100000 --out-dir   # outputs to .npy files
     python benchmarks/bench_embed_memory.py tissue --tokens 1000 4000 16000 [--unmerged-max 4000]
     python benchmarks/bench_embed_memory.py all --json results.json
 """
@@ -55,26 +58,32 @@ def reset_peak() -> None:
 
 
 class AnonPeak:
-    """Samples ``RssAnon`` on a thread: the peak of non-file-backed resident memory."""
+    """Samples ``RssAnon`` on a thread: the peak of non-file-backed resident memory (and, in
+    ``file_peak``, of ``RssFile``: mapped file pages, which the kernel can drop and re-read)."""
 
     def __init__(self, every_s: float = 0.02):
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self.every_s, self.peak, self.file_peak, self._stop = every_s, 0, 0, threading.Event()
+
+    def _sample(self) -> None:
+        st = proc_status()
+        self.peak = max(self.peak, st.get("RssAnon", 0))
+        self.file_peak = max(self.file_peak, st.get("RssFile", 0))
 
     def __enter__(self):
-        self.peak = proc_status().get("RssAnon", 0)
+        self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, proc_status().get("RssAnon", 0))
+            self._sample()
             time.sleep(self.every_s)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, proc_status().get("RssAnon", 0))
+        self._sample()
 
 
 def run_child(mode: str, payload: dict, env: dict | None = None, timeout: float = 7200) -> dict:
@@ -120,13 +129,14 @@ def child_embed(payload: dict) -> dict:
     start = time.perf_counter()
     with AnonPeak() as anon:
         emb = embed_dataset(model, processor, payload["dataset"], batch_size=int(payload["batch_size"]),
-                            progress=False)
+                            progress=False, out_dir=payload.get("out_dir"))
     took = time.perf_counter() - start
     st = proc_status()
     return {"n_cells": len(emb.cell_ids), "n_niches": int(emb.niches.shape[0]), "seconds": took,
             "cells_per_s": len(emb.cell_ids) / took, "baseline_rss_gb": base["VmRSS"] / GB,
             "baseline_anon_gb": base.get("RssAnon", 0) / GB, "peak_rss_gb": st["VmHWM"] / GB,
-            "peak_anon_gb": anon.peak / GB, "tissue_finite": bool(torch.isfinite(torch.as_tensor(emb.tissues)).all())}
+            "peak_anon_gb": anon.peak / GB, "peak_file_gb": anon.file_peak / GB,
+            "tissue_finite": bool(torch.isfinite(torch.as_tensor(emb.tissues)).all())}
 
 
 def bench_embed(args) -> dict:
@@ -139,19 +149,23 @@ def bench_embed(args) -> dict:
         t = time.perf_counter()
         dataset = build_dataset(n, work)
         build_s = time.perf_counter() - t
+        out_dir = str(work / f"outputs_{n}") if args.out_dir else None
         r = run_child("embed", {"dataset": str(dataset), "preset": args.preset, "batch_size": args.batch_size,
-                                "threads": args.threads}, env=env)
+                                "threads": args.threads, "out_dir": out_dir}, env=env)
+        if out_dir is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
         r["build_s"] = build_s
         r["peak_over_baseline"] = r["peak_rss_gb"] / r["baseline_rss_gb"]
         rows.append(r)
         print(f"embed {n:>7} cells ({r['n_niches']} niches): peak RSS {r['peak_rss_gb']:.2f} GB "
-              f"(anon {r['peak_anon_gb']:.2f} GB), baseline {r['baseline_rss_gb']:.2f} GB, "
+              f"(anon {r['peak_anon_gb']:.2f} GB, file {r['peak_file_gb']:.2f} GB), baseline {r['baseline_rss_gb']:.2f} GB, "
               f"peak/baseline {r['peak_over_baseline']:.2f}x, {r['seconds']:.0f} s ({r['cells_per_s']:.1f} cells/s)",
               flush=True)
         if not args.keep:
             shutil.rmtree(dataset, ignore_errors=True)
             shutil.rmtree(work / "hf_datasets_cache", ignore_errors=True)
-    result = {"preset": args.preset, "threads": args.threads, "batch_size": args.batch_size, "rows": rows}
+    result = {"preset": args.preset, "threads": args.threads, "batch_size": args.batch_size,
+              "out_dir": bool(args.out_dir), "command": " ".join(sys.argv), "rows": rows}
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         dn = (b["n_cells"] - a["n_cells"]) / 1000
@@ -240,6 +254,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--work", default="/tmp/bench_embed_memory", help="datasets are built here")
     p.add_argument("--keep", action="store_true", help="keep the built datasets")
+    p.add_argument("--out-dir", action="store_true",
+                   help="embed_dataset(out_dir=...): per-cell outputs written to .npy files as they are made")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     results = {}

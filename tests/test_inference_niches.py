@@ -70,3 +70,17 @@ def test_evaluation_niche_members_use_the_section_too():
     inputs = SimpleNamespace(cells=SimpleNamespace(cell_ids=cell_ids, sample_ids=sample_ids))
     members = _niche_members(inputs, niches)
     assert [m[0].tolist() for m in members] == [[5, 3, 4], [0, 1, 2]]
+
+
+def test_cell_row_index_finds_rows_in_bulk_and_marks_unknown_cells():
+    from spatia_hf.inference import CellRowIndex
+
+    cell_ids, sample_ids, *_ = _two_sections_sharing_ids(4)
+    index = CellRowIndex(cell_ids, sample_ids)
+    assert index.rows("B", ["3", "1", "9"]).tolist() == [5, 3, -1]
+    assert index.rows("C", ["1"]).tolist() == [-1] and index.rows("A", []).tolist() == []
+    assert index.get(("A", "2")) == 1 and index.get(("A", "7"), -1) == -1
+    alone = CellRowIndex(np.array(["x", "y"]))
+    assert alone.rows(None, ["y", "x", "z"]).tolist() == [1, 0, -1]
+    with pytest.raises(ValueError, match="3 entries for 6"):
+        CellRowIndex(cell_ids, sample_ids[:3])

@@ -192,3 +192,59 @@ def test_a_fresh_process_with_another_hash_seed_gives_identical_embeddings(model
     np.testing.assert_array_equal(other.cell_ids, reference.cell_ids)
     np.testing.assert_array_equal(other.niche_ids, reference.niche_ids)
     assert_same_embeddings(reference, other)
+
+
+def test_out_dir_holds_the_same_arrays_as_files_and_keeps_other_files(model_and_processor, dataset, reference,
+                                                                      tmp_path):
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    on_disk = _embed(model_and_processor, dataset, batch_size=64, out_dir=out)
+    assert_same_embeddings(reference, on_disk, exact=True)
+    names = {p.name for p in out.iterdir()}
+    assert {"cells_fused.npy", "cells_image.npy", "cells_expression.npy", "cells_in_niche.npy",
+            "cell_niche_tokens.npy", "cell_ids.npy", "cell_sample_ids.npy", "notes.txt"} <= names
+    assert "expression_profiles.npy" not in names  # an input of the niche stage, not an output
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert isinstance(on_disk.cells["fused"], np.memmap) and not on_disk.cells["fused"].flags.writeable
+    np.testing.assert_array_equal(np.load(out / "cells_fused.npy"), reference.cells["fused"])
+    np.testing.assert_array_equal(np.load(out / "cell_ids.npy"), reference.cell_ids)
+    np.testing.assert_array_equal(on_disk.cell_niches, reference.cell_niches)
+
+
+def test_a_failed_embedding_leaves_out_dir_as_it_was(model_and_processor, dataset, tmp_path, monkeypatch):
+    import spatia_hf.inference as inference
+
+    out = tmp_path / "emb"
+    out.mkdir()
+    np.save(out / "cells_fused.npy", np.ones((2, 2), np.float32))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(inference, "embed_cell_niches", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _embed(model_and_processor, dataset, batch_size=64, out_dir=out)
+    assert sorted(p.name for p in out.iterdir()) == ["cells_fused.npy"]
+    np.testing.assert_array_equal(np.load(out / "cells_fused.npy"), np.ones((2, 2), np.float32))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_shards_are_read_in_the_map_style_order_and_by_section(dataset):
+    from spatia_hf.data.datasets import load_spatia_dataset
+    from spatia_hf.data.shard_reader import ConfigShards
+
+    cells = load_spatia_dataset(dataset, configs=("cells",)).configs["cells"]
+    shards = ConfigShards(dataset, "cells")
+    assert len(shards) == len(cells)
+    np.testing.assert_array_equal(shards.read([schema.CELL_ID])[schema.CELL_ID].astype(str),
+                                  np.asarray(cells[schema.CELL_ID]).astype(str))
+    batches = list(shards.batches([schema.IMAGE, schema.GENE_COUNTS], batch_size=32))
+    assert [len(b[schema.IMAGE]) for b in batches] == [32] * (len(cells) // 32) + [len(cells) % 32]
+    assert batches[0][schema.IMAGE].dtype == np.uint8 and set(batches[0]) == {schema.IMAGE, schema.GENE_COUNTS}
+    sid = sorted(set(np.asarray(cells[schema.SAMPLE_ID]).tolist()))[-1]
+    one = ConfigShards(dataset, "cells", [sid])
+    assert len(one) == N_CELLS and set(one.read([schema.SAMPLE_ID])[schema.SAMPLE_ID].tolist()) == {sid}
+    with pytest.raises(ValueError, match="not in the dataset"):
+        ConfigShards(dataset, "cells", ["no_such_section"])

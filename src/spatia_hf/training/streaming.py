@@ -45,6 +45,7 @@ from transformers import TrainerCallback
 from ..data import schema
 from ..data.builder import SECTIONS_FILE
 from ..data.datasets import arrow_columns, default_eval_sections, example_key
+from ..data.shard_reader import shard_files
 from ..utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -58,17 +59,6 @@ GROUP_WINDOW_CELLS = 512
 # shard holds its decoded row group and grouping window, so this bounds the stream's memory.
 SHUFFLE_INPUT_SHARDS = 2
 _NICHE_GRID = re.compile(r"_niche_(-?\d+)_(-?\d+)$")
-
-
-def shard_files(dataset_dir: str | Path, config: str) -> list[str]:
-    """The Parquet shards of ``config`` in a dataset directory written by the builder."""
-    folder = Path(dataset_dir) / config
-    files = sorted(str(p) for p in folder.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"dataset_dir={str(dataset_dir)!r}: config {config!r} has no Parquet shards under "
-                                f"{config}/. Fix: pass a directory written by `spatia convert` / `spatia synth` "
-                                "(streaming reads local shards)")
-    return files
 
 
 def section_ids(dataset_dir: str | Path) -> list[str]:
