@@ -248,3 +248,11 @@ def test_shards_are_read_in_the_map_style_order_and_by_section(dataset):
     assert len(one) == N_CELLS and set(one.read([schema.SAMPLE_ID])[schema.SAMPLE_ID].tolist()) == {sid}
     with pytest.raises(ValueError, match="not in the dataset"):
         ConfigShards(dataset, "cells", ["no_such_section"])
+
+
+def test_out_dir_that_is_a_file_is_refused_before_any_work(model_and_processor, dataset, tmp_path):
+    target = tmp_path / "emb.npy"
+    target.write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        _embed(model_and_processor, dataset, out_dir=target)
+    assert target.read_bytes() == b"user data"

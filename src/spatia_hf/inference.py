@@ -374,6 +374,9 @@ class OutputArrays:
 
     def __init__(self, out_dir: str | Path | None = None):
         self.out_dir = None if out_dir is None else Path(out_dir)
+        if self.out_dir is not None and self.out_dir.exists() and not self.out_dir.is_dir():
+            raise FileExistsError(f"out_dir={str(out_dir)!r} exists and is not a folder. Fix: pass a folder (new or "
+                                  "existing) for the embeddings' .npy files")
         self._stage: Path | None = None
         self._scratch: set[str] = set()
 

@@ -50,7 +50,9 @@ class ConfigShards:
         self.sample_ids = None if sample_ids is None else sorted(set(map(str, sample_ids)))
         self._len: int | None = None
         if self.sample_ids is not None:
-            present = set(self.read([schema.SAMPLE_ID])[schema.SAMPLE_ID].astype(str).tolist())
+            found = self.read([schema.SAMPLE_ID])[schema.SAMPLE_ID].astype(str)
+            self._len = len(found)
+            present = set(found.tolist())
             missing = [s for s in self.sample_ids if s not in present]
             if missing:
                 everything = ConfigShards(self.dataset_dir, config).read([schema.SAMPLE_ID])[schema.SAMPLE_ID]
