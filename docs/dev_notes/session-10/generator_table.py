@@ -1,5 +1,5 @@
 """One row per trained generator: response to NUCSIZE edits (200 held-out pairs), control, type accuracy, feature FID.
-    python docs/dev_notes/session-10/generator_table.py unet_floor1 unet_floor1_s1 unet_scale_shift unet_scale_shift_s1 unet_xattn_all dit_floor1
+    python docs/dev_notes/session-10/generator_table.py unet_floor1 unet_floor1_s1 unet_scale_shift unet_scale_shift_s1 unet_scale_shift_s2 unet_xattn_all dit_floor1
 (reads docs/generation/response_NAME.json and generation_report_NAME.json)."""
 import json
 import sys

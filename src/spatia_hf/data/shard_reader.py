@@ -37,9 +37,9 @@ class ConfigShards:
     """Rows of one config (``cells``, ``niches``, ``tissues``) of a local dataset folder, optionally only
     those of ``sample_ids``, read in order without an Arrow cache.
 
-    ``len()`` counts the rows (one pass over the ``sample_id`` column, cached); :meth:`batches` yields
-    numpy columns (:func:`~spatia_hf.data.datasets.arrow_columns`: images as uint8 ``[n, C, H, W]``);
-    :meth:`read` returns whole columns (for the small ones: ids, positions).
+    ``len()`` is the number of rows (from the Parquet metadata; with ``sample_ids``, counted in the pass
+    that checks them); :meth:`batches` yields numpy columns (:func:`~spatia_hf.data.datasets.arrow_columns`:
+    images as uint8 ``[n, C, H, W]``); :meth:`read` returns whole columns (for the small ones: ids, positions).
     """
 
     def __init__(self, dataset_dir: str | Path, config: str, sample_ids: Sequence[str] | None = None):
