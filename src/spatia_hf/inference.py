@@ -176,16 +176,12 @@ class CellNiches(NamedTuple):
     compositions: np.ndarray | None  # the neighbourhood's composition over cell states [n, states], or None
 
 
-def _zeros(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    return np.zeros(shape, np.float32)
-
-
 @torch.no_grad()
 def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np.ndarray,
                       cell_sample_ids: np.ndarray, *, cell_profiles: np.ndarray | None = None,
                       num_neighbours: int | None = None, radius_um: float | None = None, batch_size: int = 64,
                       cell_states: SpatiaCellStates | None = None, progress: bool = True,
-                      allocate: Callable[[str, tuple[int, ...]], np.ndarray] = _zeros) -> CellNiches:
+                      allocate: Callable[[str, tuple[int, ...]], np.ndarray] | None = None) -> CellNiches:
     """The niche embedding of every cell's own neighbourhood and its context-aware embedding.
 
     Each cell's ``num_neighbours`` nearest cells of its section (within ``radius_um`` when given;
@@ -195,8 +191,8 @@ def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np
     With ``cell_states`` (fitted; default: the niche model's own when fitted) each cell's composition
     over them comes out too, over its ``cell_states.neighbours`` nearest cells (a larger
     neighbourhood than the niche model's when they count more; the same radius applies).
-    ``allocate(name, shape)`` makes the output arrays (default: zeros in memory; :class:`OutputArrays`
-    gives memory-mapped files).
+    ``allocate(name, shape)`` makes the output arrays (default: :class:`OutputArrays` without a folder,
+    i.e. zeros in memory; with one it gives memory-mapped files).
     """
     from scipy.spatial import cKDTree
 
@@ -209,6 +205,7 @@ def embed_cell_niches(model: SpatiaModel, cell_embeddings: np.ndarray, xy_um: np
     if cell_states is None and model.niche.has_fitted_cell_states:
         cell_states = model.niche.cell_states
     n, width = len(cell_embeddings), cfg.hidden_size
+    allocate = OutputArrays() if allocate is None else allocate
     niche_out = allocate("cell_niche_tokens", (n, width))
     centre_out = allocate("cells_in_niche", (n, width))
     comp_out = None if cell_states is None else allocate("cell_niche_compositions", (n, cell_states.num_states))
