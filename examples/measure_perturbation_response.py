@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--guidance_scale", type=float, default=None)
     p.add_argument("--perturbation_library", default="unedited", choices=["unedited", "edited"],
                    help="normalise an edited cell by its unedited library (default) or its edited total")
-    p.add_argument("--perturbation_guidance", type=float, default=0.0, help="extra guidance along the edit")
+    p.add_argument("--perturbation_guidance", type=float, default=None,
+                   help="extra guidance along the edit (default: the pipeline's)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSON results file")

@@ -11,7 +11,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 from spatia_hf import SpatiaCellConfig, SpatiaCellModel
 from spatia_hf.pipelines.condition_encoder import SpatiaConditionEncoder, log1p_normalize
 from spatia_hf.pipelines.image_processing import render_rgb
-from spatia_hf.pipelines.pipeline_spatia import SpatiaGenerationPipeline, SpatiaPipelineOutput
+from spatia_hf.pipelines.pipeline_spatia import (DEFAULT_PERTURBATION_GUIDANCE, SpatiaGenerationPipeline,
+                                                SpatiaPipelineOutput)
 
 GENES = [f"G{i}" for i in range(12)]
 STEPS = 3
@@ -223,9 +224,9 @@ def test_perturbation_changes_only_the_edited_gene(pipe):
     counts, _, index = pipe.prepare_expression(x)
     doubled = x.copy()
     doubled[0, 5] *= 4.0
-    # "edited": the edited counts are normalised by their own total, like any new cell
+    # "edited" without edit guidance: the edited counts are normalised by their own total, like any new cell
     assert torch.allclose(_run(pipe, x, perturbation={"G5": 4.0}, output_type="latent",
-                               perturbation_library="edited").perturbed_images,
+                               perturbation_library="edited", perturbation_guidance=0.0).perturbed_images,
                           _run(pipe, doubled, output_type="latent").images, rtol=1e-4, atol=1e-2)
     assert index["G5"] == 5 and counts.shape == (1, 12)
 
@@ -251,8 +252,11 @@ def test_an_edited_cell_keeps_its_unedited_library_size(pipe):
 
 
 def test_perturbation_guidance_moves_only_edited_images(pipe):
-    plain = _run(pipe, perturbation={"G5": 4.0}, output_type="latent")
+    plain = _run(pipe, perturbation={"G5": 4.0}, output_type="latent", perturbation_guidance=0.0)
     guided = _run(pipe, perturbation={"G5": 4.0}, output_type="latent", perturbation_guidance=2.0)
+    assert torch.equal(_run(pipe, perturbation={"G5": 4.0}, output_type="latent").perturbed_images,
+                       _run(pipe, perturbation={"G5": 4.0}, output_type="latent",
+                            perturbation_guidance=DEFAULT_PERTURBATION_GUIDANCE).perturbed_images)
     assert torch.allclose(plain.images, guided.images)  # the controls are not edits
     assert (plain.perturbed_images - guided.perturbed_images).abs().max() > 1e-5
     same = _run(pipe, perturbation={"G5": 1.0}, output_type="latent", perturbation_guidance=2.0)
@@ -266,6 +270,7 @@ def test_perturbation_guidance_moves_only_edited_images(pipe):
     (dict(reference_rows=[0]), "reference_rows: expected 2 row indices"),
     (dict(reference_rows=[1, 0]), "reference row must be unedited"),
     (dict(reference_rows=[0, 0], perturbation={"G1": 2.0}), "reference_rows and perturbation"),
+    (dict(guidance_rescale=1.5), "guidance_rescale=1.5"),
 ])
 def test_bad_edits_raise_clear_errors(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -290,6 +295,15 @@ def test_guidance_uses_the_null_condition(pipe):
     enc = pipe.condition_encoder
     cond = pipe.encode_expression(torch.from_numpy(_counts()), do_classifier_free_guidance=True)
     assert torch.equal(cond[:2], enc.null_tokens.expand(2, -1, -1))
+
+
+def test_guidance_rescale_matches_the_conditional_spread_only_when_asked(pipe):
+    guided = _run(pipe, guidance_scale=4.0, output_type="latent").images
+    assert torch.equal(guided, _run(pipe, guidance_scale=4.0, guidance_rescale=0.0, output_type="latent").images)
+    rescaled = _run(pipe, guidance_scale=4.0, guidance_rescale=0.7, output_type="latent").images
+    assert torch.isfinite(rescaled).all() and (rescaled - guided).abs().max() > 1e-5
+    plain = _run(pipe, guidance_scale=1.0, output_type="latent").images  # no guidance: nothing to rescale
+    assert torch.equal(plain, _run(pipe, guidance_scale=1.0, guidance_rescale=0.7, output_type="latent").images)
 
 
 def test_token_merging_is_recorded_saved_and_reversible(tmp_path):
@@ -657,6 +671,25 @@ def test_frechet_distance_ignores_features_constant_in_the_reference():
         frechet_distance(np.zeros((5, 2)), gen[:5, :2])
 
 
+def test_feature_shifts_name_every_feature_and_find_the_one_that_moved():
+    from spatia_hf.evaluation.generation import feature_shifts
+    from spatia_hf.evaluation.morphology import morphology_feature_names, morphology_features
+
+    names = morphology_feature_names(["DAPI", "boundary"])
+    crops = _disks(np.array([4.0, 5.0, 6.0, 7.0]), size=32)
+    assert len(names) == morphology_features(crops, 0.5).shape[1] == len(set(names))
+    assert names[0] == "log1p_area_um2" and "boundary_p90" in names
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 3))
+    gen = rng.normal(size=(200, 3)) * [1.0, 2.0, 1.0] + [3.0, 0.0, 0.0]
+    out = feature_shifts(np.c_[real, np.ones(200)], np.c_[gen, np.zeros(200)], ["a", "b", "c", "flat"])
+    assert set(out) == {"a", "b", "c"}  # a feature constant in the real crops has no scale: left out
+    assert out["a"]["mean_shift_sd"] == pytest.approx(3.0, abs=0.3) and out["b"]["sd_ratio"] == pytest.approx(2, rel=0.2)
+    assert abs(out["c"]["mean_shift_sd"]) < 0.3 and out["c"]["sd_ratio"] == pytest.approx(1, rel=0.2)
+    with pytest.raises(ValueError, match="names"):
+        feature_shifts(real, gen, ["a", "b"])
+
+
 def test_perturbation_area_shift_and_type_accuracy():
     from spatia_hf.evaluation.generation import (fit_type_classifier, perturbation_area_shift,
                                                  type_accuracy_of_generated)
@@ -678,6 +711,8 @@ def test_perturbation_area_shift_and_type_accuracy():
 def test_cli_generate_from_a_dataset_and_from_a_csv(tmp_path, capsys):
     import pandas as pd
 
+    from spatia_hf.pipelines.pipeline_spatia import DEFAULT_GUIDANCE_SCALE
+
     from spatia_hf.cli import main
     from spatia_hf.data.synthetic import build_tiny_dataset
     from spatia_hf.data.gene_panel import read_gene_panel
@@ -694,8 +729,13 @@ def test_cli_generate_from_a_dataset_and_from_a_csv(tmp_path, capsys):
     assert images.shape == edited.shape == (3, 2, 16, 16) and images.dtype == np.uint8
     meta = json.loads((out / "generation.json").read_text())
     assert meta["perturbation"] == {"NUCSIZE": 4.0} and len(meta["cell_ids"]) == 3
+    assert (meta["guidance_scale"], meta["perturbation_guidance"]) == (DEFAULT_GUIDANCE_SCALE,
+                                                                       DEFAULT_PERTURBATION_GUIDANCE)  # the values used
     assert (out / "grid.png").is_file() and not (tmp_path / "out.tmp").exists()
     assert main(argv) == 1 and "exists" in capsys.readouterr().err  # no silent overwrite
+    assert main(argv + ["--overwrite", "--guidance-scale", "3", "--perturbation-guidance", "1.5"]) == 0
+    meta = json.loads((out / "generation.json").read_text())
+    assert (meta["guidance_scale"], meta["perturbation_guidance"]) == (3.0, 1.5)
 
     csv = tmp_path / "x.csv"
     pd.DataFrame(np.ones((2, 3)), columns=[genes[0], genes[1], "NOTAGENE"], index=["a", "b"]).to_csv(csv)

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=30, help="sampler steps (default 30)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: "
                                                                            "the pipeline's)")
+    parser.add_argument("--perturbation-guidance", type=float, default=None,
+                        help="with --perturb: extra guidance along each edit, w_p x (eps(edited) - eps(unedited)) "
+                             "(default: the pipeline's)")
     parser.add_argument("--images-per-cell", type=int, default=1, help="images per cell (default 1)")
     parser.add_argument("--batch-size", type=int, default=32, help="cells per pipeline call (default 32)")
     parser.add_argument("--token-merging", type=float, default=None, help="token merging ratio in the denoiser's "
@@ -131,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     from spatia_hf.evaluation.generation import save_rgb_png, tile_rgb
     from ..pipelines.image_processing import render_rgb
-    from ..pipelines.pipeline_spatia import SpatiaGenerationPipeline
+    from ..pipelines.pipeline_spatia import (DEFAULT_GUIDANCE_SCALE, DEFAULT_PERTURBATION_GUIDANCE,
+                                             SpatiaGenerationPipeline)
     from ..utils.hub_ids import resolve_folder
 
     start = time.perf_counter()
@@ -153,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if args.expression and args.cells:
         expression, cell_ids = expression[: args.cells], cell_ids[: args.cells]
 
-    kwargs = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    kwargs = {k: v for k, v in (("guidance_scale", args.guidance_scale),
+                                ("perturbation_guidance", args.perturbation_guidance)) if v is not None}
     images, perturbed, unknown = [], [], []
     batches = range(0, len(expression), args.batch_size)
     for k, s in enumerate(tqdm(batches, desc="generating", unit="batch")):
@@ -187,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
         save_rgb_png(tile_rgb(rows), tmp / "grid.png")
         meta = {"pipeline": str(args.pipeline), "source": args.expression or args.dataset, "n_cells": len(expression),
                 "images_per_cell": args.images_per_cell, "cell_ids": cell_ids, "perturbation": perturbation,
-                "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
+                "steps": args.steps, "guidance_scale": kwargs.get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
+                "perturbation_guidance": kwargs.get("perturbation_guidance", DEFAULT_PERTURBATION_GUIDANCE)
+                if perturbation else None, "seed": args.seed,
                 "token_merging_ratio": pipe.config.token_merging_ratio, "channel_names": pipe.config.channel_names,
                 "image_shape": list(control.shape[1:]), "unknown_genes": unknown}
         write_json(tmp / "generation.json", meta)

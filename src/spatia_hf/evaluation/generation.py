@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from ..utils.io import atomic_path
-from .morphology import morphology_features, nucleus_area
+from .morphology import morphology_feature_names, morphology_features, nucleus_area
 
 
 def fit_type_classifier(images: Any, labels: Sequence[str], pixel_size_um, seed: int = 0):
@@ -103,6 +103,24 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, reference: 
     covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
     covmean = np.real(covmean)
     return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def feature_shifts(real: np.ndarray, generated: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per feature, how generated crops differ from real ones: the mean shift in real standard
+    deviations and the ratio of standard deviations (1 and 0 are a perfect match). It says which
+    features a large :func:`frechet_distance` comes from; features constant in ``real`` are left out,
+    as there."""
+    real, generated = np.asarray(real, np.float64), np.asarray(generated, np.float64)
+    if real.shape[1] != generated.shape[1] or real.shape[1] != len(names):
+        raise ValueError(f"feature_shifts: {real.shape[1]} real and {generated.shape[1]} generated features for "
+                         f"{len(names)} names")
+    sd = real.std(axis=0)
+    out = {}
+    for j, name in enumerate(names):
+        if sd[j] > 1e-9 * max(np.abs(real[:, j]).max(), 1.0):
+            out[name] = {"mean_shift_sd": float((generated[:, j].mean() - real[:, j].mean()) / sd[j]),
+                         "sd_ratio": float(generated[:, j].std() / sd[j])}
+    return out
 
 
 # ---------------------------------------------------------------------------------------- running a pipeline
@@ -322,6 +340,8 @@ def evaluate_generator(pipe, dataset_dir: str | Path, *, eval_sections: Sequence
                                      "real_train_vs_real_held_out": frechet_distance(
                                          real_feats, morphology_features(real_train[: len(chosen)],
                                                                          px_train[: len(chosen)]), real_feats)},
+        "feature_shift": feature_shifts(real_feats, gen_feats,
+                                        morphology_feature_names(pipe.config.channel_names)),
     }
     if has_area:
         measured = nucleus_area(real_held, px_held)  # at the generator's resolution, as generated crops are

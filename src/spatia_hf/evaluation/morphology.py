@@ -9,6 +9,7 @@ drives (area = type area x (rate / reference) ** exponent).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,19 @@ def nucleus_area(images: Any, pixel_size_um, channel: int = 0, **kwargs) -> np.n
     """Area (µm²) of the central nucleus of each crop (0 when none); see :func:`nucleus_masks`."""
     masks = nucleus_masks(images, pixel_size_um, channel=channel, **kwargs)
     return masks.sum(axis=(1, 2)) * _pixel_sizes(pixel_size_um, len(masks)) ** 2
+
+
+NUCLEUS_FEATURES = ("log1p_area_um2", "log_elongation", "nucleus_mean", "nucleus_std", "nucleus_laplacian",
+                    "solidity")
+
+
+def morphology_feature_names(channel_names: Sequence[str]) -> list[str]:
+    """Names of :func:`morphology_features`' columns for crops with ``channel_names``, in order (what a
+    per-feature comparison of generated and real crops is reported under)."""
+    names = list(NUCLEUS_FEATURES)
+    for ch in channel_names:
+        names += [f"{ch}_ring{k}" for k in range(N_RINGS)] + [f"{ch}_p{q}" for q in (10, 50, 90)]
+    return names
 
 
 def morphology_features(images: Any, pixel_size_um, nucleus_channel: int = 0) -> np.ndarray:

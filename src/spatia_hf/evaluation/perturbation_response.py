@@ -171,16 +171,18 @@ def measure_perturbation_response(pipe, dataset_dir: str | Path, *, gene: str | 
                                   eval_sections: Sequence[str] | None = None, num_inference_steps: int = 20,
                                   guidance_scale: float | None = None, batch_size: int = 64, seed: int = 0,
                                   n_boot: int = 2000, perturbation_library: str = "unedited",
-                                  perturbation_guidance: float = 0.0) -> dict[str, Any]:
+                                  perturbation_guidance: float | None = None) -> dict[str, Any]:
     """The morphology gene's response at ``folds`` and a control gene's at ``control_fold`` on
     ``n_pairs`` held-out cells (see the module docstring); a JSON-able report.
 
     Cells are drawn (seeded) from ``eval_sections`` (default: the last section) among those where
     both genes have counts (a fold of 0 counts is no edit). ``gene`` defaults to the ground truth's
     morphology gene, ``control_gene`` to :func:`pick_control_gene`. ``perturbation_library`` and
-    ``perturbation_guidance`` are the pipeline's arguments of those names.
+    ``perturbation_guidance`` are the pipeline's arguments of those names (``None``: the pipeline's
+    defaults, which the report records).
     """
     from spatia_hf.data import schema
+    from spatia_hf.pipelines.pipeline_spatia import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERTURBATION_GUIDANCE
     from spatia_hf.data.datasets import load_spatia_dataset, split_by_section
     from spatia_hf.data.synthetic import load_ground_truth
     from spatia_hf.training.loop import dense_counts
@@ -225,8 +227,7 @@ def measure_perturbation_response(pipe, dataset_dir: str | Path, *, gene: str | 
     before, after = generate_edit_series(pipe, counts[chosen], genes, edits, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
                                          out_px=_crop_px(held),  # measured at the crops' pixel size, as task 12
-                                         perturbation_library=perturbation_library,
-                                         perturbation_guidance=perturbation_guidance)
+                                         **_edit_kwargs(perturbation_library, perturbation_guidance))
     generation_s = time.perf_counter() - t0
     px = np.asarray(held_np[schema.PIXEL_SIZE_UM], np.float64)[chosen]
     a0 = nucleus_area(before, px)
@@ -240,9 +241,11 @@ def measure_perturbation_response(pipe, dataset_dir: str | Path, *, gene: str | 
         "dataset_dir": str(dataset_dir), "eval_sections": sorted(set(np.asarray(held[schema.SAMPLE_ID]).astype(str))),
         "gene": gene, "control_gene": control_gene, "n_pairs_requested": n_pairs, "seed": seed,
         "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale if guidance_scale is not None else "pipeline default",
+        "guidance_scale": guidance_scale if guidance_scale is not None else DEFAULT_GUIDANCE_SCALE,
         "generator_px": int(pipe.image_size), "bootstrap_resamples": n_boot,
-        "perturbation_library": perturbation_library, "perturbation_guidance": perturbation_guidance,
+        "perturbation_library": perturbation_library,
+        "perturbation_guidance": perturbation_guidance if perturbation_guidance is not None
+        else DEFAULT_PERTURBATION_GUIDANCE,
         "goals": {"magnitude_tolerance": MAGNITUDE_TOLERANCE, "direction_goal": DIRECTION_GOAL,
                   "control_tolerance": CONTROL_TOLERANCE},
         "edits": results,
@@ -282,12 +285,20 @@ def _compare_with_reference(results: list[dict[str, Any]], reference: dict[str, 
         e["fraction_of_reference_log_fold_ci95"] = [float(ends[0]), float(ends[1])]
 
 
+def _edit_kwargs(perturbation_library: str, perturbation_guidance: float | None) -> dict[str, Any]:
+    """The pipeline's edit arguments; ``perturbation_guidance=None`` leaves the pipeline's default."""
+    out: dict[str, Any] = {"perturbation_library": perturbation_library}
+    if perturbation_guidance is not None:
+        out["perturbation_guidance"] = perturbation_guidance
+    return out
+
+
 def response_strip(pipe, dataset_dir: str | Path, path: str | Path, *, gene: str | None = None,
                    control_gene: str | None = None, folds: Sequence[float] = DEFAULT_RESPONSE_FOLDS,
                    control_fold: float = DEFAULT_CONTROL_FOLD, eval_sections: Sequence[str] | None = None,
                    n_cells: int = 6, num_inference_steps: int = 20, guidance_scale: float | None = None,
                    batch_size: int = 64, seed: int = 0, perturbation_library: str = "unedited",
-                   perturbation_guidance: float = 0.0) -> Path:
+                   perturbation_guidance: float | None = None) -> Path:
     """A labelled picture strip: one row per held-out cell (one per type while types last, labelled
     with the type), columns original, each fold of ``gene`` and the control-gene edit, all from the
     same noise; drawn with the report's :func:`~spatia_hf.evaluation.plots.plot_perturbation_strip`."""
@@ -317,8 +328,8 @@ def response_strip(pipe, dataset_dir: str | Path, path: str | Path, *, gene: str
     edits = [(gene, float(f)) for f in folds] + [(control_gene, float(control_fold))]
     before, after = generate_edit_series(pipe, counts[picks], genes, edits, num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, batch_size=batch_size, seed=seed + 30_000,
-                                         out_px=_crop_px(held), perturbation_library=perturbation_library,
-                                         perturbation_guidance=perturbation_guidance)
+                                         out_px=_crop_px(held),
+                                         **_edit_kwargs(perturbation_library, perturbation_guidance))
     heads = [f"{g} x{f:g}" + (" (control)" if g == control_gene else "") for g, f in edits]
     return plots.plot_perturbation_strip(before, dict(zip(heads, after)), path, max_cells=n_cells,
                                          row_labels=[types[i] for i in picks],

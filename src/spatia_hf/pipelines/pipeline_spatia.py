@@ -46,8 +46,9 @@ normalised value moves. Recomputing the library from the edited counts (``"edite
 before) hides part of the edit of an abundant gene and lowers every other gene: ``NUCSIZE`` holds ~20%
 of a demo cell's counts, so x4 raised its normalised value only ~2.4x. Callers that batch edited
 copies themselves pass ``reference_rows`` (row ``i`` is an edit of row ``reference_rows[i]``).
-``perturbation_guidance`` (default 0) adds guidance along the edit, ``w_p x (eps(x, edited) -
-eps(x, unedited))`` at the edited sample, one more denoiser pass per edited image.
+``perturbation_guidance`` (default 4) adds guidance along the edit, ``w_p x (eps(x, edited) -
+eps(x, unedited))`` at the edited sample, one more denoiser pass per edited image: the edit is guided on its own
+(``w_p``), apart from how strongly every image follows its expression (``guidance_scale``, default 2).
 
 Token merging (ToMe in the denoiser's self-attention, ``spatia_hf.pipelines.denoiser_merging``) is off by
 default (``token_merging_ratio=0.0``): it is recorded in the pipeline config, saved in
@@ -97,13 +98,26 @@ for _module in (CONDITION_ENCODER_MODULE, "spatia_hf.condition_encoder"):
     LOADABLE_CLASSES.setdefault(_module, {"ModelMixin": ["save_pretrained", "from_pretrained"]})
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# Classifier-free guidance: on the demo tissue (800 training steps) guidance 4 labelled generated cells with
-# their condition's type 0.62-0.73 of the time vs 0.53-0.56 at 2, at a larger morphology-feature FID.
-DEFAULT_GUIDANCE_SCALE = 4.0
+# Two guidance weights, chosen apart because they trade different things (session 11; docs/dev_notes/session-11):
+# classifier-free guidance ``w`` makes a cell look like its expression's type but, past ~2, pushes intensities off
+# the real distribution (feature FID of the 19-minute UNet on held-out cells: 8.7 / 8.9 at w = 2 vs 22.3 / 21.2
+# at w = 4 on two training seeds; type accuracy 0.933 / 0.906 vs 0.956 / 0.928). Edit guidance ``w_p`` then
+# sets how far an edited cell moves along its edit, without touching the unedited images: 4 was chosen on a
+# validation tissue (other seed, geometry, types and panel than the demo) as the weight whose NUCSIZE response
+# came closest to the ground truth there.
+DEFAULT_GUIDANCE_SCALE = 2.0
 DEFAULT_TOKEN_MERGING_RATIO = 0.0
 # How an edited cell is normalised (see the module docstring): by its unedited library size.
 PERTURBATION_LIBRARIES = ("unedited", "edited")
 DEFAULT_PERTURBATION_LIBRARY = "unedited"
+DEFAULT_PERTURBATION_GUIDANCE = 4.0
+
+
+def _rescale_noise_cfg():
+    """diffusers' ``rescale_noise_cfg``, imported on first use (its module loads the Stable Diffusion pipeline)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    return rescale_noise_cfg
 
 
 @dataclass
@@ -630,7 +644,8 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         min_gene_coverage: float = 0.0,
         perturbation_library: str = DEFAULT_PERTURBATION_LIBRARY,
         reference_rows: Sequence[int] | None = None,
-        perturbation_guidance: float = 0.0,
+        perturbation_guidance: float = DEFAULT_PERTURBATION_GUIDANCE,
+        guidance_rescale: float = 0.0,
     ) -> SpatiaPipelineOutput | tuple:
         """Generate cell images from expression.
 
@@ -664,12 +679,19 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                 of row ``reference_rows[i]`` (itself for an unedited row); used like ``perturbation``'s
                 pairs by ``perturbation_library`` and ``perturbation_guidance``. Not with ``perturbation``.
             perturbation_guidance: ``w_p >= 0``; edited images also get ``w_p x (eps(x, edited) -
-                eps(x, unedited))`` at their own sample ``x`` (one more denoiser pass per edited image);
-                0 (default) is plain sampling.
+                eps(x, unedited))`` at their own sample ``x`` (one more denoiser pass per edited image;
+                default 4, see ``DEFAULT_PERTURBATION_GUIDANCE``); 0 is plain sampling of the edited cells.
+            guidance_rescale: ``phi`` in [0, 1] of diffusers' ``rescale_noise_cfg`` (Lin et al. 2023, 3.4): the
+                guided prediction is rescaled to the conditional prediction's standard deviation and mixed
+                ``phi : 1 - phi`` with the unrescaled one, against the over-bright images of large guidance
+                weights; 0 (default) is plain guidance (on the demo tissue's 19-minute UNet, 0.7 raised the
+                feature FID at guidance 2 and 4: it brightens the background).
         """
         counts, unknown, gene_index = self.prepare_expression(expression, gene_names, min_gene_coverage)
         self.check_inputs(perturbation, gene_index, num_inference_steps, guidance_scale, num_images_per_expression,
                           output_type, callback_on_step_end_tensor_inputs)
+        if not (isinstance(guidance_rescale, (int, float)) and 0.0 <= guidance_rescale <= 1.0):
+            raise ValueError(f"guidance_rescale={guidance_rescale!r}: expected a number in [0, 1] (0 = plain guidance)")
         device = self._execution_device
         dtype = self.denoiser.dtype
         ref = self._reference_rows(reference_rows, perturbation, counts.shape[0], perturbation_library,
@@ -701,7 +723,11 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
             class_labels = class_labels.to(device=device, dtype=dtype)
         edited_rows = None
         if ref is not None and perturbation_guidance > 0:
-            edited_rows = torch.nonzero(ref != torch.arange(len(ref))).flatten()
+            # rows whose counts an edit changed (a fold of 1, or of a gene with 0 counts, changes nothing:
+            # no guidance term, no extra pass)
+            changed = (ref != torch.arange(len(ref))) & (counts != counts[ref]).any(dim=1)
+            edited_rows = torch.nonzero(changed).flatten()
+        if edited_rows is not None and len(edited_rows):
             # the unedited condition of every edited row, evaluated at the edited sample
             ref_cond = self.encode_expression(counts[ref[edited_rows]], False, library[ref[edited_rows]]).to(dtype)
             ref_labels = self.encode_global_condition(counts[ref[edited_rows]], False, ref_cond,
@@ -728,6 +754,8 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                 if do_cfg:
                     uncond, cond_pred = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond_pred - uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = _rescale_noise_cfg()(noise_pred, cond_pred, guidance_rescale)
                 else:
                     cond_pred = noise_pred
                 if edited_rows is not None and len(edited_rows):
