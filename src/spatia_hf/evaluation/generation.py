@@ -93,7 +93,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, reference: 
 
     ref = features_a if reference is None else reference
     sd = ref.std(axis=0)
-    keep = sd > 1e-9 * np.maximum(np.abs(ref).max(axis=0), 1.0)
+    keep = _varying(ref)
     if not keep.any():
         raise ValueError("frechet_distance: every feature is constant in the reference set")
     mu = ref.mean(axis=0)[keep]
@@ -116,11 +116,16 @@ def feature_shifts(real: np.ndarray, generated: np.ndarray, names: Sequence[str]
                          f"{len(names)} names")
     sd = real.std(axis=0)
     out = {}
-    for j, name in enumerate(names):
-        if sd[j] > 1e-9 * max(np.abs(real[:, j]).max(), 1.0):
-            out[name] = {"mean_shift_sd": float((generated[:, j].mean() - real[:, j].mean()) / sd[j]),
+    for j in np.flatnonzero(_varying(real)):
+        out[names[j]] = {"mean_shift_sd": float((generated[:, j].mean() - real[:, j].mean()) / sd[j]),
                          "sd_ratio": float(generated[:, j].std() / sd[j])}
     return out
+
+
+def _varying(reference: np.ndarray) -> np.ndarray:
+    """Which features vary in ``reference`` (a standard deviation above 1e-9 of their magnitude): the others
+    have no scale to standardise by."""
+    return reference.std(axis=0) > 1e-9 * np.maximum(np.abs(reference).max(axis=0), 1.0)
 
 
 # ---------------------------------------------------------------------------------------- running a pipeline

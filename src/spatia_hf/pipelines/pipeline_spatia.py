@@ -518,6 +518,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         num_images_per_expression: int,
         output_type: str,
         callback_on_step_end_tensor_inputs: Sequence[str] | None,
+        guidance_rescale: float = 0.0,
     ) -> None:
         """Validate the call arguments up front (expression values are checked in :meth:`prepare_expression`)."""
         if not (isinstance(num_inference_steps, int) and num_inference_steps > 0):
@@ -526,6 +527,8 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"num_images_per_expression={num_images_per_expression!r}: expected a positive integer")
         if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
             raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number >= 0 (1 = no guidance)")
+        if not (isinstance(guidance_rescale, (int, float)) and 0.0 <= guidance_rescale <= 1.0):
+            raise ValueError(f"guidance_rescale={guidance_rescale!r}: expected a number in [0, 1] (0 = plain guidance)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
         extra = [k for k in (callback_on_step_end_tensor_inputs or []) if k not in self._callback_tensor_inputs]
@@ -689,9 +692,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         """
         counts, unknown, gene_index = self.prepare_expression(expression, gene_names, min_gene_coverage)
         self.check_inputs(perturbation, gene_index, num_inference_steps, guidance_scale, num_images_per_expression,
-                          output_type, callback_on_step_end_tensor_inputs)
-        if not (isinstance(guidance_rescale, (int, float)) and 0.0 <= guidance_rescale <= 1.0):
-            raise ValueError(f"guidance_rescale={guidance_rescale!r}: expected a number in [0, 1] (0 = plain guidance)")
+                          output_type, callback_on_step_end_tensor_inputs, guidance_rescale)
         device = self._execution_device
         dtype = self.denoiser.dtype
         ref = self._reference_rows(reference_rows, perturbation, counts.shape[0], perturbation_library,
@@ -721,17 +722,17 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
         class_labels = self.encode_global_condition(counts, do_cfg, cond, library)  # None: cross-attention only
         if class_labels is not None:
             class_labels = class_labels.to(device=device, dtype=dtype)
+        # rows whose counts an edit changed get edit guidance (a fold of 1, or of a gene with 0 counts, changes
+        # nothing: no guidance term, no extra pass); None when there are none
         edited_rows = None
         if ref is not None and perturbation_guidance > 0:
-            # rows whose counts an edit changed (a fold of 1, or of a gene with 0 counts, changes nothing:
-            # no guidance term, no extra pass)
             changed = (ref != torch.arange(len(ref))) & (counts != counts[ref]).any(dim=1)
-            edited_rows = torch.nonzero(changed).flatten()
-        if edited_rows is not None and len(edited_rows):
+            edited_rows = torch.nonzero(changed).flatten() if bool(changed.any()) else None
+        if edited_rows is not None:
             # the unedited condition of every edited row, evaluated at the edited sample
-            ref_cond = self.encode_expression(counts[ref[edited_rows]], False, library[ref[edited_rows]]).to(dtype)
-            ref_labels = self.encode_global_condition(counts[ref[edited_rows]], False, ref_cond,
-                                                      library[ref[edited_rows]])
+            ref_counts, ref_library = counts[ref[edited_rows]], library[ref[edited_rows]]
+            ref_cond = self.encode_expression(ref_counts, False, ref_library).to(dtype)
+            ref_labels = self.encode_global_condition(ref_counts, False, ref_cond, ref_library)
             if ref_labels is not None:
                 ref_labels = ref_labels.to(device=device, dtype=dtype)
 
@@ -758,7 +759,7 @@ class SpatiaGenerationPipeline(SpatiaPipelineHubMixin, DiffusionPipeline):
                         noise_pred = _rescale_noise_cfg()(noise_pred, cond_pred, guidance_rescale)
                 else:
                     cond_pred = noise_pred
-                if edited_rows is not None and len(edited_rows):
+                if edited_rows is not None:
                     x_edit = model_in[-len(cond_pred):][edited_rows]
                     unedited = self._denoise(x_edit, t, ref_cond, ref_labels)
                     noise_pred = noise_pred.clone()
